@@ -1,0 +1,241 @@
+"""Model configuration: RePaint / guided-diffusion YAML files and the built-in CAMUS default."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import FxpassError
+
+# Keys of RePaint / guided-diffusion YAML files that do not describe the U-Net: accepted and ignored.
+SAMPLER_KEYS = frozenset(
+    {
+        "schedule_jump_params", "data", "lr_kernel_n_std", "num_samples", "show_progress", "use_kl",
+        "predict_xstart", "rescale_learned_sigmas", "clip_denoised", "use_ddim", "model_path", "name",
+        "inpa_inj_sched_prev", "n_jobs", "print_estimated_vars", "inpa_inj_sched_prev_cumnoise",
+        "batch_size", "latex_name", "method_name", "classifier_path", "classifier_scale", "respace_interpolate",
+        "microbatch", "lr", "weight_decay", "lr_anneal_steps", "ema_rate", "log_interval", "save_interval",
+        "resume_checkpoint", "fp16_scale_growth", "schedule_sampler", "data_dir", "seed",
+    }
+)
+SAMPLER_PREFIXES = ("classifier_",)
+
+DEFAULT_CHANNEL_MULT = {
+    512: (0.5, 1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    128: (1, 1, 2, 3, 4),
+    64: (1, 2, 3, 4),
+    32: (1, 2, 2, 2),
+}
+NUM_CLASSES = 1000
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The U-Net and diffusion flags of a guided-diffusion / RePaint config (guided-diffusion defaults)."""
+
+    image_size: int = 256
+    num_channels: int = 64
+    num_res_blocks: int = 3
+    channel_mult: str = ""
+    attention_resolutions: str = "16,8"
+    num_heads: int = 4
+    num_head_channels: int = -1
+    num_heads_upsample: int = -1
+    learn_sigma: bool = True
+    class_cond: bool = False
+    use_scale_shift_norm: bool = True
+    resblock_updown: bool = False
+    use_new_attention_order: bool = False
+    dropout: float = 0.0
+    use_checkpoint: bool = False
+    use_fp16: bool = True
+    diffusion_steps: int = 4000
+    timestep_respacing: str = "250"
+    noise_schedule: str = "linear"
+    rescale_timesteps: bool = False
+
+    # ---- derived -------------------------------------------------------------------------
+    @property
+    def channel_mults(self) -> tuple:
+        if self.channel_mult == "":
+            return DEFAULT_CHANNEL_MULT[self.image_size]
+        return tuple(float(m) if "." in m else int(m) for m in self.channel_mult.split(","))
+
+    @property
+    def attention_ds(self) -> tuple[int, ...]:
+        if self.attention_resolutions == "":
+            return ()
+        return tuple(self.image_size // int(r) for r in self.attention_resolutions.split(","))
+
+    @property
+    def out_channels(self) -> int:
+        return 6 if self.learn_sigma else 3
+
+    @property
+    def num_classes(self) -> int | None:
+        return NUM_CLASSES if self.class_cond else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return from_dict({**self.to_dict(), **changes})
+
+
+CAMUS = ModelConfig()
+
+_INT = ("image_size", "num_channels", "num_res_blocks", "num_heads", "num_head_channels",
+        "num_heads_upsample", "diffusion_steps")
+_BOOL = ("learn_sigma", "class_cond", "use_scale_shift_norm", "resblock_updown",
+         "use_new_attention_order", "use_checkpoint", "use_fp16", "rescale_timesteps")
+
+
+def _bad(source: str, key: str, value: Any, why: str) -> FxpassError:
+    return FxpassError(f"{source}: {key}: {why} (got {value!r})")
+
+
+def from_dict(values: dict[str, Any], source: str = "config") -> ModelConfig:
+    """Validate a mapping of config keys; sampler keys are ignored, unknown keys are an error."""
+    known = {f.name for f in fields(ModelConfig)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if not isinstance(key, str):
+            raise FxpassError(f"{source}: key {key!r} is not a string")
+        if key in known:
+            kwargs[key] = value
+        elif key in SAMPLER_KEYS or key.startswith(SAMPLER_PREFIXES):
+            continue
+        else:
+            raise FxpassError(f"{source}: unknown model key '{key}' (known: {', '.join(sorted(known))})")
+
+    for key in _INT:
+        if key in kwargs and (isinstance(kwargs[key], bool) or not isinstance(kwargs[key], int)):
+            raise _bad(source, key, kwargs[key], "must be an integer")
+    for key in _BOOL:
+        if key in kwargs and not isinstance(kwargs[key], bool):
+            raise _bad(source, key, kwargs[key], "must be true or false")
+    for key in ("channel_mult", "attention_resolutions", "timestep_respacing"):
+        if key in kwargs:
+            value = kwargs[key]
+            if isinstance(value, bool) or not isinstance(value, (str, int)):
+                raise _bad(source, key, value, "must be a string such as '16,8'")
+            kwargs[key] = str(value).replace(" ", "")
+    if "dropout" in kwargs:
+        d = kwargs["dropout"]
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
+            raise _bad(source, "dropout", d, "must be a number in [0, 1)")
+        kwargs["dropout"] = float(d)
+    cfg = ModelConfig(**kwargs)
+    _check(cfg, source)
+    return cfg
+
+
+def _check(cfg: ModelConfig, source: str) -> None:
+    if cfg.image_size <= 0:
+        raise _bad(source, "image_size", cfg.image_size, "must be positive")
+    if cfg.channel_mult == "" and cfg.image_size not in DEFAULT_CHANNEL_MULT:
+        raise _bad(source, "image_size", cfg.image_size,
+                   f"has no default channel_mult (sizes {sorted(DEFAULT_CHANNEL_MULT)}); set channel_mult")
+    try:
+        mults = cfg.channel_mults
+    except ValueError:
+        raise _bad(source, "channel_mult", cfg.channel_mult, "must be comma-separated numbers") from None
+    if not mults or any(m <= 0 for m in mults):
+        raise _bad(source, "channel_mult", cfg.channel_mult, "must be positive numbers")
+    if cfg.num_channels <= 0:
+        raise _bad(source, "num_channels", cfg.num_channels, "must be positive")
+    for m in mults:
+        width = int(m * cfg.num_channels)
+        if width % 32:
+            raise _bad(source, "num_channels", cfg.num_channels,
+                       f"times channel_mult {m} gives {width} channels, not divisible by GroupNorm's 32 groups")
+    if cfg.image_size % (2 ** (len(mults) - 1)):
+        raise _bad(source, "image_size", cfg.image_size, f"must be divisible by {2 ** (len(mults) - 1)}")
+    if cfg.num_res_blocks < 1:
+        raise _bad(source, "num_res_blocks", cfg.num_res_blocks, "must be at least 1")
+    try:
+        res = [int(r) for r in cfg.attention_resolutions.split(",")] if cfg.attention_resolutions else []
+    except ValueError:
+        raise _bad(source, "attention_resolutions", cfg.attention_resolutions,
+                   "must be comma-separated pixel sizes such as '16,8'") from None
+    if any(r <= 0 or cfg.image_size % r for r in res):
+        raise _bad(source, "attention_resolutions", cfg.attention_resolutions,
+                   f"each must be a positive divisor of image_size {cfg.image_size}")
+    if cfg.num_heads < 1:
+        raise _bad(source, "num_heads", cfg.num_heads, "must be at least 1")
+    if cfg.num_head_channels == 0 or cfg.num_head_channels < -1:
+        raise _bad(source, "num_head_channels", cfg.num_head_channels, "must be -1 or positive")
+    if cfg.num_heads_upsample == 0 or cfg.num_heads_upsample < -1:
+        raise _bad(source, "num_heads_upsample", cfg.num_heads_upsample, "must be -1 or positive")
+    levels_with_attention = {i for i in range(len(mults)) if 2**i in cfg.attention_ds} | {len(mults) - 1}
+    for i in sorted(levels_with_attention):
+        width = int(mults[i] * cfg.num_channels)
+        if cfg.num_head_channels > 0 and width % cfg.num_head_channels:
+            raise _bad(source, "num_head_channels", cfg.num_head_channels,
+                       f"does not divide the {width} channels of an attention block")
+        heads = [cfg.num_heads, cfg.num_heads_upsample if cfg.num_heads_upsample > 0 else cfg.num_heads]
+        if cfg.num_head_channels == -1 and any(width % h for h in heads):
+            raise _bad(source, "num_heads", cfg.num_heads, f"does not divide the {width} channels of an attention block")
+    if cfg.diffusion_steps < 1:
+        raise _bad(source, "diffusion_steps", cfg.diffusion_steps, "must be positive")
+    if cfg.noise_schedule not in ("linear", "cosine"):
+        raise _bad(source, "noise_schedule", cfg.noise_schedule, "must be 'linear' or 'cosine'")
+    from .schedule import respaced
+
+    try:
+        respaced(cfg.diffusion_steps, cfg.timestep_respacing)
+    except ValueError as exc:
+        raise _bad(source, "timestep_respacing", cfg.timestep_respacing, str(exc)) from None
+
+
+def load_config(path: str | Path | None) -> ModelConfig:
+    """Read a RePaint / guided-diffusion YAML file; ``None`` gives the built-in CAMUS default."""
+    if path is None:
+        return CAMUS
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FxpassError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FxpassError(f"{p}: not a readable YAML file ({first})") from None
+    if not isinstance(data, dict):
+        raise FxpassError(f"{p}: expected a mapping of config keys, got {type(data).__name__}")
+    return from_dict(data, source=str(p))
+
+
+def build_model(cfg: ModelConfig, *, fp16: bool = False):
+    """Construct the U-Net for ``cfg`` in eval mode (float32 unless ``fp16``)."""
+    from types import SimpleNamespace
+
+    from .models.unet import UNetModel
+
+    model = UNetModel(
+        image_size=cfg.image_size,
+        in_channels=3,
+        model_channels=cfg.num_channels,
+        out_channels=cfg.out_channels,
+        num_res_blocks=cfg.num_res_blocks,
+        attention_resolutions=cfg.attention_ds,
+        dropout=cfg.dropout,
+        channel_mult=cfg.channel_mults,
+        num_classes=cfg.num_classes,
+        use_checkpoint=cfg.use_checkpoint,
+        use_fp16=fp16,
+        num_heads=cfg.num_heads,
+        num_head_channels=cfg.num_head_channels,
+        num_heads_upsample=cfg.num_heads_upsample,
+        use_scale_shift_norm=cfg.use_scale_shift_norm,
+        resblock_updown=cfg.resblock_updown,
+        use_new_attention_order=cfg.use_new_attention_order,
+        conf=SimpleNamespace(diffusion_steps=cfg.diffusion_steps),
+    )
+    if fp16:
+        model.convert_to_fp16()
+    return model.eval()
