@@ -1,12 +1,31 @@
-"""fxpass: lower guided-diffusion / RePaint U-Nets to ONNX through torch.fx rewrites."""
+"""fxpass: lower guided-diffusion / RePaint U-Nets to ONNX through torch.fx rewrites.
+
+Attributes are imported lazily so that torch-free paths (``fxpass sample``) never import torch.
+"""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-from .checkpoint import init_model, load_model, save_checkpoint  # noqa: E402
-from .config import CAMUS, ModelConfig, build_model, load_config  # noqa: E402
-from .errors import FxpassError  # noqa: E402
+_EXPORTS = {
+    "init_model": "checkpoint",
+    "load_model": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "CAMUS": "config",
+    "ModelConfig": "config",
+    "build_model": "config",
+    "load_config": "config",
+    "FxpassError": "errors",
+    "schedule": None,
+}
 
-__all__ = [
-    "CAMUS", "FxpassError", "ModelConfig", "build_model", "init_model", "load_config", "load_model",
-    "save_checkpoint", "__version__",
-]
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'fxpass' has no attribute {name!r}")
+    where = _EXPORTS[name]
+    if where is None:
+        return import_module(f".{name}", __name__)
+    return getattr(import_module(f".{where}", __name__), name)

@@ -68,10 +68,6 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def _not_yet(args) -> int:
-    raise FxpassError(f"fxpass {args.command}: not in this version yet")
-
-
 # ---- parser -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -98,10 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true", help="allow checkpoints that are full pickled modules")
     p.set_defaults(func=cmd_inspect)
 
-    for name, text in (("lower", "lower MODEL.pt to ONNX"), ("check", "compare an ONNX model across runtimes")):
-        p = sub.add_parser(name, parents=[common], help=text)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_not_yet)
+    from . import cli_check, cli_lower, cli_sample
+
+    cli_lower.add_commands(sub, common)
+    cli_check.add_commands(sub, common)
+    cli_sample.add_commands(sub, common)
     return parser
 
 

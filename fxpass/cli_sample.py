@@ -1,0 +1,15 @@
+"""CLI door for sample (placeholder until the command lands)."""
+
+import argparse
+
+from .errors import FxpassError
+
+
+def _not_yet(args):
+    raise FxpassError(f"fxpass {args.command}: not in this version yet")
+
+
+def add_commands(sub, common):
+    p = sub.add_parser("sample", parents=[common], help="RePaint inpainting on a lowered ONNX model")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_not_yet)
