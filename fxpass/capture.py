@@ -1,0 +1,353 @@
+"""Capture an unmodified guided-diffusion model into a torch.fx graph.
+
+``capture(model, example_inputs)`` traces with a :class:`ConcreteTracer`: every proxy carries the
+value it has on the example inputs (computed as the trace runs), so Python that needs a concrete
+value (rank loops, ``len``, ``.item()`` branches, star-unpacking of shapes) is decided on the
+example, while tensor operations, shape arithmetic, ``math.*`` calls and ``assert`` statements stay
+in the graph as nodes.  A branch decided on a traced value becomes a guard: a ``torch._assert`` node
+on the condition that held, with the user's source line in its message.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import dis
+import inspect
+import linecache
+import math
+import operator
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from types import FunctionType
+from typing import Any
+
+import torch
+import torch.fx
+from torch.fx import GraphModule, Proxy, Tracer
+from torch.fx.proxy import Attribute
+from torch.fx._symbolic_trace import _maybe_revert_all_patches
+from torch.fx.node import Argument, Node, map_aggregate
+
+from .errors import FxpassError
+
+__all__ = ["ConcreteTracer", "capture", "GUARD_PREFIX", "ASSERT_PREFIX"]
+
+GUARD_PREFIX = "fxpass guard"
+ASSERT_PREFIX = "fxpass assert"
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_THIS_FILE = os.path.abspath(__file__)
+_SMALL = 4096  # tensors up to this many elements keep their example value in node.meta
+
+# math functions that become graph nodes when called on a traced value
+_MATH_FUNCTIONS = (
+    "sqrt", "log", "log2", "log10", "exp", "pow", "floor", "ceil", "sin", "cos", "tan", "atan", "fabs",
+    "isqrt", "prod", "trunc",
+)
+
+
+def _user_frame(frame):
+    """The nearest frame outside torch and this file (the user's model code)."""
+    while frame is not None:
+        filename = os.path.abspath(frame.f_code.co_filename)
+        if not filename.startswith(_TORCH_DIR) and filename != _THIS_FILE:
+            return frame
+        frame = frame.f_back
+    return None
+
+
+def _where(frame) -> str:
+    if frame is None:
+        return "<unknown>"
+    filename, lineno = frame.f_code.co_filename, frame.f_lineno
+    source = linecache.getline(filename, lineno).strip()
+    return f"{filename}:{lineno}: `{source}`" if source else f"{filename}:{lineno}"
+
+
+def _is_assert_jump(frame) -> bool:
+    """True when ``frame`` is at the conditional jump of an ``assert`` statement."""
+    instructions = list(dis.get_instructions(frame.f_code))
+    offsets = [ins.offset for ins in instructions]
+    from bisect import bisect_left
+
+    cur = bisect_left(offsets, frame.f_lasti)
+    if cur >= len(instructions):
+        return False
+    ins = instructions[cur]
+    if "JUMP" not in ins.opname or "IF_TRUE" not in ins.opname:
+        return False
+    following = instructions[cur + 1] if cur + 1 < len(instructions) else None
+    return following is not None and (
+        following.opname == "LOAD_ASSERTION_ERROR"
+        or (following.opname == "LOAD_GLOBAL" and following.argval == "AssertionError")
+    )
+
+
+class ConcreteProxy(Proxy):
+    """A proxy that knows its value on the example inputs."""
+
+    @property
+    def value(self):
+        return self.tracer.value_of(self.node)
+
+    def __bool__(self) -> bool:
+        frame = _user_frame(inspect.currentframe().f_back)
+        value = bool(self.value)
+        if frame is not None and _is_assert_jump(frame):
+            where = _where(frame)
+            if not value:
+                raise FxpassError(f"{where}: assert fails on the example inputs")
+            self.tracer.create_proxy("call_function", torch._assert, (self, f"{ASSERT_PREFIX}: {where}"), {})
+            return True
+        self.tracer.add_guard(self, value, frame)
+        return value
+
+    def __len__(self) -> int:
+        return len(self.value)
+
+    def __index__(self) -> int:
+        value = operator.index(self.value)
+        self.tracer.add_guard(self == value, True, _user_frame(inspect.currentframe().f_back))
+        return value
+
+    def __int__(self) -> int:
+        value = int(self.value)
+        self.tracer.add_guard(self == value, True, _user_frame(inspect.currentframe().f_back))
+        return value
+
+    def __float__(self) -> float:
+        value = float(self.value)
+        self.tracer.add_guard(self == value, True, _user_frame(inspect.currentframe().f_back))
+        return value
+
+
+class ConcreteAttribute(Attribute, ConcreteProxy):
+    """``proxy.attr`` (e.g. ``x.shape``) that also knows its example value."""
+
+
+def _attribute(self, k):
+    return ConcreteAttribute(self, k)
+
+
+ConcreteProxy.__getattr__ = _attribute
+
+
+class ConcreteTracer(Tracer):
+    """A ``torch.fx.Tracer`` whose proxies carry example values (see module docstring)."""
+
+    def __init__(self, example_inputs: Mapping[str, Any]):
+        super().__init__(autowrap_modules=(math,), param_shapes_constant=False)
+        self.example_inputs = dict(example_inputs)
+        self._values: dict[Node, Any] = {}
+        self.guards: list[Node] = []
+
+    # ---- values ------------------------------------------------------------------------
+    def value_of(self, node: Node):
+        if node not in self._values:
+            raise FxpassError(f"capture: no example value for node {node.name}")
+        return self._values[node]
+
+    def _concrete(self, arg: Argument):
+        def value(a):
+            if not isinstance(a, Node):
+                return a
+            if a not in self._values:  # nodes fx made without create_proxy (e.g. get_attr of a tensor)
+                self._values[a] = self._evaluate(a)
+            return self._values[a]
+
+        return map_aggregate(arg, value)
+
+    def _evaluate(self, node: Node):
+        with _maybe_revert_all_patches(), torch.no_grad():
+            if node.op == "placeholder":
+                return self.example_inputs[node.target]
+            if node.op == "get_attr":
+                obj = self.root
+                for atom in node.target.split("."):
+                    obj = getattr(obj, atom)
+                return obj
+            args = self._concrete(node.args)
+            kwargs = self._concrete(node.kwargs)
+            if node.op == "call_function":
+                return node.target(*args, **kwargs)
+            if node.op == "call_method":
+                self_obj, *rest = args
+                return getattr(self_obj, node.target)(*rest, **kwargs)
+            if node.op == "call_module":
+                return self.root.get_submodule(node.target)(*args, **kwargs)
+            if node.op == "output":
+                return args[0]
+        raise FxpassError(f"capture: cannot evaluate node kind {node.op}")
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        node = proxy.node
+        if node not in self._values:
+            try:
+                value = self._evaluate(node)
+            except FxpassError:
+                raise
+            except Exception as exc:
+                frame = _user_frame(inspect.currentframe().f_back)
+                raise FxpassError(
+                    f"{_where(frame)}: fails on the example inputs ({type(exc).__name__}: {_first_line(exc)})"
+                ) from exc
+            self._values[node] = value
+        return proxy
+
+    def proxy(self, node: Node) -> Proxy:
+        return ConcreteProxy(node, self)
+
+    # ---- control flow ------------------------------------------------------------------
+    def add_guard(self, proxy: Proxy, value: bool, frame) -> None:
+        where = _where(frame)
+        condition = proxy if value else self.create_proxy("call_function", operator.not_, (proxy,), {})
+        guard = self.create_proxy("call_function", torch._assert, (condition, f"{GUARD_PREFIX}: {where}"), {})
+        self.guards.append(guard.node)
+
+    def to_bool(self, obj: Proxy) -> bool:  # only reached for plain Proxy objects
+        return bool(self.value_of(obj.node))
+
+    def iter(self, obj: Proxy):
+        return iter([obj[i] for i in range(len(self.value_of(obj.node)))])
+
+    def keys(self, obj: Proxy):
+        return list(self.value_of(obj.node).keys())
+
+    # ---- modules -----------------------------------------------------------------------
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            self.path_of_module(m)
+        except NameError:
+            # a module built on the fly (e.g. a slice of an nn.Sequential): trace through it
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        names = list(self.example_inputs)
+
+        def specialised(root_self, *placeholders):
+            return root_fn(root_self, **dict(zip(names, placeholders)))
+
+        placeholders = [self.create_proxy("placeholder", name, (), {}) for name in names]
+        return specialised, [self.root, *placeholders]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _traceable_python(tracer: ConcreteTracer):
+    """Patch ``math.*`` and ``autograd.Function.apply`` so traced values flow through them."""
+    saved: list[tuple[Any, str, Any]] = []
+
+    def patch(owner, name, new):
+        saved.append((owner, name, owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)))
+        setattr(owner, name, new)
+
+    def has_proxy(*values) -> bool:
+        found = []
+        map_aggregate(values, lambda v: found.append(v) if isinstance(v, Proxy) else None)
+        return bool(found)
+
+    for fname in _MATH_FUNCTIONS:
+        original = getattr(math, fname, None)
+        if original is None:
+            continue
+
+        def wrapped(*args, __original=original, **kwargs):
+            if has_proxy(args, kwargs):
+                return tracer.create_proxy("call_function", __original, args, kwargs)
+            return __original(*args, **kwargs)
+
+        patch(math, fname, wrapped)
+
+    original_apply = torch.autograd.Function.__dict__["apply"]
+
+    def apply(cls, *args, **kwargs):
+        if has_proxy(args, kwargs):
+            # inference capture: run the function's forward inline (gradient checkpointing off)
+            return cls.forward(torch.autograd.function.FunctionCtx(), *args, **kwargs)
+        return original_apply.__func__(cls, *args, **kwargs)
+
+    patch(torch.autograd.Function, "apply", classmethod(apply))
+    try:
+        yield
+    finally:
+        for owner, name, value in reversed(saved):
+            setattr(owner, name, value)
+
+
+def _bind_inputs(model: torch.nn.Module, example_inputs) -> dict[str, Any]:
+    signature = inspect.signature(model.forward)
+    if isinstance(example_inputs, Mapping):
+        bound = signature.bind_partial(**example_inputs)
+    else:
+        if isinstance(example_inputs, torch.Tensor):
+            example_inputs = (example_inputs,)
+        bound = signature.bind_partial(*example_inputs)
+    out = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            raise FxpassError(f"capture: example inputs must bind to named parameters of forward, not *{name}")
+        if value is None:
+            continue
+        out[name] = value
+    return out
+
+
+def capture(model: torch.nn.Module, example_inputs: Sequence[Any] | Mapping[str, Any]) -> GraphModule:
+    """Trace ``model`` on ``example_inputs`` into a :class:`torch.fx.GraphModule`.
+
+    ``example_inputs`` is a tuple of positional arguments of ``model.forward`` (e.g. ``(x, t)``) or a
+    mapping by parameter name (``{"x": x, "timesteps": t, "y": y}``).  Parameters not given (``y=None``,
+    ``gt=None``, ``**kwargs``) keep their defaults: the graph's inputs are exactly the given ones.
+    The result keeps its example inputs in ``gm.meta["fxpass_example_inputs"]``.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise FxpassError(f"capture: expected a torch.nn.Module, got {type(model).__name__}")
+    inputs = _bind_inputs(model, example_inputs)
+    if not isinstance(type(model).forward, FunctionType):
+        raise FxpassError(f"capture: {type(model).__name__}.forward is not a Python function")
+    tracer = ConcreteTracer(inputs)
+    was_training = model.training
+    model.eval()
+    try:
+        with _traceable_python(tracer), torch.no_grad():
+            graph = tracer.trace(model)
+    except FxpassError:
+        raise
+    except Exception as exc:
+        frame = None
+        tb = exc.__traceback__
+        while tb is not None:
+            if _user_frame(tb.tb_frame) is tb.tb_frame:
+                frame = tb.tb_frame
+                frame_line = tb.tb_lineno
+            tb = tb.tb_next
+        where = "<unknown>"
+        if frame is not None:
+            src = linecache.getline(frame.f_code.co_filename, frame_line).strip()
+            where = f"{frame.f_code.co_filename}:{frame_line}: `{src}`"
+        raise FxpassError(f"{where}: capture cannot handle this ({type(exc).__name__}: {_first_line(exc)})") from exc
+    finally:
+        model.train(was_training)
+
+    gm = GraphModule(model, graph, class_name=f"{type(model).__name__}Captured")
+    for node in gm.graph.nodes:
+        value = tracer._values.get(node)
+        if isinstance(value, torch.Tensor):
+            node.meta["fxpass_shape"] = tuple(value.shape)
+            node.meta["fxpass_dtype"] = value.dtype
+            if value.numel() <= _SMALL:
+                node.meta["fxpass_value"] = value.detach().clone()
+        elif value is not None and not isinstance(value, (torch.nn.Module,)):
+            node.meta["fxpass_value"] = value
+    gm.meta["fxpass_example_inputs"] = dict(inputs)
+    gm.meta["fxpass_guards"] = len(tracer.guards)
+    return gm
