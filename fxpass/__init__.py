@@ -16,6 +16,8 @@ _EXPORTS = {
     "build_model": "config",
     "load_config": "config",
     "FxpassError": "errors",
+    "capture": "capture",
+    "rewrite": "rewrite",
     "schedule": None,
 }
 
