@@ -18,6 +18,7 @@ _EXPORTS = {
     "FxpassError": "errors",
     "capture": "capture",
     "rewrite": "rewrite",
+    "lower": "pipeline",
     "schedule": None,
 }
 

@@ -7,6 +7,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch.nn as nn
 
 from .config import CAMUS, ModelConfig, build_model
 from .errors import FxpassError
+from .fileio import atomic_write_bytes
 
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "ema")
 
@@ -36,12 +38,20 @@ def _read_checkpoint(path: Path, trust_pickle: bool):
     if not is_zip and not head.startswith(b"\x80"):
         raise FxpassError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=is_zip)
+        with warnings.catch_warnings():  # torch warns about odd pickle protocols: not for people
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=is_zip)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         if "Weights only load failed" in text or "Unsupported global" in text or "weights_only" in text:
             found = re.search(r"(?:Unsupported global|GLOBAL)\s*:?\s*(?:GLOBAL\s+)?([\w.]+)", text)
             what = f" (it references {found.group(1)})" if found else ""
+            operand = re.search(r"Unsupported operand \d+", text)
+            if operand and not found:  # garbage after a pickle header, or a pickle protocol torch refuses
+                raise FxpassError(
+                    f"{path}: not a readable checkpoint (weights-only loading stopped at an unsupported pickle "
+                    f"instruction: {operand.group(0)}); if it is a pickle you trust, pass --trust-pickle"
+                ) from None
             raise FxpassError(
                 f"{path}: refused: loading this pickle would import and run code{what}; "
                 "fxpass loads weights only. If you trust the file, pass --trust-pickle"
@@ -50,7 +60,8 @@ def _read_checkpoint(path: Path, trust_pickle: bool):
     except (EOFError, RuntimeError, ValueError, OSError, zipfile.BadZipFile, KeyError, AttributeError,
             ImportError, TypeError, IndexError, UnicodeDecodeError, MemoryError) as exc:
         reason = _first_line(exc)
-        if "central directory" in reason or isinstance(exc, EOFError) or "truncated" in reason:
+        if ("central directory" in reason or isinstance(exc, EOFError) or "truncated" in reason
+                or "unexpected EOF" in reason):
             raise FxpassError(f"{path}: truncated or corrupt checkpoint ({reason})") from None
         raise FxpassError(f"{path}: not a readable checkpoint ({reason})") from None
 
@@ -95,7 +106,10 @@ def infer_config_flags(state: dict) -> dict:
     out = state.get("out.2.weight")
     if out is not None:
         flags["learn_sigma"] = int(out.shape[0]) == 6
-    if w0 is not None and out is not None:
+    temb = state.get("time_embed.0.weight")
+    if temb is not None and temb.ndim == 2:  # Linear(num_channels, 4 * num_channels)
+        flags["num_channels"] = int(temb.shape[1])
+    elif w0 is not None and out is not None:
         flags["num_channels"] = int(out.shape[1])
     flags["class_cond"] = "label_emb.weight" in state
     emb = state.get("input_blocks.1.0.emb_layers.1.weight")
@@ -199,30 +213,6 @@ def init_model(cfg: ModelConfig = CAMUS, seed: int = 0) -> nn.Module:
     finally:
         torch.random.set_rng_state(gen_state)
     return model.eval()
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(fh)`` on a temp file beside ``path``, then rename it into place."""
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise FxpassError(f"{path}: directory {parent} does not exist")
-    if path.is_dir():
-        raise FxpassError(f"{path}: is a directory")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    except OSError as exc:
-        raise FxpassError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise FxpassError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:

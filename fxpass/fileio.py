@@ -16,7 +16,8 @@ def check_writable_target(path: str | os.PathLike) -> Path:
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
-        raise FxpassError(f"{path}: directory {parent} does not exist")
+        why = "is not a directory" if parent.exists() else "does not exist"
+        raise FxpassError(f"{path}: directory {parent} {why}")
     if path.is_dir():
         raise FxpassError(f"{path}: is a directory")
     return path

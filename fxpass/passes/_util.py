@@ -54,6 +54,7 @@ def example_inputs_of(gm: GraphModule, example_inputs=None) -> dict[str, Any] | 
 def static_values(gm: GraphModule, example_inputs=None) -> dict[Node, Any]:
     """Each node's value under fake tensors of the example inputs' shapes and dtypes.
 
+    Values ``capture`` recorded on the nodes are reused (no recomputation); other nodes are run.
     Shape arithmetic, dtypes and devices come out as concrete Python values; tensors as fake tensors
     (shape/dtype only); anything that needs real data (``.item()``) is ``UNKNOWN``, as is everything
     computed from it.  Without example inputs every placeholder is ``UNKNOWN``.
@@ -86,11 +87,25 @@ def static_values(gm: GraphModule, example_inputs=None) -> dict[Node, Any]:
             if is_assert(node):
                 env[node] = None
                 continue
+            known = _from_capture(node)
+            if known is not UNKNOWN:
+                env[node] = known
+                continue
             try:
                 env[node] = getattr(interp, node.op)(node.target, args, kwargs)
             except Exception:
                 env[node] = UNKNOWN
     return env
+
+
+def _from_capture(node: Node):
+    """The value ``capture`` recorded for ``node`` (tensors as empty fakes of that shape), if any."""
+    meta = node.meta
+    if "fxpass_shape" in meta:
+        return torch.empty(meta["fxpass_shape"], dtype=meta["fxpass_dtype"])
+    if "fxpass_value" in meta:
+        return meta["fxpass_value"]
+    return UNKNOWN
 
 
 def finish(gm: GraphModule, count: int) -> PassResult:

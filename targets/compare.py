@@ -1,0 +1,94 @@
+"""Comparisons with Polygraphy's Comparator at explicit tolerances, relative to the reference's scale."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+from polygraphy.comparator import Comparator, CompareFunc
+
+#: (atol as a fraction of max|reference|, elementwise rtol) per precision
+TOLERANCES = {"fp32": (1e-4, 0.0), "fp16": (2e-2, 0.0)}
+
+
+@dataclass
+class PairResult:
+    """Worst errors of one runner pair over all iterations."""
+
+    reference: str
+    target: str
+    passed: bool
+    max_abs: float
+    max_rel_to_scale: float  # max|diff| / max|reference|
+    per_iteration: list[dict] = field(default_factory=list)
+
+
+def parse_tolerance(text: str) -> tuple[float, float]:
+    """``fp32`` / ``fp16`` or ``ATOL,RTOL`` (ATOL relative to max|reference|)."""
+    if text in TOLERANCES:
+        return TOLERANCES[text]
+    try:
+        atol, rtol = (float(p) for p in text.split(","))
+    except ValueError:
+        raise ValueError(f"tolerance '{text}': expected fp32, fp16 or ATOL,RTOL") from None
+    if atol < 0 or rtol < 0:
+        raise ValueError(f"tolerance '{text}': must not be negative")
+    return atol, rtol
+
+
+@contextmanager
+def polygraphy_severity(verbose: bool):
+    """Polygraphy logs at INFO by default; keep it to errors unless ``verbose``."""
+    from polygraphy.logger import G_LOGGER
+
+    saved = G_LOGGER.module_severity
+    G_LOGGER.module_severity = G_LOGGER.INFO if verbose else G_LOGGER.ERROR
+    try:
+        yield
+    finally:
+        G_LOGGER.module_severity = saved
+
+
+def run_runners(runners: Sequence, feeds: Iterable[dict], verbose: bool = False):
+    """Polygraphy ``Comparator.run`` over the feeds (one iteration each)."""
+    with polygraphy_severity(verbose):
+        return Comparator.run(list(runners), data_loader=list(feeds))
+
+
+def compare(results, *, reference: str, atol_scale: float, rtol: float = 0.0, meta: Sequence[dict] | None = None,
+            verbose: bool = False) -> list[PairResult]:
+    """Compare every runner against ``reference`` with Polygraphy's ``CompareFunc.simple``.
+
+    The absolute tolerance of each output is ``atol_scale * max|reference output|`` (so that
+    ``max|diff| <= atol_scale * max|ref|`` is what passes); ``rtol`` is elementwise.
+    """
+    ref_runs = next(runs for name, runs in results.items() if name == reference)
+    pairs = []
+    for name, runs in results.items():
+        if name == reference:
+            continue
+        per_iter = []
+        passed = True
+        worst_abs = worst_rel = 0.0
+        for i, (ref_run, run) in enumerate(zip(ref_runs, runs)):
+            for out_name, ref_value in ref_run.items():
+                ref_arr = np.asarray(ref_value, dtype=np.float64)
+                scale = float(np.abs(ref_arr).max()) or 1.0
+                func = CompareFunc.simple(atol=atol_scale * scale, rtol=rtol if rtol else 0.0,
+                                          check_error_stat="max")
+                with polygraphy_severity(verbose):
+                    outcome = func(ref_run, run)[out_name]
+                diff = float(np.abs(ref_arr - np.asarray(run[out_name], dtype=np.float64)).max())
+                ok = bool(outcome) and np.isfinite(diff)
+                passed &= ok
+                worst_abs = max(worst_abs, diff)
+                worst_rel = max(worst_rel, diff / scale)
+                entry = {"iteration": i, "output": out_name, "max_abs": diff, "rel_to_scale": diff / scale,
+                         "passed": ok}
+                if meta is not None and i < len(meta):
+                    entry.update(meta[i])
+                per_iter.append(entry)
+        pairs.append(PairResult(reference, name, passed, worst_abs, worst_rel, per_iter))
+    return pairs

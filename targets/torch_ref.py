@@ -1,0 +1,79 @@
+"""The eager PyTorch model as a Polygraphy runner (the reference every target is compared to)."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from polygraphy.backend.base import BaseRunner
+from polygraphy.common import TensorMetadata
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class TorchReferenceRunner(BaseRunner):
+    """Runs the original eager model, mapping ``t_index`` to the schedule's timestep.
+
+    Polygraphy's own ``PytRunner`` moves inputs to CUDA and expects a single tensor output; this
+    runner stays on the CPU, computes in float32 or float64, and feeds ``model(x, timesteps[, y])``.
+
+    ``timesteps``: the model timestep for each ``t_index`` (table mode), or ``fixed_timestep`` for a
+    model lowered at one timestep (then the feed has no ``t_index``).
+    """
+
+    def __init__(self, model: torch.nn.Module, *, timesteps: Sequence[float] | None = None,
+                 fixed_timestep: float | None = None, dtype: str = "float32", image_size: int | None = None,
+                 name: str | None = None, output_name: str = "out", timestep_dtype=torch.int64):
+        super().__init__(name=name or f"torch-{dtype}", prefix="torch-runner")
+        if (timesteps is None) == (fixed_timestep is None):
+            raise ValueError("give exactly one of timesteps (table mode) or fixed_timestep")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}")
+        self.model = model
+        self.timesteps = None if timesteps is None else torch.as_tensor(list(timesteps))
+        if self.timesteps is not None and not self.timesteps.is_floating_point():
+            self.timesteps = self.timesteps.to(timestep_dtype)
+        self.fixed_timestep = fixed_timestep
+        self.torch_dtype = _DTYPES[dtype]
+        self.image_size = image_size
+        self.output_name = output_name
+        self.class_cond = getattr(model, "num_classes", None) is not None
+
+    def activate_impl(self):
+        self._model = self.model.to(self.torch_dtype).eval()
+
+    def deactivate_impl(self):
+        self.model.float()
+        del self._model
+
+    def get_input_metadata_impl(self):
+        meta = TensorMetadata()
+        size = self.image_size or -1
+        meta.add("x", np.float32, (-1, 3, size, size))
+        if self.timesteps is not None:
+            meta.add("t_index", np.int64, (-1,))
+        if self.class_cond:
+            meta.add("y", np.int64, (-1,))
+        return meta
+
+    def infer_impl(self, feed_dict):
+        x = torch.as_tensor(np.asarray(feed_dict["x"])).to(self.torch_dtype)
+        n = x.shape[0]
+        if self.timesteps is not None:
+            index = torch.as_tensor(np.asarray(feed_dict["t_index"]), dtype=torch.int64)
+            t = self.timesteps[index]
+        else:
+            t = torch.full((n,), self.fixed_timestep)
+            if float(self.fixed_timestep).is_integer():
+                t = t.to(torch.int64)
+        kwargs = {}
+        if self.class_cond:
+            kwargs["y"] = torch.as_tensor(np.asarray(feed_dict["y"]), dtype=torch.int64)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = self._model(x, t, **kwargs)
+        self.inference_time = time.perf_counter() - start
+        return OrderedDict([(self.output_name, out.to(torch.float32).numpy())])
