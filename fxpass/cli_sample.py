@@ -143,7 +143,7 @@ def cmd_sample(args) -> int:
         raise FxpassError(f"{args.model}: the model produced non-finite values; nothing written")
     png = encode_png(x[0])
     atomic_write_bytes(out, lambda fh: fh.write(png))
-    Console(highlight=False).print(
+    Console(highlight=False, soft_wrap=True).print(
         f"wrote {out}: {what}, {total} model calls, seed {args.seed}, {time.perf_counter() - t0:.1f} s"
     )
     return 0

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -353,6 +354,15 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
+def _ort_reason(exc: BaseException) -> str:
+    """ONNX Runtime's load error without its "[ONNXRuntimeError] ... Load model from X failed:" and
+    C++ source-location prefixes."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = text.rsplit(" failed:", 1)[-1].strip() or text
+    text = re.sub(r"^\S+\.(?:cc|h|cpp):\d+ .*?\(\)\s*", "", text)
+    return text[:200]
+
+
 class OnnxDenoiser:
     """An fxpass table-mode ONNX model on ONNX Runtime (CPU), as the sampler's ``model`` callable.
 
@@ -378,7 +388,8 @@ class OnnxDenoiser:
             self.session = ort.InferenceSession(str(path), sess_options=options,
                                                 providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types for unreadable files
-            raise FxpassError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
+            reason = _ort_reason(exc)
+            raise FxpassError(f"{path}: not a readable ONNX model ({reason})") from None
         meta = dict(self.session.get_modelmeta().custom_metadata_map)
         mode = meta.get(METADATA_MODE)
         if mode is None:
@@ -404,7 +415,10 @@ class OnnxDenoiser:
                 f"({len(self.diffusion.timesteps)} steps)"
             )
         self.timesteps = timesteps
-        self.image_size = int(self.config["image_size"])
+        size = self.config["image_size"]
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise FxpassError(f"{path}: metadata {METADATA_CONFIG}: image_size must be a positive integer, got {size!r}")
+        self.image_size = size
         self._check_signature()
         self.calls = 0
 
@@ -422,12 +436,15 @@ class OnnxDenoiser:
     def _check_signature(self) -> None:
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = [o.name for o in self.session.get_outputs()]
-        want = {"x": "tensor(float)", "t_index": "tensor(int64)"}
-        if set(inputs) != set(want):
+        if set(inputs) != {"x", "t_index"}:
             raise FxpassError(f"{self.path}: inputs are {sorted(inputs)}, expected x and t_index")
-        for name, kind in want.items():
-            if inputs[name].type != kind:
-                raise FxpassError(f"{self.path}: input {name} is {inputs[name].type}, expected {kind}")
+        if inputs["t_index"].type != "tensor(int64)":
+            raise FxpassError(f"{self.path}: input t_index is {inputs['t_index'].type}, expected tensor(int64)")
+        # float16 inputs (a model converted without keeping float32 I/O) are fed float16
+        x_types = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+        if inputs["x"].type not in x_types:
+            raise FxpassError(f"{self.path}: input x is {inputs['x'].type}, expected tensor(float)")
+        self.x_dtype = x_types[inputs["x"].type]
         if "out" not in outputs:
             raise FxpassError(f"{self.path}: outputs are {outputs}, expected out")
         shape = inputs["x"].shape
@@ -442,7 +459,8 @@ class OnnxDenoiser:
         if self.static_batch == 1 and x.shape[0] != 1:
             return np.concatenate([self(x[i:i + 1], t_index[i:i + 1]) for i in range(x.shape[0])])
         self.calls += 1
-        (out,) = self.session.run(["out"], {"x": x, "t_index": t_index})
+        (out,) = self.session.run(["out"], {"x": x.astype(self.x_dtype, copy=False), "t_index": t_index})
+        out = np.asarray(out, dtype=np.float32)
         want = (x.shape[0], self.diffusion.out_channels, *x.shape[2:])
         if out.shape != want:
             raise FxpassError(f"{self.path}: output out has shape {list(out.shape)}, expected {list(want)} "

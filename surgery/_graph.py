@@ -120,23 +120,17 @@ def replace_uses(graph: gs.Graph, old: gs.Variable, new: gs.Tensor) -> bool:
     return True
 
 
-def new_variable(graph: gs.Graph, base: str, dtype=None, shape=None) -> gs.Variable:
-    """A fresh intermediate tensor with a name not used in the graph."""
-    taken = graph.tensors()
-    name = base or "surgery"
-    k = 0
-    while name in taken:
-        k += 1
-        name = f"{base}_{k}"
-    # reserve it: gs.Graph.tensors() only sees tensors attached to nodes, so the caller attaches it
-    return gs.Variable(name, dtype=dtype, shape=shape)
+class Names:
+    """Hands out tensor / node names not yet used in the graph (for the nodes a pass adds)."""
 
+    def __init__(self, graph: gs.Graph):
+        self.used = set(graph.tensors()) | {n.name for n in graph.nodes if n.name}
 
-def unique_name(used: set[str], base: str) -> str:
-    name = base
-    k = 0
-    while name in used:
-        k += 1
-        name = f"{base}_{k}"
-    used.add(name)
-    return name
+    def __call__(self, base: str) -> str:
+        base = base or "surgery"
+        name, k = base, 0
+        while name in self.used:
+            k += 1
+            name = f"{base}_{k}"
+        self.used.add(name)
+        return name

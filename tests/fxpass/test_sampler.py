@@ -103,7 +103,9 @@ class TableFixture:
         return np.tanh(xx * self.a[t_index][:, :, None, None] + self.b[t_index][:, :, None, None])
 
 
-SMALL = ModelConfig(image_size=8, num_channels=32, diffusion_steps=100, timestep_respacing="10")
+# an 8-pixel config (valid, so .replace() works); only the fixtures use it, never a real U-Net
+SMALL = ModelConfig().replace(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,1",
+                              attention_resolutions="4", diffusion_steps=100, timestep_respacing="10")
 
 
 @pytest.fixture
@@ -111,10 +113,11 @@ def fixture_onnx(tmp_path) -> TableFixture:
     return TableFixture(tmp_path / "fixture.onnx", SMALL)
 
 
-def _png(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
+def _png(path: Path, array: np.ndarray) -> Path:
+    """uint8 [H, W] -> L, [H, W, 3] -> RGB, uint16 [H, W] -> I;16 (16-bit grayscale PNG)."""
     from PIL import Image
 
-    Image.fromarray(array, mode=mode).save(path) if mode else Image.fromarray(array).save(path)
+    Image.fromarray(array).save(path)
     return path
 
 
@@ -337,11 +340,11 @@ def test_known_pixels_are_the_noised_ground_truth():
 
 def test_same_seed_same_image_and_replayed_noise():
     d = Diffusion.from_config(SMALL)
-    model = TableModel = _numpy_table_model(SMALL)
+    model = _numpy_table_model(SMALL)
     gt = np.zeros((1, 3, 8, 8), np.float32)
     mask = np.zeros((1, 1, 8, 8), np.float32)
     mask[..., :3] = 1
-    run = lambda noise: repaint(TableModel, d, gt, mask, noise=noise, jump_length=2, jump_n_sample=3)  # noqa: E731
+    run = lambda noise: repaint(model, d, gt, mask, noise=noise, jump_length=2, jump_n_sample=3)  # noqa: E731
     a, b, c = run(GeneratorNoise(7)), run(GeneratorNoise(7)), run(GeneratorNoise(8))
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - c).max() > 0.1
@@ -352,7 +355,6 @@ def test_same_seed_same_image_and_replayed_noise():
     assert replay.remaining == 0
     with pytest.raises(ValueError, match="exhausted"):
         run(ReplayNoise(rec.draws[:-1]))
-    assert model is TableModel
 
 
 def test_loop_rejects_bad_schedules():
@@ -481,7 +483,7 @@ def test_cli_sample_ddpm_needs_no_image(tmp_path, capsys, fixture_onnx):
 def test_cli_sample_accepts_rgb_and_16_bit_images(tmp_path, capsys, fixture_onnx, images):
     _, mask = images
     rgb = _png(tmp_path / "rgb.png", np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8))
-    deep = _png(tmp_path / "deep.png", (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000), "I;16")
+    deep = _png(tmp_path / "deep.png", (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000))
     for img in (rgb, deep):
         out = tmp_path / f"out-{img.name}"
         rc, _, err = _sample(capsys, fixture_onnx.path, "--image", img, "--mask", mask, "-o", out)
@@ -498,7 +500,7 @@ def test_image_and_mask_loading_scales(tmp_path):
     np.testing.assert_allclose(x[0, :, 0, 0], -1.0) and np.testing.assert_allclose(x[0, :, 0, 1], 1.0)
     np.testing.assert_allclose(x[0, 1, 1, 0], 128 / 127.5 - 1, atol=1e-7)
     deep = np.array([[0, 65535], [32768, 0]], dtype=np.uint16)
-    np.testing.assert_allclose(load_image(_png(tmp_path / "d.png", deep, "I;16"), 2)[0, 0, 0, 1], 1.0, atol=1e-7)
+    np.testing.assert_allclose(load_image(_png(tmp_path / "d.png", deep), 2)[0, 0, 0, 1], 1.0, atol=1e-7)
     m = load_mask(_png(tmp_path / "m.png", np.array([[255, 0], [200, 100]], dtype=np.uint8)), 2)
     assert m.shape == (1, 1, 2, 2)
     np.testing.assert_array_equal(m[0, 0], [[1, 0], [1, 0]])

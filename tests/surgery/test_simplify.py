@@ -1,0 +1,143 @@
+"""surgery.simplify on a whole small U-Net export (opset 18 → 21), its report and its fallbacks."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from surgery_helpers import ops, run_ort
+
+import surgery
+from surgery import simplify
+
+PASS_ORDER = ["fold_constants", "remove_identity", "remove_cast_pairs", "rewrite_einsum_attention",
+              "fuse_group_norm", "fold_constants"]
+
+
+def _tagged(model):
+    """The export with metadata the stages must carry through."""
+    model.metadata_props.add(key="fxpass.config", value="tiny")
+    model.graph.input[0].metadata_props.add(key="fxpass.role", value="noisy image")
+    return model
+
+
+@pytest.fixture(scope="module")
+def simplified(tiny_unet):
+    model, feeds, expected = tiny_unet
+    model = _tagged(model)
+    result, report = simplify(model, 21)
+    return model, result, report, feeds, expected
+
+
+def test_simplifies_unet_to_opset_21(simplified):
+    model, result, report, feeds, expected = simplified
+    before = ops(model)
+    after = ops(result)
+    onnx.checker.check_model(result)
+    # torch 2.13 at opset 18: GroupNorm as Reshape/InstanceNormalization/Reshape/Mul/Add, attention as Einsum
+    assert before["InstanceNormalization"] == 21 and before["Einsum"] == 8
+    assert [p["pass"] for p in report["passes"]] == PASS_ORDER
+    counts = {p["pass"]: p["count"] for p in report["passes"][:-1]}
+    assert counts["rewrite_einsum_attention"] == 8
+    assert counts["fuse_group_norm"] == 21
+    assert "Einsum" not in after and "InstanceNormalization" not in after
+    assert after["GroupNormalization"] == 21 and after["MatMul"] == 8
+    assert report["opset"] == {"before": 18, "after": 21}
+    assert report["nodes"]["before"] == len(model.graph.node) == sum(report["ops"]["before"].values())
+    assert report["nodes"]["after"] == len(result.graph.node) == sum(report["ops"]["after"].values())
+    # each fusion turns 5 nodes into 1, each einsum becomes Transpose + MatMul; nothing else changes here
+    assert report["nodes"]["after"] == report["nodes"]["before"] - 21 * 4 + 8
+    assert report["simplifier"]["name"] == "onnxslim" and report["simplifier"]["status"] == "ok"
+
+
+def test_keeps_names_and_metadata(simplified):
+    model, result, _, _, _ = simplified
+    assert [i.name for i in result.graph.input] == [i.name for i in model.graph.input] == ["x", "timesteps"]
+    assert [o.name for o in result.graph.output] == [o.name for o in model.graph.output]
+    meta = {p.key: p.value for p in result.metadata_props}
+    assert meta["fxpass.config"] == "tiny"
+    assert {p.key: p.value for p in result.graph.input[0].metadata_props}["fxpass.role"] == "noisy image"
+
+
+def test_numerics_match_torch_and_the_export(simplified):
+    model, result, _, feeds, expected = simplified
+    (original,) = run_ort(model, feeds)
+    (got,) = run_ort(result, feeds)
+    np.testing.assert_allclose(got, original, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_idempotent(simplified):
+    _, result, _, feeds, _ = simplified
+    again, report = simplify(result, 21)
+    assert all(p["count"] == 0 for p in report["passes"]), report["passes"]
+    assert report["nodes"]["after"] == report["nodes"]["before"]
+    np.testing.assert_allclose(run_ort(again, feeds)[0], run_ort(result, feeds)[0], rtol=0, atol=0)
+
+
+def test_skips_group_norm_fusion_below_opset_21(tiny_unet):
+    model, feeds, expected = tiny_unet
+    result, report = simplify(model, 18, simplifier=None)
+    counts = {p["pass"]: p["count"] for p in report["passes"][:-1]}
+    assert counts["fuse_group_norm"] == 0 and counts["rewrite_einsum_attention"] == 8
+    assert ops(result)["InstanceNormalization"] == 21 and "GroupNormalization" not in ops(result)
+    assert report["opset"] == {"before": 18, "after": 18}
+    assert report["simplifier"]["status"] == "skipped"
+    np.testing.assert_allclose(run_ort(result, feeds)[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_simplifier_failure_falls_back(tiny_unet, monkeypatch):
+    model, feeds, expected = tiny_unet
+
+    def broken(name, m):
+        raise RuntimeError("simulated simplifier crash")
+
+    monkeypatch.setattr(surgery, "_run_simplifier", broken)
+    with pytest.warns(UserWarning, match="onnxslim failed"):
+        result, report = simplify(model, 21)
+    assert report["simplifier"]["status"].startswith("failed: RuntimeError")
+    plain, _ = simplify(model, 21, simplifier=None)
+    assert ops(result) == ops(plain)
+    np.testing.assert_allclose(run_ort(result, feeds)[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_rejects_unknown_simplifier(tiny_unet):
+    with pytest.raises(ValueError, match="unknown simplifier"):
+        simplify(tiny_unet[0], 21, simplifier="onnxsim")
+
+
+def test_large_model_path_uses_external_data(tiny_unet, monkeypatch, tmp_path):
+    """Over the 2 GB limit (simulated by lowering it): tools run on an external-data copy, save splits."""
+    model, feeds, expected = tiny_unet
+    monkeypatch.setattr(surgery, "LARGE_MODEL_BYTES", 100_000)
+    with pytest.warns(UserWarning, match="over 2 GB"):
+        result, report = simplify(model, 21)
+    assert report["opset"]["after"] == 21 and ops(result)["GroupNormalization"] == 21
+    assert report["simplifier"]["status"].startswith("skipped")
+    path = tmp_path / "unet.onnx"
+    surgery.save_model(result, path)
+    assert (tmp_path / "unet.onnx.data").stat().st_size > 1_000_000
+    assert path.stat().st_size < 200_000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unet.onnx", "unet.onnx.data"]
+    loaded = onnx.load(str(path))
+    np.testing.assert_allclose(run_ort(loaded, feeds)[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_surgery_does_not_import_torch():
+    code = (
+        "import sys, surgery, surgery.convert_precision, surgery.fuse_group_norm; "
+        "assert 'torch' not in sys.modules, 'surgery imported torch'"
+    )
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
+
+
+def test_every_pass_returns_graph_and_count(tiny_unet):
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(tiny_unet[0]))
+    for graph_pass in surgery.PASSES:
+        graph, count = graph_pass(graph)
+        assert isinstance(graph, gs.Graph) and isinstance(count, int) and count >= 0
