@@ -17,7 +17,7 @@ _EXPORTS = {
     "load_config": "config",
     "FxpassError": "errors",
     "capture": "capture",
-    "rewrite": "rewrite",
+    "rewrite": "passes",
     "lower": "pipeline",
     "schedule": None,
 }

@@ -351,3 +351,14 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[Any] | Mapping[str,
     gm.meta["fxpass_example_inputs"] = dict(inputs)
     gm.meta["fxpass_guards"] = len(tracer.guards)
     return gm
+
+
+class _CallableModule(type(sys)):
+    """``fxpass.capture`` is both this module and the function: importing the submodule (which
+    Python then binds as the package attribute) must not shadow ``fxpass.capture(model, inputs)``."""
+
+    def __call__(self, *args, **kwargs):
+        return capture(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

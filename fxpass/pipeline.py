@@ -84,7 +84,7 @@ def lower_with_report(
     """Lower ``model`` and keep the stage times, node counts and pass counts."""
     from . import __version__
     from .capture import capture
-    from .rewrite import rewrite
+    from .passes import rewrite
 
     check_opset(opset)
     if precision not in ("fp32", "fp16"):

@@ -190,6 +190,9 @@ def materialize_attention_scales(gm: GraphModule, example_inputs=None) -> PassRe
             module.weight[rows] *= float(scale)
             if module.bias is not None:
                 module.bias[rows] *= float(scale)
+        for user in node.users:
+            if user.op == "call_method" and user.target == "view":
+                user.target = "reshape"  # the product was contiguous; its input may not be
         node.replace_all_uses_with(tensor)
         gm.graph.erase_node(node)
         folded += 1

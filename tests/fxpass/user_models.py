@@ -1,0 +1,236 @@
+"""Models written the way users' own copies of guided-diffusion / RePaint code are written.
+
+Kept out of ``test_*.py`` files on purpose: pytest rewrites ``assert`` statements in test modules,
+and capture must see the plain bytecode that users' code has.
+
+``UserUNet`` is an independent, compact re-write of the family's constructs with other names and
+module paths: ``import torch as th``, ``from math import sqrt``, its own float32 GroupNorm, its own
+checkpoint helper with a custom autograd Function, the ``.item()`` timestep check against a conf
+object, shape asserts, the rank loop, a sliced ``nn.Sequential``, scale-shift norm, legacy and
+new-order attention, optional ``y`` / ``gt`` / ``**kwargs``.
+"""
+
+from __future__ import annotations
+
+from math import log, sqrt
+
+import torch as th
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Conf:
+    def __init__(self, diffusion_steps):
+        self.diffusion_steps = diffusion_steps
+
+
+class Norm32(nn.GroupNorm):
+    def forward(self, inp):
+        return super().forward(inp.float()).type(inp.dtype)
+
+
+class _Recompute(th.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, n_inputs, *tensors):
+        ctx.fn = fn
+        ctx.saved = tensors[:n_inputs]
+        with th.no_grad():
+            return fn(*tensors[:n_inputs])
+
+    @staticmethod
+    def backward(ctx, *grads):  # pragma: no cover - inference only here
+        raise NotImplementedError
+
+
+def grad_checkpoint(fn, inputs, params, enabled):
+    if enabled:
+        return _Recompute.apply(fn, len(inputs), *(tuple(inputs) + tuple(params)))
+    return fn(*inputs)
+
+
+def sinusoid(ts, dim, max_period=10000):
+    half = dim // 2
+    freqs = th.exp(-log(max_period) * th.arange(0, half, dtype=th.float32, device=ts.device) / half)
+    angles = ts[:, None].float() * freqs[None]
+    return th.cat([th.cos(angles), th.sin(angles)], dim=-1)
+
+
+class Block(nn.Module):
+    def __init__(self, cin, cout, emb_dim, scale_shift=True):
+        super().__init__()
+        self.cin, self.cout, self.scale_shift = cin, cout, scale_shift
+        self.in_layers = nn.Sequential(Norm32(8, cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * cout if scale_shift else cout))
+        self.out_layers = nn.Sequential(Norm32(8, cout), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(cout, cout, 3, padding=1))
+        self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x, emb):
+        return grad_checkpoint(self._run, (x, emb), self.parameters(), True)
+
+    def _run(self, x, emb):
+        assert x.shape[1] == self.cin
+        h = self.in_layers(x)
+        e = self.emb_layers(emb).type(h.dtype)
+        while len(e.shape) < len(h.shape):
+            e = e[..., None]
+        if self.scale_shift:
+            norm, rest = self.out_layers[0], self.out_layers[1:]
+            scale, shift = th.chunk(e, 2, dim=1)
+            h = rest(norm(h) * (1 + scale) + shift)
+        else:
+            h = self.out_layers(h + e)
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    def __init__(self, channels, heads, new_order=False):
+        super().__init__()
+        self.heads, self.new_order = heads, new_order
+        self.norm = Norm32(8, channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj = nn.Conv1d(channels, channels, 1)
+
+    def forward(self, x):
+        b, c, *spatial = x.shape
+        x = x.reshape(b, c, -1)
+        qkv = self.qkv(self.norm(x))
+        bs, width, length = qkv.shape
+        assert width % (3 * self.heads) == 0
+        ch = width // (3 * self.heads)
+        scale = 1 / sqrt(sqrt(ch))
+        if self.new_order:
+            q, k, v = qkv.chunk(3, dim=1)
+            w = th.einsum("bct,bcs->bts", (q * scale).view(bs * self.heads, ch, length),
+                          (k * scale).view(bs * self.heads, ch, length))
+            v = v.reshape(bs * self.heads, ch, length)
+        else:
+            q, k, v = qkv.reshape(bs * self.heads, ch * 3, length).split(ch, dim=1)
+            w = th.einsum("bct,bcs->bts", q * scale, k * scale)
+        w = th.softmax(w.float(), dim=-1).type(w.dtype)
+        a = th.einsum("bts,bcs->bct", w, v).reshape(bs, -1, length)
+        return (x + self.proj(a)).reshape(b, c, *spatial)
+
+
+class Down(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.channels = channels
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        assert x.shape[1] == self.channels
+        return self.op(x)
+
+
+class Up(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.channels = channels
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        assert x.shape[1] == self.channels
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class UserUNet(nn.Module):
+    """A two-level U-Net with attention at the bottom, 16 channels, written independently."""
+
+    def __init__(self, ch=16, new_order=False, scale_shift=True, num_classes=None, steps=1000, use_fp16=False):
+        super().__init__()
+        self.conf = Conf(steps)
+        self.ch = ch
+        self.dtype = th.float16 if use_fp16 else th.float32
+        emb = 4 * ch
+        self.time_embed = nn.Sequential(nn.Linear(ch, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.num_classes = num_classes
+        if num_classes:
+            self.label_emb = nn.Embedding(num_classes, emb)
+        self.inp = nn.Conv2d(3, ch, 3, padding=1)
+        self.enc = Block(ch, ch, emb, scale_shift)
+        self.down = Down(ch)
+        self.mid = Block(ch, 2 * ch, emb, scale_shift)
+        self.attn = Attention(2 * ch, 2, new_order)
+        self.dec = Block(2 * ch, ch, emb, scale_shift)
+        self.up = Up(ch)
+        self.dec2 = Block(2 * ch, ch, emb, scale_shift)
+        self.out = nn.Sequential(Norm32(8, ch), nn.SiLU(), nn.Conv2d(ch, 6, 3, padding=1))
+
+    def forward(self, x, timesteps, y=None, gt=None, **kwargs):
+        if timesteps[0].item() > self.conf.diffusion_steps:
+            raise RuntimeError("timestep out of range")
+        emb = self.time_embed(sinusoid(timesteps, self.ch))
+        if self.num_classes is not None:
+            assert y.shape == (x.shape[0],)
+            emb = emb + self.label_emb(y)
+        h0 = self.inp(x.type(self.dtype))
+        h1 = self.enc(h0, emb)
+        h = self.attn(self.mid(self.down(h1), emb))
+        h = self.up(self.dec(h, emb))
+        h = self.dec2(th.cat([h, h1], dim=1), emb)
+        return self.out(h.type(x.dtype))
+
+
+class BadBranch(nn.Module):
+    """A branch on a tensor's value (not a shape): becomes a guard."""
+
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x
+
+
+class Unsupported(nn.Module):
+    """Leaves torch for NumPy on a traced value: capture must name this line."""
+
+    def forward(self, x):
+        import numpy as np
+
+        return th.as_tensor(np.asarray(x) + 1)
+
+
+class FailingAssert(nn.Module):
+    def forward(self, x):
+        assert x.shape[1] == 4, "needs 4 channels"
+        return x
+
+
+class AssertThenReshape(nn.Module):
+    """Tiny graph for strip_asserts: an assert on a shape, then a reshape using it."""
+
+    def __init__(self, heads=2):
+        super().__init__()
+        self.heads = heads
+
+    def forward(self, x):
+        b, width, t = x.shape
+        assert width % self.heads == 0
+        return x.reshape(b * self.heads, width // self.heads, t) * 2.0
+
+
+class TinyAttention(nn.Module):
+    """Tiny graph for materialize_attention_scales: qkv projection, both attention orders."""
+
+    def __init__(self, channels=8, heads=2, new_order=False):
+        super().__init__()
+        self.attention = Attention(channels, heads, new_order)
+
+    def forward(self, x):
+        return self.attention(x)
+
+
+class TinyTimeNet(nn.Module):
+    """Tiny graph for fold_timesteps: timestep check, embedding, MLP, scale-shift on a conv."""
+
+    def __init__(self, steps=1000):
+        super().__init__()
+        self.conf = Conf(steps)
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.SiLU(), nn.Linear(16, 8))
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x, timesteps):
+        if timesteps[0].item() > self.conf.diffusion_steps:
+            raise RuntimeError("timestep out of range")
+        e = self.mlp(sinusoid(timesteps, 8))
+        while len(e.shape) < 4:
+            e = e[..., None]
+        scale, shift = e.chunk(2, dim=1)
+        return self.conv(x) * (1 + scale) + shift
