@@ -1,0 +1,242 @@
+"""fxpass.lower / `fxpass lower`: export, surgery, the ORT check, atomic writes, the report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import fxpass
+from fxpass.checkpoint import init_model, save_checkpoint
+from fxpass.cli import main
+from fxpass.config import CAMUS
+from fxpass.errors import FxpassError
+from fxpass.export import get_metadata
+from fxpass.schedule import respaced
+
+TINY = CAMUS.replace(image_size=32, num_channels=32, num_res_blocks=1, attention_resolutions="16",
+                     diffusion_steps=100, timestep_respacing="10")
+
+
+def _session(model: onnx.ModelProto):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _rel(out, ref):
+    return float(np.abs(out - ref).max() / np.abs(ref).max())
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return init_model(TINY, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_lowered(tiny_model):
+    return fxpass.lower(tiny_model, config=TINY)
+
+
+def test_table_mode_interface_and_metadata(tiny_lowered):
+    model = tiny_lowered
+    onnx.checker.check_model(model, full_check=True)
+    assert [i.name for i in model.graph.input] == ["x", "t_index"]
+    assert [o.name for o in model.graph.output] == ["out"]
+    assert model.graph.input[1].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    meta = get_metadata(model)
+    assert json.loads(meta["fxpass.timesteps"]) == respaced(100, "10")
+    assert json.loads(meta["fxpass.config"])["diffusion_steps"] == 100
+    assert meta["fxpass.mode"] == "table" and meta["fxpass.version"] == fxpass.__version__
+    assert dict(o for o in ((op.domain, op.version) for op in model.opset_import))[""] == 21
+
+
+def test_structure_after_surgery(tiny_lowered):
+    ops = Counter(n.op_type for n in tiny_lowered.graph.node)
+    assert ops["Einsum"] == 0 and ops["MatMul"] > 0
+    assert ops["GroupNormalization"] > 0 and ops["InstanceNormalization"] == 0
+    assert not {"If", "Loop", "Assert"} & set(ops)  # nothing left from guards or asserts
+
+
+@pytest.mark.parametrize("t_index", [0, 1, 5, 8, 9])
+def test_ort_matches_eager(tiny_lowered, tiny_model, t_index):
+    schedule = respaced(100, "10")
+    x = np.random.default_rng(t_index).standard_normal((1, 3, 32, 32), dtype=np.float32)
+    out = _session(tiny_lowered).run(None, {"x": x, "t_index": np.array([t_index])})[0]
+    with torch.no_grad():
+        ref = tiny_model(torch.from_numpy(x), torch.tensor([schedule[t_index]])).numpy()
+    assert _rel(out, ref) <= 1e-4
+
+
+def test_two_runs_give_identical_bytes(tiny_lowered, tiny_model):
+    again = fxpass.lower(tiny_model, config=TINY)
+    assert again.SerializeToString() == tiny_lowered.SerializeToString()
+
+
+def test_fixed_mode_has_only_x(tiny_model):
+    model = fxpass.lower(tiny_model, config=TINY, timesteps=42)
+    assert [i.name for i in model.graph.input] == ["x"]
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32), dtype=np.float32)
+    with torch.no_grad():
+        ref = tiny_model(torch.from_numpy(x), torch.tensor([42])).numpy()
+    assert _rel(_session(model).run(None, {"x": x})[0], ref) <= 1e-4
+
+
+def test_dynamic_batch_and_class_conditional():
+    cfg = TINY.replace(class_cond=True)
+    eager = init_model(cfg, seed=1)
+    model = fxpass.lower(eager, config=cfg, dynamic_batch=True)
+    assert [i.name for i in model.graph.input] == ["x", "t_index", "y"]
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32), dtype=np.float32)
+    t_index, y = np.array([0, 4, 9]), np.array([5, 17, 999])
+    out = _session(model).run(None, {"x": x, "t_index": t_index, "y": y})[0]
+    schedule = respaced(100, "10")
+    with torch.no_grad():
+        for row in range(3):
+            ref = eager(torch.from_numpy(x[row : row + 1]), torch.tensor([schedule[t_index[row]]]),
+                        torch.tensor([y[row]])).numpy()
+            assert _rel(out[row : row + 1], ref) <= 1e-4
+
+
+def test_opset_18_keeps_the_instance_norm_pattern(tiny_model):
+    model = fxpass.lower(tiny_model, config=TINY, opset=18)
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["GroupNormalization"] == 0 and ops["InstanceNormalization"] > 0 and ops["Einsum"] == 0
+
+
+def test_fp16_model_keeps_float32_io(tiny_model):
+    model = fxpass.lower(tiny_model, config=TINY, precision="fp16")
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    halves = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
+    assert len(halves) > 10
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32), dtype=np.float32)
+    with torch.no_grad():
+        ref = tiny_model(torch.from_numpy(x), torch.tensor([respaced(100, "10")[5]])).numpy()
+    assert _rel(_session(model).run(None, {"x": x, "t_index": np.array([5])})[0], ref) <= 2e-2
+
+
+def test_bad_arguments_are_errors(tiny_model):
+    with pytest.raises(FxpassError, match="supported opsets are 18"):
+        fxpass.lower(tiny_model, config=TINY, opset=17)
+    with pytest.raises(FxpassError, match="expected fp32 or fp16"):
+        fxpass.lower(tiny_model, config=TINY, precision="int8")
+    with pytest.raises(FxpassError, match="must be in 0..99"):
+        fxpass.lower(tiny_model, config=TINY, timesteps=100)
+
+
+def test_users_own_class_through_the_api():
+    from user_models import UserUNet
+
+    torch.manual_seed(0)
+    eager = UserUNet(new_order=True).eval()
+    x = torch.randn(1, 3, 16, 16)
+    schedule = [0, 100, 500, 999]
+    model = fxpass.lower(eager, (x, torch.tensor([999])), timesteps=schedule)
+    out = _session(model).run(None, {"x": x.numpy(), "t_index": np.array([2])})[0]
+    with torch.no_grad():
+        assert _rel(out, eager(x, torch.tensor([500])).numpy()) <= 1e-4
+
+
+# ---- the command ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory, tiny_model):
+    import yaml
+
+    root = tmp_path_factory.mktemp("lower")
+    cfg = root / "tiny.yml"
+    cfg.write_text(yaml.safe_dump({k: v for k, v in TINY.to_dict().items()}))
+    ckpt = root / "tiny.pt"
+    save_checkpoint(tiny_model, ckpt)
+    return root, cfg, ckpt
+
+
+def test_cli_lower_writes_model_and_report(tiny_files, capsys):
+    root, cfg, ckpt = tiny_files
+    out, report = root / "tiny.onnx", root / "tiny.json"
+    assert main(["lower", str(ckpt), "--config", str(cfg), "-o", str(out), "--report", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "worst error vs PyTorch" in printed and "ORT latency" in printed
+    data = json.loads(report.read_text())
+    assert data["check"]["passed"] and data["check"]["max_rel_to_scale"] <= 1e-4
+    assert data["onnx_nodes"] == len(onnx.load(out).graph.node)
+    assert data["file_bytes"] == out.stat().st_size
+    assert {"capture", "passes", "export", "surgery", "write"} <= set(data["stages_s"])
+    assert data["surgery"]["ops"]["after"].get("Einsum", 0) == 0
+
+
+def test_cli_refuses_a_model_that_differs_and_keeps_existing_output(tiny_files, tmp_path, capsys):
+    root, cfg, _ = tiny_files
+    torch.manual_seed(0)
+    ckpt = tmp_path / "noisy.pt"
+    from user_models import NoisyUNet
+
+    save_checkpoint(NoisyUNet(), ckpt)
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"previous")
+    args = ["lower", str(ckpt), "--config", str(cfg), "-o", str(out),
+            "--model-class", "user_models:NoisyUNet", "--timesteps", "5"]
+    assert main(args) == 1
+    assert "not written" in capsys.readouterr().err
+    assert out.read_bytes() == b"previous"
+    assert main(args + ["--force"]) == 1  # written, still reported as a failure
+    assert onnx.load(out).graph.input[0].name == "x"
+
+
+def test_cli_model_class_with_kwargs(tiny_files, tmp_path):
+    root, cfg, _ = tiny_files
+    from user_models import UserUNet
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "user.pt"
+    save_checkpoint(UserUNet(ch=8 * 2, new_order=True, steps=100), ckpt)
+    out = tmp_path / "user.onnx"
+    code = main(["lower", str(ckpt), "--config", str(cfg), "-o", str(out), "--model-class",
+                 "user_models:UserUNet", "--model-kwargs", '{"new_order": true, "steps": 100}'])
+    assert code == 0 and out.exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--opset", "30"], "supported opsets are 18..26"),
+        (["--model-class", "nowhere.mod:Net"], "cannot import nowhere.mod"),
+        (["--model-class", "user_models:UserUNet", "--model-kwargs", "{bad"], "--model-kwargs: not valid JSON"),
+        (["--timesteps", "soon"], "expected 'respaced' or an integer"),
+    ],
+)
+def test_cli_bad_arguments(tiny_files, tmp_path, capsys, args, message):
+    root, cfg, ckpt = tiny_files
+    out = tmp_path / "x.onnx"
+    code = main(["lower", str(ckpt), "--config", str(cfg), "-o", str(out), *args])
+    assert code != 0 and message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_unwritable_output_fails_before_work(tiny_files, capsys):
+    root, cfg, ckpt = tiny_files
+    code = main(["lower", str(ckpt), "--config", str(cfg), "-o", str(root / "missing-dir" / "x.onnx")])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_camus_acceptance(tmp_path):
+    """CAMUS config, seeded weights: check_model, ≤ 870 nodes, no Einsum, ORT ≤ 1e-4·max|ref| over the schedule."""
+    ckpt, out, report = tmp_path / "camus.pt", tmp_path / "camus.onnx", tmp_path / "camus.json"
+    save_checkpoint(init_model(CAMUS, seed=0), ckpt)
+    proc = subprocess.run([sys.executable, "-m", "fxpass", "lower", str(ckpt), "-o", str(out), "--report", str(report)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    model = onnx.load(out)
+    onnx.checker.check_model(str(out), full_check=True)
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert len(model.graph.node) <= 870 and ops["Einsum"] == 0
+    data = json.loads(Path(report).read_text())
+    assert data["check"]["passed"] and data["check"]["max_rel_to_scale"] <= 1e-4
+    assert {e["t_index"] for e in data["check"]["per_input"]} == {0, 125, 249}
