@@ -14,25 +14,28 @@ from .errors import FxpassError
 def _console():
     from rich.console import Console
 
-    return Console(stderr=False, highlight=False)
+    return Console(stderr=False, highlight=False, markup=False)  # paths like "run[1].pt" print as they are
 
 
 # ---- init -------------------------------------------------------------------------------------
 def cmd_init(args) -> int:
     from .checkpoint import init_model, save_checkpoint
     from .config import load_config
+    from .fileio import check_writable_target
 
     cfg = load_config(args.config)
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FxpassError(f"{out}: already exists (pass --force to overwrite)")
+    check_writable_target(out)  # before building the model, not after
     t0 = time.perf_counter()
     model = init_model(cfg, seed=args.seed)
     save_checkpoint(model, out)
     n = sum(p.numel() for p in model.parameters())
     _console().print(
         f"wrote {out}: seeded random U-Net (seed {args.seed}), {n:,} parameters, "
-        f"{out.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s"
+        f"{out.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s",
+        soft_wrap=True,  # one line whatever the terminal width
     )
     return 0
 

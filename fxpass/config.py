@@ -205,6 +205,8 @@ def load_config(path: str | Path | None) -> ModelConfig:
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FxpassError(f"{p}: not a readable YAML file ({first})") from None
+    if data is None:
+        raise FxpassError(f"{p}: config file is empty")
     if not isinstance(data, dict):
         raise FxpassError(f"{p}: expected a mapping of config keys, got {type(data).__name__}")
     return from_dict(data, source=str(p))

@@ -117,7 +117,7 @@ def test_property_capture_and_passes_match_eager(values, seed):
     gm = fxpass.rewrite(fxpass.capture(model, inputs), timesteps=seen)
     assert not any(_is_assert(n) for n in gm.graph.nodes)
     extra = (y,) if cfg.class_cond else ()
-    tol = 2e-3 if fp16 else 1e-5
+    tol = 1e-2 if fp16 else 1e-5  # fp16: the scale folded into float16 weights rounds differently (eps 9.8e-4)
     with torch.no_grad():
         for i in sorted({0, len(kept) - 1}):
             ref = model(x, torch.tensor([seen[i]] * 2, dtype=t_dtype), *extra).float()

@@ -1,0 +1,85 @@
+"""Shared fixtures: a small U-Net config (fast forwards), its YAML file and a saved seeded checkpoint.
+
+Here rather than in tests/conftest.py: a conftest there puts tests/ on sys.path, where tests/fxpass/ (no
+__init__.py) then shadows the editable-installed fxpass package as a namespace package under plain `pytest`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# Small enough that a forward takes milliseconds, big enough to have every kind of block:
+# 32 px, channel_mult (1, 2, 2, 2), attention at 16 px and 8 px (downsample rates 2 and 4) plus the
+# middle block, scale-shift norm and learned sigma as in CAMUS.
+SMALL = {
+    "image_size": 32,
+    "num_channels": 32,
+    "num_res_blocks": 1,
+    "attention_resolutions": "16,8",
+    "num_heads": 2,
+    "diffusion_steps": 1000,
+    "timestep_respacing": "50",
+}
+
+
+def _write_yaml(path: Path, values: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def write_yaml():
+    """``write_yaml(path, values) -> path``: a RePaint-style YAML file of ``values``."""
+    return _write_yaml
+
+
+@pytest.fixture
+def small_values() -> dict:
+    """The small config as a fresh dict of YAML keys (tests may change it)."""
+    return dict(SMALL)
+
+
+@pytest.fixture(scope="session")
+def small_cfg():
+    from fxpass.config import from_dict
+
+    return from_dict(SMALL)
+
+
+@pytest.fixture(scope="session")
+def small_yaml(tmp_path_factory) -> Path:
+    """The small config as a YAML file, with sampler keys that must be ignored."""
+    values = {**SMALL, "schedule_jump_params": {"t_T": 250, "jump_length": 10}, "name": "small", "use_kl": False}
+    return _write_yaml(tmp_path_factory.mktemp("cfg") / "small.yml", values)
+
+
+@pytest.fixture(scope="session")
+def small_ckpt(tmp_path_factory, small_cfg) -> Path:
+    """A seeded random checkpoint (seed 0) of the small config, written by ``save_checkpoint``."""
+    from fxpass.checkpoint import init_model, save_checkpoint
+
+    path = tmp_path_factory.mktemp("ckpt") / "small.pt"
+    save_checkpoint(init_model(small_cfg, seed=0), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_state(small_ckpt):
+    import torch
+
+    return torch.load(small_ckpt, weights_only=True)
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test on one intra-op thread (small models are faster so; CI machines are shared)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
