@@ -85,16 +85,30 @@ def _is_assert_jump(frame) -> bool:
     )
 
 
+class _NeedsReal:
+    def __repr__(self) -> str:
+        return "<needs real data>"
+
+
+_NEEDS_REAL = _NeedsReal()
+
+
 class ConcreteProxy(Proxy):
     """A proxy that knows its value on the example inputs."""
 
     @property
     def value(self):
+        """The example value at shape level (tensors may be fake: shape and dtype only)."""
         return self.tracer.value_of(self.node)
+
+    @property
+    def data_value(self):
+        """The example value with real data (computed on demand for data-dependent decisions)."""
+        return self.tracer.python_value(self.node)
 
     def __bool__(self) -> bool:
         frame = _user_frame(inspect.currentframe().f_back)
-        value = bool(self.value)
+        value = bool(self.data_value)
         if frame is not None and _is_assert_jump(frame):
             where = _where(frame)
             if not value:
@@ -105,20 +119,21 @@ class ConcreteProxy(Proxy):
         return value
 
     def __len__(self) -> int:
-        return len(self.value)
+        value = self.value
+        return len(self.data_value if value is _NEEDS_REAL else value)
 
     def __index__(self) -> int:
-        value = operator.index(self.value)
+        value = operator.index(self.data_value)
         self.tracer.add_guard(self == value, True, _user_frame(inspect.currentframe().f_back))
         return value
 
     def __int__(self) -> int:
-        value = int(self.value)
+        value = int(self.data_value)
         self.tracer.add_guard(self == value, True, _user_frame(inspect.currentframe().f_back))
         return value
 
     def __float__(self) -> float:
-        value = float(self.value)
+        value = float(self.data_value)
         self.tracer.add_guard(self == value, True, _user_frame(inspect.currentframe().f_back))
         return value
 
@@ -134,13 +149,28 @@ def _attribute(self, k):
 ConcreteProxy.__getattr__ = _attribute
 
 
+class _RealNeeded(Exception):
+    """An argument has no fake value: evaluate the node on real data."""
+
+
 class ConcreteTracer(Tracer):
     """A ``torch.fx.Tracer`` whose proxies carry example values (see module docstring)."""
 
     def __init__(self, example_inputs: Mapping[str, Any]):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
         super().__init__(autowrap_modules=(math,), param_shapes_constant=False)
         self.example_inputs = dict(example_inputs)
+        # Values are propagated with fake tensors (shapes and dtypes, no arithmetic): control flow on
+        # shapes is decided for free.  Real data is computed only where a decision reads it
+        # (``.item()``, ``if tensor:``), for that node's ancestors alone.
+        self._fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        self._fake_inputs = {
+            k: self._fake_mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in self.example_inputs.items()
+        }
         self._values: dict[Node, Any] = {}
+        self._real: dict[Node, Any] = {}
+        self._order: dict[Node, int] = {}
         self.guards: list[Node] = []
 
     # ---- values ------------------------------------------------------------------------
@@ -149,41 +179,84 @@ class ConcreteTracer(Tracer):
             raise FxpassError(f"capture: no example value for node {node.name}")
         return self._values[node]
 
-    def _concrete(self, arg: Argument):
-        def value(a):
-            if not isinstance(a, Node):
-                return a
-            if a not in self._values:  # nodes fx made without create_proxy (e.g. get_attr of a tensor)
-                self._values[a] = self._evaluate(a)
-            return self._values[a]
+    def python_value(self, node: Node):
+        """``node``'s value with real data where it is a tensor or could not be faked."""
+        value = self.value_of(node)
+        if value is _NEEDS_REAL or isinstance(value, torch.Tensor):
+            return self.real_value(node)
+        return value
 
-        return map_aggregate(arg, value)
+    def _run(self, node: Node, fetch):
+        args = map_aggregate(node.args, fetch)
+        kwargs = map_aggregate(node.kwargs, fetch)
+        if node.op == "placeholder":
+            return self.example_inputs[node.target]
+        if node.op == "get_attr":
+            obj = self.root
+            for atom in node.target.split("."):
+                obj = getattr(obj, atom)
+            return obj
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            self_obj, *rest = args
+            return getattr(self_obj, node.target)(*rest, **kwargs)
+        if node.op == "call_module":
+            return self.root.get_submodule(node.target)(*args, **kwargs)
+        if node.op == "output":
+            return args[0]
+        raise FxpassError(f"capture: cannot evaluate node kind {node.op}")
+
+    def real_value(self, node: Node):
+        """Compute ``node`` on the real example inputs (its ancestors first, memoised)."""
+        if node in self._real:
+            return self._real[node]
+        needed: list[Node] = []
+        stack, seen = [node], set()
+        while stack:
+            n = stack.pop()
+            if n in seen or n in self._real:
+                continue
+            seen.add(n)
+            needed.append(n)
+            stack.extend(n.all_input_nodes)
+        needed.sort(key=lambda n: self._order.get(n, -1))
+        with _maybe_revert_all_patches(), torch.no_grad():
+            for n in needed:
+                if n.op == "placeholder":
+                    self._real[n] = self.example_inputs[n.target]
+                else:
+                    self._real[n] = self._run(n, lambda a: self._real[a] if isinstance(a, Node) else a)
+        return self._real[node]
+
+    def _fake_arg(self, a):
+        if not isinstance(a, Node):
+            return a
+        if a not in self._values:  # nodes fx made without create_proxy (e.g. get_attr of a tensor)
+            self._order.setdefault(a, len(self._order))
+            self._values[a] = self._evaluate(a)
+        value = self._values[a]
+        if value is _NEEDS_REAL:
+            raise _RealNeeded
+        return value
 
     def _evaluate(self, node: Node):
-        with _maybe_revert_all_patches(), torch.no_grad():
-            if node.op == "placeholder":
-                return self.example_inputs[node.target]
-            if node.op == "get_attr":
-                obj = self.root
-                for atom in node.target.split("."):
-                    obj = getattr(obj, atom)
-                return obj
-            args = self._concrete(node.args)
-            kwargs = self._concrete(node.kwargs)
-            if node.op == "call_function":
-                return node.target(*args, **kwargs)
-            if node.op == "call_method":
-                self_obj, *rest = args
-                return getattr(self_obj, node.target)(*rest, **kwargs)
-            if node.op == "call_module":
-                return self.root.get_submodule(node.target)(*args, **kwargs)
-            if node.op == "output":
-                return args[0]
-        raise FxpassError(f"capture: cannot evaluate node kind {node.op}")
+        if node.op == "placeholder":
+            return self._fake_inputs[node.target]
+        if node.op == "get_attr":
+            with _maybe_revert_all_patches():
+                return self._run(node, None)
+        try:
+            with _maybe_revert_all_patches(), torch.no_grad(), self._fake_mode:
+                return self._run(node, self._fake_arg)
+        except Exception:
+            # data-dependent (``.item()``) or not fake-able: compute it for real
+            return self.real_value(node)
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         node = proxy.node
+        self._order.setdefault(node, len(self._order))
         if node not in self._values:
             try:
                 value = self._evaluate(node)
@@ -208,7 +281,7 @@ class ConcreteTracer(Tracer):
         self.guards.append(guard.node)
 
     def to_bool(self, obj: Proxy) -> bool:  # only reached for plain Proxy objects
-        return bool(self.value_of(obj.node))
+        return bool(self.python_value(obj.node))
 
     def iter(self, obj: Proxy):
         return iter([obj[i] for i in range(len(self.value_of(obj.node)))])
@@ -344,8 +417,6 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[Any] | Mapping[str,
         if isinstance(value, torch.Tensor):
             node.meta["fxpass_shape"] = tuple(value.shape)
             node.meta["fxpass_dtype"] = value.dtype
-            if value.numel() <= _SMALL:
-                node.meta["fxpass_value"] = value.detach().clone()
         elif value is not None and not isinstance(value, (torch.nn.Module,)):
             node.meta["fxpass_value"] = value
     gm.meta["fxpass_example_inputs"] = dict(inputs)

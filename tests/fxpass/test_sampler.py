@@ -616,36 +616,21 @@ EQUIV = ModelConfig(image_size=32, num_channels=32, num_res_blocks=1, attention_
 
 
 def _lowered_small_model(tmp_path, model, cfg):
-    """``fxpass.lower`` on the small model, saved with the sampler's metadata (added only where missing)."""
+    """``fxpass.lower`` on the small model (table mode, the config's schedule in its metadata)."""
     import onnx
-    import torch
 
     import fxpass
 
-    kept = respaced(cfg.diffusion_steps, cfg.timestep_respacing)
-    example = (torch.randn(1, 3, cfg.image_size, cfg.image_size), torch.tensor([kept[-1]]))
-    proto = fxpass.lower(model, example, timesteps=kept, precision="fp32", opset=21)
+    proto = fxpass.lower(model, config=cfg)
     props = {p.key: p.value for p in proto.metadata_props}
-    if "fxpass.config" in props:
-        assert json.loads(props["fxpass.config"])["timestep_respacing"] == cfg.timestep_respacing
-    if "fxpass.timesteps" in props:
-        assert json.loads(props["fxpass.timesteps"]) == kept
-    assert props.get("fxpass.mode", "table") == "table"
-    wanted = {"fxpass.config": json.dumps(cfg.to_dict()), "fxpass.timesteps": json.dumps(kept), "fxpass.mode": "table"}
-    for key, value in wanted.items():
-        if key not in props:
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
+    assert json.loads(props["fxpass.config"])["timestep_respacing"] == cfg.timestep_respacing
+    assert json.loads(props["fxpass.timesteps"]) == respaced(cfg.diffusion_steps, cfg.timestep_respacing)
+    assert props["fxpass.mode"] == "table"
     path = tmp_path / "small.onnx"
     onnx.save(proto, str(path))
     return path
 
 
-# Needs fxpass.lower (being written): until it lands this fails with ImportError/AttributeError and
-# is reported as XFAIL; once lower exists any mismatch is a real failure (assertion errors are not
-# covered by the xfail) and a pass shows as XPASS -- then delete the marker.
-@pytest.mark.xfail(raises=(ImportError, AttributeError), strict=False,
-                   reason="fxpass.lower has not landed yet (equivalence ONNX vs eager)")
 def test_onnx_and_eager_loops_agree_with_the_same_noise(tmp_path):
     import torch
 
