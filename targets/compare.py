@@ -39,12 +39,13 @@ def parse_tolerance(text: str) -> tuple[float, float]:
 
 
 @contextmanager
-def polygraphy_severity(verbose: bool):
-    """Polygraphy logs at INFO by default; keep it to errors unless ``verbose``."""
+def polygraphy_severity(verbose: bool, errors: bool = True):
+    """Polygraphy logs at INFO by default; keep it to errors unless ``verbose`` (nothing short of
+    critical with ``errors=False``, for failures that the caller reports itself)."""
     from polygraphy.logger import G_LOGGER
 
     saved = G_LOGGER.module_severity
-    G_LOGGER.module_severity = G_LOGGER.INFO if verbose else G_LOGGER.ERROR
+    G_LOGGER.module_severity = G_LOGGER.INFO if verbose else (G_LOGGER.ERROR if errors else G_LOGGER.CRITICAL)
     try:
         yield
     finally:
@@ -78,7 +79,7 @@ def compare(results, *, reference: str, atol_scale: float, rtol: float = 0.0, me
                 scale = float(np.abs(ref_arr).max()) or 1.0
                 func = CompareFunc.simple(atol=atol_scale * scale, rtol=rtol if rtol else 0.0,
                                           check_error_stat="max")
-                with polygraphy_severity(verbose):
+                with polygraphy_severity(verbose, errors=False):  # a mismatch is reported in the PairResult
                     outcome = func(ref_run, run)[out_name]
                 diff = float(np.abs(ref_arr - np.asarray(run[out_name], dtype=np.float64)).max())
                 ok = bool(outcome) and np.isfinite(diff)
