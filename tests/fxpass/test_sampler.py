@@ -662,3 +662,24 @@ def test_onnx_and_eager_loops_agree_with_the_same_noise(tmp_path):
     a = ddpm(onnx_model, onnx_model.diffusion, (1, 3, 32, 32), noise=recorded)
     b = ddpm(eager, d, (1, 3, 32, 32), noise=ReplayNoise(recorded.draws))
     assert np.abs(a - b).max() < 1e-3
+
+
+@pytest.mark.slow
+def test_camus_onnx_and_eager_repaint_agree(tmp_path):
+    """CAMUS config: a short RePaint run (t_T 4, jumps) on the lowered model and on eager PyTorch."""
+    from fxpass.checkpoint import init_model
+    from fxpass.config import CAMUS
+
+    model = init_model(CAMUS, seed=0)
+    path = _lowered_small_model(tmp_path, model, CAMUS)
+    onnx_model = OnnxDenoiser(path)
+    eager = EagerDenoiser(model, CAMUS)
+    rng = np.random.default_rng(0)
+    gt = rng.uniform(-1, 1, (1, 3, 256, 256)).astype(np.float32)
+    mask = np.zeros((1, 1, 256, 256), np.float32)
+    mask[..., :, :128] = 1
+    recorded = RecordingNoise(GeneratorNoise(0))
+    a = repaint(onnx_model, onnx_model.diffusion, gt, mask, noise=recorded, t_T=4, jump_length=2, jump_n_sample=2)
+    b = repaint(eager, Diffusion.from_config(CAMUS), gt, mask, noise=ReplayNoise(recorded.draws), t_T=4,
+                jump_length=2, jump_n_sample=2)
+    assert np.abs(a - b).max() < 1e-3
