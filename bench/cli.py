@@ -1,0 +1,147 @@
+"""``python -m bench``: eager PyTorch vs the naive dynamo export vs fxpass, measured side by side.
+
+    python -m bench                              # CAMUS, 250-step schedule sampled (25 steps, extrapolated)
+    python -m bench --full                       # ... every step of the schedule timed
+    python -m bench --config small.yml --runs 7  # another config (results file named after it)
+    python -m bench --readme                     # regenerate README.md's Performance section
+    python -m bench --show FILE.json             # print the tables of an earlier run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import SCHEMA
+from .cpu import SECTIONS, Options
+from .harness import MIN_RUNS, RESULTS_DIR, LoadSampler, machine_info, now_utc, results_path, set_threads, \
+    short_error, write_results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[1:]))
+    p.add_argument("--config", metavar="FILE", help="RePaint/guided-diffusion YAML (default: built-in CAMUS)")
+    p.add_argument("--runs", type=int, default=MIN_RUNS, help=f"timed runs per measurement (≥ {MIN_RUNS})")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs before each measurement")
+    p.add_argument("--schedule", choices=("full", "sample"), default=None,
+                   help="time every step of the schedule, or a sample extrapolated to the whole "
+                        "(default: sample, full with --full)")
+    p.add_argument("--full", action="store_true", help="same as --schedule full")
+    p.add_argument("--schedule-steps", type=int, default=25, metavar="N",
+                   help="steps timed in sample mode, evenly spaced (default 25)")
+    p.add_argument("--skip", action="append", default=[], choices=SECTIONS, metavar="SECTION",
+                   help=f"leave a section out (repeatable): {', '.join(SECTIONS)}")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: every core)")
+    p.add_argument("--out", metavar="FILE.json", help="results file (default: bench/results/<date>-<host-kind>.json)")
+    p.add_argument("--results-dir", metavar="DIR", default=str(RESULTS_DIR))
+    p.add_argument("--readme", action="store_true", help="regenerate README.md's Performance section and exit")
+    p.add_argument("--readme-path", metavar="README.md", default=None, help="with --readme: the file to update")
+    p.add_argument("--results", metavar="FILE.json", help="with --readme: results file (default: the latest CAMUS run)")
+    p.add_argument("--show", metavar="FILE.json", help="print the tables of a results file and exit")
+    return p
+
+
+def run_bench(*, config_path: str | None, opts: Options, log=print) -> dict[str, Any]:
+    """Every section, in one process; returns the results dict (not yet written)."""
+    import torch
+
+    from fxpass.config import CAMUS, load_config
+
+    from .cpu import make_setup, run_cpu
+    from .flops import count_flops
+    from .gpu import run_gpu, skip_reason
+    from .summary import evaluate_targets
+
+    cfg = load_config(config_path)
+    threads = set_threads(opts.threads)
+    load = LoadSampler()
+    load.sample("start")
+    started = time.perf_counter()
+    name = "CAMUS" if cfg == CAMUS else Path(config_path).stem if config_path else "custom"
+    results: dict[str, Any] = {
+        "schema": SCHEMA,
+        "date": now_utc().isoformat(),
+        "machine": machine_info(),
+        "config": {"name": name, "path": str(config_path) if config_path else None, "values": cfg.to_dict()},
+        "settings": {"runs": opts.runs, "warmup": opts.warmup, "threads": threads,
+                     "ort_intra_op_num_threads": threads, "torch_num_threads": torch.get_num_threads(),
+                     "schedule": opts.schedule, "schedule_steps": opts.schedule_steps,
+                     "skipped_sections": sorted(opts.skip), "seed": opts.seed},
+    }
+    setup = make_setup(cfg, seed=opts.seed)
+    results["flops"] = {"skipped": "--skip flops"}
+    if "flops" not in opts.skip:
+        log("flops: FlopCounterMode over one eager forward ...")
+        try:
+            results["flops"] = count_flops(setup.model, setup.eager_args())
+        except Exception as exc:
+            results["flops"] = {"error": short_error(exc)}
+    results["cpu"] = run_cpu(setup, opts, config_path=config_path, load=load, log=log)
+    if "gpu" in opts.skip:
+        results["gpu"] = {"skipped": "--skip gpu"}
+    elif skip_reason():
+        results["gpu"] = {"skipped": skip_reason()}
+    else:
+        log("gpu ...")
+        try:
+            results["gpu"] = run_gpu(setup, opts, flops_per_step=results.get("flops", {}).get("flops"), log=log)
+        except Exception as exc:
+            results["gpu"] = {"error": short_error(exc)}
+    load.sample("end")
+    results["load"] = load.summary()
+    results["wall_s"] = time.perf_counter() - started
+    results["targets"] = evaluate_targets(results)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.readme:
+        from . import report
+
+        ns = argparse.Namespace(results=args.results, results_dir=args.results_dir, print_only=False,
+                                readme_path=args.readme_path or str(report.REPO / "README.md"))
+        return report.run(ns)
+    from rich.console import Console
+
+    from .summary import print_results
+
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    if args.show:
+        print_results(json.loads(Path(args.show).read_text(encoding="utf-8")), console)
+        return 0
+    if args.runs < MIN_RUNS:
+        parser.error(f"--runs {args.runs}: at least {MIN_RUNS} timed runs")
+    if args.warmup < 0 or args.schedule_steps < 1:
+        parser.error("--warmup must be ≥ 0 and --schedule-steps ≥ 1")
+    if args.full and args.schedule == "sample":
+        parser.error("--full contradicts --schedule sample")
+    schedule = "full" if args.full else (args.schedule or "sample")
+    opts = Options(runs=args.runs, warmup=args.warmup, schedule=schedule, schedule_steps=args.schedule_steps,
+                   skip=frozenset(args.skip), threads=args.threads)
+
+    from fxpass.errors import FxpassError
+
+    def log(message: str) -> None:
+        console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {message}")
+
+    log(f"schedule section: {schedule}" + ("" if schedule == "full" else
+                                           f" ({args.schedule_steps} evenly spaced steps, total EXTRAPOLATED; "
+                                           "--full times every step)"))
+    try:
+        results = run_bench(config_path=args.config, opts=opts, log=log)
+        out = Path(args.out) if args.out else results_path(results, Path(args.results_dir))
+        write_results(results, out)
+    except FxpassError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 2
+    print_results(results, console)
+    console.print(f"results: {out}")
+    return 0
