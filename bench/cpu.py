@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .harness import LoadSampler, measure, ort_session, short_error, timing_from
+from .harness import LoadSampler, measure_interleaved, ort_session, short_error, timing_from
 
 SECTIONS = ("eager", "naive", "fxpass", "cli", "schedule", "flops", "gpu")
 
@@ -129,43 +129,36 @@ def run_cpu(setup: Setup, opts: Options, *, config_path: str | None, load: LoadS
             out["naive_build"] = {"error": short_error(exc)}
         load.sample("after naive export")
 
-    # ---- per-step latency, batch 1, back to back ------------------------------------------------
+    # ---- per-step latency, batch 1, interleaved round-robin -------------------------------------
+    contenders: dict[str, Callable[[], object]] = {}
+    results: dict[str, dict[str, Any]] = {}
     if "eager" not in skip:
-        log(f"eager: {opts.runs} timed runs ...")
         args = setup.eager_args()
 
         def eager_step():
             with torch.inference_mode():
                 return setup.model(*args)
 
-        out["eager"] = measure(eager_step, runs=opts.runs, warmup=opts.warmup)
-        load.sample("after eager")
-    if naive_session is not None:
-        log(f"naive ORT: {opts.runs} timed runs ...")
-        arrays = {"x": x_np, "timesteps": setup.inputs["timesteps"].numpy()}
+        contenders["eager"] = eager_step
+    for key, session, arrays in (
+        ("naive_ort", naive_session, {"x": x_np, "timesteps": setup.inputs["timesteps"].numpy()}),
+        ("fxpass_ort", fx_session, {"x": x_np, "t_index": np.array([setup.t_index], dtype=np.int64)}),
+    ):
+        if session is None:
+            continue
         if "y" in setup.inputs:
             arrays["y"] = setup.inputs["y"].numpy()
         try:
-            feed = _ort_feed(naive_session, arrays)
-            result = naive_session.run(None, feed)[0]
-            out["naive_ort"] = {**measure(lambda: naive_session.run(None, feed), runs=opts.runs, warmup=opts.warmup),
-                                **_diff(result, ref)}
+            feed = _ort_feed(session, arrays)
+            results[key] = _diff(session.run(None, feed)[0], ref)
+            contenders[key] = (lambda s=session, f=feed: s.run(None, f))
         except Exception as exc:
-            out["naive_ort"] = {"error": short_error(exc)}
-        load.sample("after naive ORT")
-    if fx_session is not None:
-        log(f"fxpass ORT: {opts.runs} timed runs ...")
-        arrays = {"x": x_np, "t_index": np.array([setup.t_index], dtype=np.int64)}
-        if "y" in setup.inputs:
-            arrays["y"] = setup.inputs["y"].numpy()
-        try:
-            feed = _ort_feed(fx_session, arrays)
-            result = fx_session.run(None, feed)[0]
-            out["fxpass_ort"] = {**measure(lambda: fx_session.run(None, feed), runs=opts.runs, warmup=opts.warmup),
-                                 **_diff(result, ref)}
-        except Exception as exc:
-            out["fxpass_ort"] = {"error": short_error(exc)}
-        load.sample("after fxpass ORT")
+            out[key] = {"error": short_error(exc)}
+    if contenders:
+        log(f"{', '.join(contenders)}: {opts.runs} timed runs each, interleaved ...")
+        for key, timing in measure_interleaved(contenders, runs=opts.runs, warmup=opts.warmup).items():
+            out[key] = {**timing, **results.get(key, {})}
+        load.sample("after per-step timings")
 
     for key, section in (("fxpass_build", "fxpass"), ("fxpass_ort", "fxpass"), ("naive_build", "naive"),
                          ("naive_ort", "naive"), ("eager", "eager")):

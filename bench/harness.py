@@ -40,6 +40,27 @@ def measure(fn: Callable[[], object], *, runs: int = MIN_RUNS, warmup: int = 2,
     return timing_from(samples, warmup=warmup)
 
 
+def measure_interleaved(fns: dict[str, Callable[[], object]], *, runs: int = MIN_RUNS, warmup: int = 2
+                        ) -> dict[str, dict[str, Any]]:
+    """Like :func:`measure` for several functions, timed round-robin (a, b, c, a, b, c, ...).
+
+    Interleaving spreads slow drifts of the machine (other load, clock changes) over every
+    contender instead of biasing whichever ran last, so their ratios are fairer.
+    """
+    if runs < MIN_RUNS:
+        raise ValueError(f"runs must be at least {MIN_RUNS} (got {runs})")
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: {**timing_from(values, warmup=warmup), "interleaved": True} for name, values in samples.items()}
+
+
 def timing_from(samples: list[float], *, warmup: int = 0) -> dict[str, Any]:
     return {
         "median_s": statistics.median(samples),
