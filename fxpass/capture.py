@@ -1,16 +1,15 @@
 """Capture an unmodified guided-diffusion model into a torch.fx graph.
 
 ``capture(model, example_inputs)`` traces with a :class:`ConcreteTracer`: every proxy carries the
-value it has on the example inputs (computed as the trace runs), so Python that needs a concrete
-value (rank loops, ``len``, ``.item()`` branches, star-unpacking of shapes) is decided on the
-example, while tensor operations, shape arithmetic, ``math.*`` calls and ``assert`` statements stay
+value it has on the example inputs (computed as the trace runs: fake tensors for shapes and dtypes,
+real data only where a decision reads it), so Python that needs a concrete value (rank loops,
+``len``, ``.item()`` branches, star-unpacking of shapes) is decided on the example, while tensor operations, shape arithmetic, ``math.*`` calls and ``assert`` statements stay
 in the graph as nodes.  A branch decided on a traced value becomes a guard: a ``torch._assert`` node
 on the condition that held, with the user's source line in its message.
 """
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import dis
 import inspect
@@ -28,7 +27,7 @@ import torch.fx
 from torch.fx import GraphModule, Proxy, Tracer
 from torch.fx.proxy import Attribute
 from torch.fx._symbolic_trace import _maybe_revert_all_patches
-from torch.fx.node import Argument, Node, map_aggregate
+from torch.fx.node import Node, map_aggregate
 
 from .errors import FxpassError
 
@@ -39,7 +38,6 @@ ASSERT_PREFIX = "fxpass assert"
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _THIS_FILE = os.path.abspath(__file__)
-_SMALL = 4096  # tensors up to this many elements keep their example value in node.meta
 
 # math functions that become graph nodes when called on a traced value
 _MATH_FUNCTIONS = (

@@ -6,7 +6,6 @@ import io
 import os
 import pickle
 import re
-import tempfile
 import warnings
 import zipfile
 from collections import OrderedDict
