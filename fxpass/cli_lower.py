@@ -95,7 +95,9 @@ def cmd_lower(args) -> int:
     t0 = time.perf_counter()
     check = check_against_eager(lowered.model, model, config=cfg, tolerance=TOLERANCES[args.precision])
     progress("check", f"{time.perf_counter() - t0:.1f} s")
-    data = lowered.model.SerializeToString() if lowered.model.ByteSize() < 2**31 - 1 else None
+    from targets.ort import SERIALIZE_LIMIT, byte_size
+
+    data = lowered.model.SerializeToString() if byte_size(lowered.model) < SERIALIZE_LIMIT else None
     report = {
         "model": str(args.model),
         "output": str(out),
