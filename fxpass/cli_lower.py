@@ -88,7 +88,7 @@ def cmd_lower(args) -> int:
     lowered = lower_with_report(
         model, config=cfg, timesteps=timesteps, precision=args.precision, opset=args.opset,
         dynamic_batch=args.dynamic_batch, simplifier=None if args.simplifier == "none" else args.simplifier,
-        progress=progress,
+        progress=progress, step_graph=args.step_graph,
     )
     from targets.compare import TOLERANCES
 
@@ -127,7 +127,8 @@ def cmd_lower(args) -> int:
         atomic_write_bytes(Path(args.report), lambda fh: fh.write(text.encode()))
 
     table = Table(title=f"fxpass lower → {out}", show_header=False)
-    table.add_row("mode", f"{lowered.mode} ({len(lowered.timesteps)} timesteps)" if lowered.mode == "table"
+    mode = "step graph" if args.step_graph else lowered.mode
+    table.add_row("mode", f"{mode} ({len(lowered.timesteps)} timesteps)" if lowered.mode == "table"
                   else f"fixed timestep {lowered.timesteps[0]}")
     table.add_row("precision / opset", f"{args.precision} / {args.opset}")
     table.add_row("fx nodes", f"{report['fx_nodes_captured']} captured → {report['fx_nodes_rewritten']} rewritten")
@@ -156,6 +157,9 @@ def add_commands(sub, common) -> None:
     p.add_argument("--model-class", metavar="pkg.mod:Class", help="your own U-Net class instead of fxpass's")
     p.add_argument("--model-kwargs", metavar="JSON", help="keyword arguments for --model-class")
     p.add_argument("--simplifier", choices=("onnxslim", "none"), default="onnxslim")
+    p.add_argument("--step-graph", action="store_true",
+                   help="export one whole denoising step (U-Net + posterior update, coefficients gathered by "
+                        "t_index): inputs x, t_index, noise; outputs x_prev, pred_xstart")
     p.add_argument("--report", metavar="FILE.json", help="write the summary numbers as JSON")
     p.add_argument("--force", action="store_true", help="write even when the ORT check fails (exit 1)")
     p.add_argument("--trust-pickle", action="store_true", help="allow checkpoints that are full pickled modules")

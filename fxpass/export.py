@@ -52,6 +52,7 @@ def export(
     dynamic_batch: bool = False,
     metadata: dict[str, Any] | None = None,
     output_name: str = "out",
+    output_names: list[str] | None = None,
 ) -> onnx.ModelProto:
     """Export ``gm`` with ``torch.onnx.export(dynamo=True)`` at ``opset``.
 
@@ -64,7 +65,10 @@ def export(
         example_inputs = gm.meta.get("fxpass_example_inputs")
     if not example_inputs:
         raise FxpassError("export: no example inputs (capture records them; or pass example_inputs=)")
-    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    if isinstance(gm, GraphModule):
+        names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    else:  # a module wrapping a rewritten graph (the step graph): inputs in the order given
+        names = list(example_inputs)
     missing = [n for n in names if n not in example_inputs]
     if missing:
         raise FxpassError(f"export: no example value for graph input(s) {', '.join(missing)}")
@@ -81,7 +85,7 @@ def export(
                 dynamo=True,
                 opset_version=opset,
                 input_names=names,
-                output_names=[output_name],
+                output_names=output_names or [output_name],
                 dynamic_shapes=dynamic_shapes,
                 optimize=True,
                 verbose=False,

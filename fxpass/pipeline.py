@@ -80,6 +80,7 @@ def lower_with_report(
     dynamic_batch: bool = False,
     simplifier: str | None = "onnxslim",
     progress: Callable[[str, str], None] | None = None,
+    step_graph: bool = False,
 ) -> Lowered:
     """Lower ``model`` and keep the stage times, node counts and pass counts."""
     from . import __version__
@@ -97,6 +98,8 @@ def lower_with_report(
         seen = list(kept)
     else:
         mode, kept, seen = schedule_for(config, timesteps)
+    if step_graph and (config is None or mode != "table"):
+        raise FxpassError("--step-graph needs a config and the respaced schedule (table mode)")
     if example_inputs is None:
         if config is None:
             raise FxpassError("lower: give example_inputs or a config")
@@ -122,7 +125,19 @@ def lower_with_report(
     if config is not None:
         metadata["fxpass.config"] = config.to_dict()
     with _stage(stages, "export", progress):
-        proto = export(gm, opset=opset, dynamic_batch=dynamic_batch, metadata=metadata)
+        if step_graph:
+            from .step_graph import STEP_OUTPUTS, DenoisingStep
+
+            inputs = dict(gm.meta["fxpass_example_inputs"])
+            x = inputs["x"]
+            step_inputs = {"x": x, "t_index": inputs["t_index"], "noise": torch.zeros_like(x)}
+            if "y" in inputs:
+                step_inputs["y"] = inputs["y"]
+            metadata["fxpass.mode"] = "step"
+            proto = export(DenoisingStep(gm, config).eval(), step_inputs, opset=opset, dynamic_batch=dynamic_batch,
+                           metadata=metadata, output_names=STEP_OUTPUTS)
+        else:
+            proto = export(gm, opset=opset, dynamic_batch=dynamic_batch, metadata=metadata)
     report["onnx_nodes_exported"] = len(proto.graph.node)
 
     import surgery
@@ -159,16 +174,19 @@ def lower(
     dynamic_batch: bool = False,
     config: ModelConfig | None = None,
     simplifier: str | None = "onnxslim",
+    step_graph: bool = False,
 ) -> onnx.ModelProto:
     """Lower a guided-diffusion / RePaint U-Net (ours or a user's class) to an ONNX ModelProto.
 
     ``timesteps``: ``"respaced"`` (the config's schedule, needs ``config``), a sequence of timesteps
     (table mode: inputs ``x``, ``t_index``) or an int (fixed mode: input ``x``).  ``example_inputs``
-    default to a seeded ``x`` of the config's size and the last schedule entry.
+    default to a seeded ``x`` of the config's size and the last schedule entry.  ``step_graph``
+    exports one whole denoising step instead (inputs ``x``, ``t_index``, ``noise``; outputs ``x_prev``,
+    ``pred_xstart``; see :mod:`fxpass.step_graph`).
     """
     return lower_with_report(
         model, example_inputs, config=config, timesteps=timesteps, precision=precision, opset=opset,
-        dynamic_batch=dynamic_batch, simplifier=simplifier,
+        dynamic_batch=dynamic_batch, simplifier=simplifier, step_graph=step_graph,
     ).model
 
 
@@ -193,6 +211,10 @@ def check_against_eager(
     meta = get_metadata(proto)
     mode = meta.get("fxpass.mode", "table")
     import json
+
+    if mode == "step":
+        return check_step_against_numpy(proto, model, config=config, t_indices=t_indices, seed=seed,
+                                        tolerance=tolerance)
 
     kept = json.loads(meta["fxpass.timesteps"])
     seen = json.loads(meta.get("fxpass.model_timesteps", json.dumps(kept)))
@@ -231,4 +253,57 @@ def check_against_eager(
         "tolerance": {"atol_scale": tolerance[0], "rtol": tolerance[1]},
         "per_input": pair.per_iteration,
         "ort_latency_s": latency,
+    }
+
+
+def check_step_against_numpy(
+    proto: onnx.ModelProto,
+    model: torch.nn.Module,
+    *,
+    config: ModelConfig,
+    t_indices: Sequence[int] | None = None,
+    seed: int = 1234,
+    tolerance: tuple[float, float] = (1e-4, 0.0),
+) -> dict[str, Any]:
+    """A step graph on ONNX Runtime against the eager model + the NumPy sampler's posterior (Polygraphy)."""
+    from targets.compare import compare, run_runners
+    from targets.ort import ort_runner
+    from targets.step_ref import NumpyStepRunner
+
+    from .sampler import Diffusion
+
+    mode, kept, seen = schedule_for(config, "respaced")
+    if t_indices is None:
+        t_indices = sorted({0, len(kept) // 2, len(kept) - 1})
+    rng = np.random.default_rng(seed)
+    feeds, labels = [], []
+    input_names = {i.name for i in proto.graph.input}
+    for i in t_indices:
+        shape = (1, 3, config.image_size, config.image_size)
+        feed = {"x": rng.standard_normal(shape, dtype=np.float32), "t_index": np.array([i], dtype=np.int64),
+                "noise": rng.standard_normal(shape, dtype=np.float32)}
+        if "y" in input_names:
+            feed["y"] = np.array([int(rng.integers(0, 1000))], dtype=np.int64)
+        feeds.append(feed)
+        labels.append({"t_index": int(i), "timestep": kept[i]})
+    diffusion = Diffusion.from_config(config.to_dict())
+    reference = NumpyStepRunner(model.eval(), diffusion, seen)
+    runner = ort_runner(proto, cuda=False, name="onnxrt-cpu")
+    results = run_runners([reference, runner], feeds)
+
+    def conditioning(iteration: int, output: str) -> float:
+        # pred_xstart = sqrt(1/abar) x - sqrt(1/abar - 1) eps multiplies the U-Net's float32 error
+        return float(diffusion.sqrt_recipm1_alphas_cumprod[t_indices[iteration]]) if output == "pred_xstart" else 1.0
+
+    pair = compare(results, reference="numpy-step", atol_scale=tolerance[0], rtol=tolerance[1], meta=labels,
+                   conditioning=conditioning)[0]
+    ort_runs = [r.runtime for r in results["onnxrt-cpu"]]
+    return {
+        "passed": pair.passed,
+        "max_abs": pair.max_abs,
+        "max_rel_to_scale": pair.max_rel_to_scale,
+        "tolerance": {"atol_scale": tolerance[0], "rtol": tolerance[1]},
+        "per_input": pair.per_iteration,
+        "ort_latency_s": float(np.median(ort_runs[1:] if len(ort_runs) > 1 else ort_runs)),
+        "reference": "eager model + NumPy posterior",
     }
