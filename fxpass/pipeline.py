@@ -244,16 +244,7 @@ def check_against_eager(
     runner = ort_runner(proto, cuda=False, name="onnxrt-cpu")
     results = run_runners([reference, runner], feeds)
     pair = compare(results, reference="torch-fp32", atol_scale=tolerance[0], rtol=tolerance[1], meta=labels)[0]
-    ort_runs = [r.runtime for r in results["onnxrt-cpu"]]
-    latency = float(np.median(ort_runs[1:] if len(ort_runs) > 1 else ort_runs))
-    return {
-        "passed": pair.passed,
-        "max_abs": pair.max_abs,
-        "max_rel_to_scale": pair.max_rel_to_scale,
-        "tolerance": {"atol_scale": tolerance[0], "rtol": tolerance[1]},
-        "per_input": pair.per_iteration,
-        "ort_latency_s": latency,
-    }
+    return _check_summary(pair, results["onnxrt-cpu"], tolerance)
 
 
 def check_step_against_numpy(
@@ -297,13 +288,17 @@ def check_step_against_numpy(
 
     pair = compare(results, reference="numpy-step", atol_scale=tolerance[0], rtol=tolerance[1], meta=labels,
                    conditioning=conditioning)[0]
-    ort_runs = [r.runtime for r in results["onnxrt-cpu"]]
+    return {**_check_summary(pair, results["onnxrt-cpu"], tolerance), "reference": "eager model + NumPy posterior"}
+
+
+def _check_summary(pair, ort_runs, tolerance: tuple[float, float]) -> dict[str, Any]:
+    """The numbers a check reports: worst errors, per-input errors, ORT latency (median after the first run)."""
+    runtimes = [r.runtime for r in ort_runs]
     return {
         "passed": pair.passed,
         "max_abs": pair.max_abs,
         "max_rel_to_scale": pair.max_rel_to_scale,
         "tolerance": {"atol_scale": tolerance[0], "rtol": tolerance[1]},
         "per_input": pair.per_iteration,
-        "ort_latency_s": float(np.median(ort_runs[1:] if len(ort_runs) > 1 else ort_runs)),
-        "reference": "eager model + NumPy posterior",
+        "ort_latency_s": float(np.median(runtimes[1:] if len(runtimes) > 1 else runtimes)),
     }
