@@ -82,6 +82,10 @@ def read_onnx_info(path: str | os.PathLike) -> OnnxInfo:
         return value
 
     mode = meta["fxpass.mode"]
+    if mode == "step":
+        raise FxpassError(f"{path}: a step graph (fxpass lower --step-graph); fxpass check compares table and fixed "
+                          "models — step graphs are checked by fxpass lower itself, against the eager model and the "
+                          "NumPy posterior")
     if mode not in ("table", "fixed"):
         raise FxpassError(f"{path}: metadata fxpass.mode is {mode!r}, expected 'table' or 'fixed'")
     timesteps = load("fxpass.timesteps", list)
