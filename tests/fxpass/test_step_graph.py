@@ -81,3 +81,23 @@ def test_cli_step_graph_checks_against_the_numpy_posterior(eager, tmp_path):
     assert {e["output"] for e in check["per_input"]} == {"x_prev", "pred_xstart"}
     # pred_xstart's bound is widened by sqrt(1/abar - 1) at each t_index; x_prev's is not
     assert all("conditioning" not in e for e in check["per_input"] if e["output"] == "x_prev")
+
+
+def test_class_conditional_step_graph_takes_labels():
+    cfg = TINY.replace(class_cond=True, learn_sigma=False)
+    eager = init_model(cfg, seed=2)
+    model = fxpass.lower(eager, config=cfg, step_graph=True)
+    assert [i.name for i in model.graph.input] == ["x", "t_index", "noise", "y"]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    kept = respaced(100, "10")
+    diffusion = Diffusion.from_config(cfg.to_dict())
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 3, 32, 32), dtype=np.float32)
+    z = rng.standard_normal((1, 3, 32, 32), dtype=np.float32)
+    y = np.array([7])
+    with torch.no_grad():
+        out = eager(torch.from_numpy(x), torch.tensor([kept[4]]), torch.from_numpy(y)).numpy()
+    mean, log_var, _ = diffusion.p_mean_variance(out, x, 4)  # fixed ("large") variance: 3 output channels
+    ref = mean + np.exp(0.5 * log_var) * z
+    got = session.run(None, {"x": x, "t_index": np.array([4]), "noise": z, "y": y})[0]
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
