@@ -1,0 +1,169 @@
+"""fold_norm_scale_shift: a per-channel ``Mul``/``Add`` after ``GroupNormalization`` → its scale/bias.
+
+guided-diffusion's scale-shift norm computes ``norm(h) * (1 + scale) + shift``; after fxpass has
+folded the timestep embedding into tables that is
+
+    x ─▶ GroupNormalization(γ, β) ─▶ Mul ◀─ Gather(M[T,C,1,1], t) ─▶ Add ◀─ Gather(A[T,C,1,1], t) ─▶ y
+
+Two full passes over the activation that ``GroupNormalization``'s own scale/bias can do, since
+``(n·γ + β)·m + a = n·(γ·m) + (β·m + a)``:
+
+    x ─▶ GroupNormalization(Gather(S[T,C], t₀), Gather(B[T,C], t₀)) ─▶ y      (t₀ = Squeeze(t))
+
+with ``S = γ·M`` and ``B = β·M + A`` computed once, in float64, when the pass runs.  Constant
+per-channel operands fold the same way into constant scale/bias (any batch size).  Gathered
+operands need one row per graph run: the pass applies them only when the activation's batch
+dimension is statically 1 and the index is a one-element tensor (``t_index`` of a batch-1 model);
+``GroupNormalization``'s scale is per channel, not per sample.
+
+Precondition: opset ≥ 21; ``GroupNormalization`` with constant scale and bias; each folded ``Mul``/``Add`` is
+the only reader of its input.  Either the ``Mul`` or the ``Add`` may be missing; an operand
+gathered with another index tensor than an earlier one ends the fold there.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ._graph import Names, const_value, is_default_domain, only_consumer, opset_of, producer
+
+MIN_OPSET = 21  # GroupNormalization-18 has per-group scale and bias
+
+
+def _other_operand(node: gs.Node, x: gs.Tensor) -> gs.Tensor | None:
+    if len(node.inputs) != 2:
+        return None
+    a, b = node.inputs
+    if a is x and b is not x:
+        return b
+    if b is x and a is not x:
+        return a
+    return None
+
+
+def _per_channel(value: np.ndarray, rank: int, channels: int) -> np.ndarray | None:
+    """``value`` ([..., C, 1, ...] broadcasting along axis 1 of a rank-``rank`` tensor) as [C]."""
+    if value.ndim > rank:
+        return None
+    shape = (1,) * (rank - value.ndim) + tuple(value.shape)
+    if any(d != 1 for i, d in enumerate(shape) if i != 1) or shape[1] not in (1, channels):
+        return None
+    return np.broadcast_to(value.reshape(shape[1]), (channels,)).astype(np.float64)
+
+
+def _operand(tensor: gs.Tensor, rank: int, channels: int):
+    """("const", [C]) or ("table", [T, C], index tensor) for a Mul/Add operand, else None."""
+    value = const_value(tensor)
+    if value is not None:
+        vector = _per_channel(value, rank, channels)
+        return None if vector is None else ("const", vector)
+    gather = producer(tensor, "Gather")
+    if gather is None or int(gather.attrs.get("axis", 0)) != 0 or len(gather.inputs) != 2:
+        return None
+    table, index = const_value(gather.inputs[0]), gather.inputs[1]
+    if table is None or table.ndim < 2 or index.shape is None or list(index.shape) != [1]:
+        return None
+    # a [1]-index gather gives [1, *table.shape[1:]]: per channel when that broadcasts along axis 1
+    rows = []
+    for row in table:
+        vector = _per_channel(row[None], rank, channels)
+        if vector is None:
+            return None
+        rows.append(vector)
+    return ("table", np.stack(rows), index)
+
+
+def _batch_is_one(x: gs.Tensor) -> bool:
+    return x.shape is not None and len(x.shape) >= 1 and isinstance(x.shape[0], (int, np.integer)) and x.shape[0] == 1
+
+
+def _match(graph: gs.Graph, norm: gs.Node):
+    """(nodes to remove, output tensor, operand list of (op, parsed)) or None."""
+    if len(norm.inputs) != 3 or len(norm.outputs) != 1:
+        return None
+    x = norm.inputs[0]
+    if x.shape is None or len(x.shape) < 3 or not isinstance(x.shape[1], (int, np.integer)):
+        return None
+    rank, channels = len(x.shape), int(x.shape[1])
+    out, folded, operands, index = norm.outputs[0], [], [], None
+    for op in ("Mul", "Add"):
+        if len(out.outputs) != 1 or not only_consumer(graph, out, out.outputs[0]):
+            break
+        nxt = out.outputs[0]
+        if nxt.op != op or not is_default_domain(nxt) or len(nxt.outputs) != 1:
+            break
+        other = _other_operand(nxt, out)
+        parsed = None if other is None else _operand(other, rank, channels)
+        if parsed is None:
+            break
+        if parsed[0] == "table":
+            # one row per run: a batch of one, and one index tensor for all gathered operands
+            if not _batch_is_one(x) or (index is not None and parsed[2] is not index):
+                break
+            index = parsed[2]
+        folded.append(nxt)
+        operands.append((op, parsed))
+        out = nxt.outputs[0]
+    if not folded:
+        return None
+    return folded, out, operands
+
+
+def fold_norm_scale_shift(graph: gs.Graph) -> tuple[gs.Graph, int]:
+    """Fold per-channel Mul/Add after GroupNormalization; the count is the number of norms changed."""
+    if opset_of(graph) < MIN_OPSET:
+        graph.cleanup().toposort()
+        return graph, 0
+    names = Names(graph)
+    scalars: dict[int, gs.Variable] = {}  # index tensor id → its Squeeze'd scalar
+    count = 0
+    for norm in list(graph.nodes):
+        if norm.op != "GroupNormalization" or not is_default_domain(norm):
+            continue
+        gamma, beta = (const_value(t) if t is not None else None for t in (norm.inputs + [None, None])[1:3])
+        if gamma is None or beta is None or gamma.ndim != 1:
+            continue
+        matched = _match(graph, norm)
+        if matched is None:
+            continue
+        folded, out, operands = matched
+        dtype = gamma.dtype
+        scale = gamma.astype(np.float64)[None]  # [1, C] (one row) or [T, C]
+        bias = beta.astype(np.float64)[None]
+        index = None
+        for op, parsed in operands:
+            value = parsed[1] if parsed[0] == "table" else parsed[1][None]
+            if parsed[0] == "table":
+                index = parsed[2]
+            if op == "Mul":
+                scale, bias = scale * value, bias * value
+            else:
+                bias = bias + value
+        base = norm.name or "group_norm"
+        if index is None:
+            new_scale = gs.Constant(names(f"{base}_scale"), np.ascontiguousarray(scale[0].astype(dtype)))
+            new_bias = gs.Constant(names(f"{base}_bias"), np.ascontiguousarray(bias[0].astype(dtype)))
+        else:
+            rows = max(scale.shape[0], bias.shape[0])
+            scale = np.broadcast_to(scale, (rows, scale.shape[1]))
+            bias = np.broadcast_to(bias, (rows, bias.shape[1]))
+            if id(index) not in scalars:
+                scalar = gs.Variable(names(f"{index.name}_scalar"), dtype=index.dtype, shape=[])
+                axes = gs.Constant(names(f"{index.name}_axes"), np.array([0], dtype=np.int64))
+                graph.nodes.append(gs.Node("Squeeze", names(f"{index.name}/Squeeze"), inputs=[index, axes],
+                                           outputs=[scalar]))
+                scalars[id(index)] = scalar
+            scalar = scalars[id(index)]
+            new_scale = gs.Variable(names(f"{base}_scale"), dtype=dtype, shape=[int(scale.shape[1])])
+            new_bias = gs.Variable(names(f"{base}_bias"), dtype=dtype, shape=[int(bias.shape[1])])
+            for table, result in ((scale, new_scale), (bias, new_bias)):
+                const = gs.Constant(names(f"{result.name}_table"), np.ascontiguousarray(table.astype(dtype)))
+                graph.nodes.append(gs.Node("Gather", names(f"{result.name}/Gather"), {"axis": 0},
+                                           inputs=[const, scalar], outputs=[result]))
+        norm.inputs[1], norm.inputs[2] = new_scale, new_bias
+        folded[-1].outputs.clear()
+        norm.outputs[0] = out
+        count += 1
+    graph.cleanup().toposort()
+    return graph, count
