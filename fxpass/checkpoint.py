@@ -200,7 +200,9 @@ def init_model(cfg: ModelConfig = CAMUS, seed: int = 0) -> nn.Module:
 
     guided-diffusion zero-initialises the last convolution of every ResBlock and attention block and
     the output convolution; those get PyTorch's default initialisation here instead, so that tests
-    and demos see real numbers.  Deterministic for a given seed.
+    and demos see real numbers.  GroupNorm scale and bias start at exactly 1 and 0, which a trained
+    model's never are (and which would let the graph passes skip their multiply/add): they get
+    1 + 0.1·N(0, 1) and 0.1·N(0, 1).  Deterministic for a given seed.
     """
     gen_state = torch.random.get_rng_state()
     try:
@@ -209,6 +211,10 @@ def init_model(cfg: ModelConfig = CAMUS, seed: int = 0) -> nn.Module:
         for module in model.modules():
             if isinstance(module, (nn.Conv1d, nn.Conv2d)) and not module.weight.detach().any():
                 module.reset_parameters()
+            elif isinstance(module, nn.GroupNorm) and module.affine:
+                with torch.no_grad():
+                    module.weight.copy_(1 + 0.1 * torch.randn_like(module.weight))
+                    module.bias.copy_(0.1 * torch.randn_like(module.bias))
     finally:
         torch.random.set_rng_state(gen_state)
     return model.eval()
