@@ -81,6 +81,7 @@ def lower_with_report(
     simplifier: str | None = "onnxslim",
     progress: Callable[[str, str], None] | None = None,
     step_graph: bool = False,
+    group_norm: str = "auto",
 ) -> Lowered:
     """Lower ``model`` and keep the stage times, node counts and pass counts."""
     from . import __version__
@@ -90,6 +91,8 @@ def lower_with_report(
     check_opset(opset)
     if precision not in ("fp32", "fp16"):
         raise FxpassError(f"--precision {precision}: expected fp32 or fp16")
+    if group_norm not in ("auto", "keep"):
+        raise FxpassError(f"--group-norm {group_norm}: expected auto or keep")
     if config is None:
         if isinstance(timesteps, (str, type(None))):
             raise FxpassError("lower: without a config, give timesteps as an int or a sequence")
@@ -143,7 +146,7 @@ def lower_with_report(
     import surgery
 
     with _stage(stages, "surgery", progress):
-        proto, surgery_report = surgery.simplify(proto, opset=opset, simplifier=simplifier)
+        proto, surgery_report = surgery.simplify(proto, opset=opset, simplifier=simplifier, group_norm=group_norm)
     report["surgery"] = surgery_report
     report["onnx_nodes"] = len(proto.graph.node)
     if precision == "fp16":
@@ -175,6 +178,7 @@ def lower(
     config: ModelConfig | None = None,
     simplifier: str | None = "onnxslim",
     step_graph: bool = False,
+    group_norm: str = "auto",
 ) -> onnx.ModelProto:
     """Lower a guided-diffusion / RePaint U-Net (ours or a user's class) to an ONNX ModelProto.
 
@@ -182,11 +186,13 @@ def lower(
     (table mode: inputs ``x``, ``t_index``) or an int (fixed mode: input ``x``).  ``example_inputs``
     default to a seeded ``x`` of the config's size and the last schedule entry.  ``step_graph``
     exports one whole denoising step instead (inputs ``x``, ``t_index``, ``noise``; outputs ``x_prev``,
-    ``pred_xstart``; see :mod:`fxpass.step_graph`).
+    ``pred_xstart``; see :mod:`fxpass.step_graph`).  ``group_norm="keep"`` keeps every GroupNorm as
+    one ``GroupNormalization`` node; the default "auto" expands the large ones into a
+    ``LayerNormalization`` form that ONNX Runtime's CPU provider runs about twice as fast.
     """
     return lower_with_report(
         model, example_inputs, config=config, timesteps=timesteps, precision=precision, opset=opset,
-        dynamic_batch=dynamic_batch, simplifier=simplifier, step_graph=step_graph,
+        dynamic_batch=dynamic_batch, simplifier=simplifier, step_graph=step_graph, group_norm=group_norm,
     ).model
 
 

@@ -6,8 +6,13 @@ with ``graph.cleanup().toposort()`` and finds its pattern by structure, never by
 This package does not import torch.
 
 ``simplify(model, opset=21)`` runs, in order: fold_constants, remove_identity, remove_cast_pairs,
-rewrite_einsum_attention, fuse_group_norm, fold_constants again, then onnxslim as the last stage
-(``simplifier=None`` skips it).
+rewrite_einsum_attention, fuse_group_norm, fold_norm_scale_shift, expand_group_norm,
+rewrite_upsample_conv, fold_constants again, then onnxslim as the last stage (``simplifier=None``
+skips it; ``group_norm="keep"`` skips expand_group_norm, so every GroupNorm stays one node).
+
+The last three graph passes are there for speed, not size: on ONNX Runtime's CPU provider they
+make the CAMUS step about 7% faster (interleaved medians, 2 cores: 1037 → 961 ms) for +9 nodes
+(852 → 861 with trained-like norm weights); each module's docstring has its own measurement.
 
 Why onnxslim and not onnxsim (measured with onnxslim 0.1.98 / onnxsim 0.8.1, one thread): on the
 CAMUS-width U-Net exported at 64 px (torch 2.13, dynamo, 1,367 nodes at opset 18; 1,471 with a
@@ -37,10 +42,13 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .fold_constants import fold_constants as _fold_constants
+from .expand_group_norm import expand_group_norm as _expand_group_norm
+from .fold_norm_scale_shift import fold_norm_scale_shift as _fold_norm_scale_shift
 from .fuse_group_norm import fuse_group_norm as _fuse_group_norm
 from .remove_cast_pairs import remove_cast_pairs as _remove_cast_pairs
 from .remove_identity import remove_identity as _remove_identity
 from .rewrite_einsum_attention import rewrite_einsum_attention as _rewrite_einsum_attention
+from .rewrite_upsample_conv import rewrite_upsample_conv as _rewrite_upsample_conv
 
 # Each pass is imported under a private alias so that ``surgery.<pass>`` stays the module (and
 # ``from surgery.<pass> import <pass>`` the function); ``convert_precision`` is a separate stage.
@@ -53,9 +61,13 @@ PASSES = (
     _remove_cast_pairs,
     _rewrite_einsum_attention,
     _fuse_group_norm,
+    _fold_norm_scale_shift,
+    _expand_group_norm,
+    _rewrite_upsample_conv,
     _fold_constants,
 )
 SIMPLIFIERS = ("onnxslim",)
+GROUP_NORM_FORMS = ("auto", "keep")
 
 # protobuf's hard limit is 2 GiB; stay clear of it
 LARGE_MODEL_BYTES = 2**31 - 2**26
@@ -184,13 +196,16 @@ def simplify(
     opset: int = 21,
     *,
     simplifier: str | None = "onnxslim",
+    group_norm: str = "auto",
 ) -> tuple[onnx.ModelProto, dict]:
     """Run the surgery passes and the simplifier on ``model``; return the new model and a report.
 
     ``opset`` is the default-domain opset the result should have: a model exported at a lower
     opset is upgraded with ``onnx.version_converter`` first (a failure keeps the model's opset,
     with a warning; ``fuse_group_norm`` then skips below 21).  A failing simplifier falls back
-    to the graph the passes produced, with a warning.  Graph input/output names and
+    to the graph the passes produced, with a warning.  ``group_norm="keep"`` leaves every
+    ``GroupNormalization`` as one node ("auto" expands the large ones for ONNX Runtime's CPU
+    provider, see ``expand_group_norm``).  Graph input/output names and
     ``metadata_props`` (model-level and on the graph inputs/outputs) are preserved.
 
     The report holds ``passes`` (an ordered list of ``{"pass", "count", "nodes"}``), ``nodes``
@@ -198,6 +213,8 @@ def simplify(
     ``simplifier`` (``{"name", "status", "seconds", "nodes_before", "nodes_after"}``) and
     ``seconds`` for the whole call.
     """
+    if group_norm not in GROUP_NORM_FORMS:
+        raise ValueError(f"unknown group_norm form {group_norm!r} (known: {', '.join(GROUP_NORM_FORMS)})")
     if simplifier is not None and simplifier not in SIMPLIFIERS:
         raise ValueError(f"unknown simplifier {simplifier!r} (known: {', '.join(SIMPLIFIERS)} or None)")
     started = time.perf_counter()
@@ -214,6 +231,8 @@ def simplify(
     work = _infer_shapes(work)
     graph = gs.import_onnx(work)
     for graph_pass in PASSES:
+        if graph_pass is _expand_group_norm and group_norm == "keep":
+            continue
         graph, count = graph_pass(graph)
         report["passes"].append({"pass": graph_pass.__name__, "count": int(count), "nodes": len(graph.nodes)})
     result = gs.export_onnx(graph)

@@ -11,9 +11,9 @@ The chain, all Polygraphy loaders::
                                                                   ─▶ [SaveEngine] ─▶ TrtRunner
 
 With ``fp16`` the builder may pick half-precision kernels; the layers that lose most in half
-precision (normalization — GroupNormalization/InstanceNormalization become TensorRT normalization
-layers — and softmax) are pinned to float32 compute and float32 outputs, and the builder is told to
-obey those constraints (``precision_constraints="obey"``).
+precision (normalization — GroupNormalization, LayerNormalization and InstanceNormalization all
+become TensorRT normalization layers — and softmax) are pinned to float32 compute and float32
+outputs, and the builder is told to obey those constraints (``precision_constraints="obey"``).
 """
 
 from __future__ import annotations
