@@ -7,12 +7,13 @@ This package does not import torch.
 
 ``simplify(model, opset=21)`` runs, in order: fold_constants, remove_identity, remove_cast_pairs,
 rewrite_einsum_attention, fuse_group_norm, fold_norm_scale_shift, expand_group_norm,
-rewrite_upsample_conv, fold_constants again, then onnxslim as the last stage (``simplifier=None``
-skips it; ``group_norm="keep"`` skips expand_group_norm, so every GroupNorm stays one node).
+rewrite_upsample_conv, merge_table_gathers, fold_constants again, then onnxslim as the last stage
+(``simplifier=None`` skips it; ``group_norm="keep"`` skips expand_group_norm, so every GroupNorm
+stays one node).
 
-The last three graph passes are there for speed, not size: on ONNX Runtime's CPU provider they
-make the CAMUS step about 7% faster (interleaved medians, 2 cores: 1037 → 961 ms) for +9 nodes
-(852 → 861 with trained-like norm weights); each module's docstring has its own measurement.
+fold_norm_scale_shift, expand_group_norm and rewrite_upsample_conv are there for speed on ONNX
+Runtime's CPU provider (each module's docstring has its own measurement); merge_table_gathers
+turns the table mode's one-Gather-per-vector (88 on CAMUS) into one Gather + Split per table shape.
 
 Why onnxslim and not onnxsim (measured with onnxslim 0.1.98 / onnxsim 0.8.1, one thread): on the
 CAMUS-width U-Net exported at 64 px (torch 2.13, dynamo, 1,367 nodes at opset 18; 1,471 with a
@@ -45,6 +46,7 @@ from .fold_constants import fold_constants as _fold_constants
 from .expand_group_norm import expand_group_norm as _expand_group_norm
 from .fold_norm_scale_shift import fold_norm_scale_shift as _fold_norm_scale_shift
 from .fuse_group_norm import fuse_group_norm as _fuse_group_norm
+from .merge_table_gathers import merge_table_gathers as _merge_table_gathers
 from .remove_cast_pairs import remove_cast_pairs as _remove_cast_pairs
 from .remove_identity import remove_identity as _remove_identity
 from .rewrite_einsum_attention import rewrite_einsum_attention as _rewrite_einsum_attention
@@ -64,6 +66,7 @@ PASSES = (
     _fold_norm_scale_shift,
     _expand_group_norm,
     _rewrite_upsample_conv,
+    _merge_table_gathers,
     _fold_constants,
 )
 SIMPLIFIERS = ("onnxslim",)

@@ -239,7 +239,9 @@ def test_camus_acceptance(tmp_path):
     assert len(model.graph.node) <= 870 and ops["Einsum"] == 0
     # the ONNX Runtime CPU rewrites: every 256x256 GroupNorm (15, and the 4 of 2^21 elements at
     # 128x128) as LayerNormalization, no Resize left (5 sub-pixel upsamples), every ResBlock's
-    # scale-shift folded into its norm (no Mul after a GroupNormalization)
+    # scale-shift folded into its norm (no Mul after a GroupNormalization); and the 88 table rows
+    # read by two Gathers (one for the [C] norm scale/bias rows, one for the [C,1,1] Mul/Add rows)
+    assert ops["Gather"] == 2
     assert ops["LayerNormalization"] == 19 and ops["GroupNormalization"] == 104 - 19
     assert ops["Resize"] == 0 and ops["DepthToSpace"] == 5
     made_by = {o: n.op_type for n in model.graph.node for o in n.output}
@@ -250,3 +252,32 @@ def test_camus_acceptance(tmp_path):
     data = json.loads(Path(report).read_text())
     assert data["check"]["passed"] and data["check"]["max_rel_to_scale"] <= 1e-4
     assert {e["t_index"] for e in data["check"]["per_input"]} == {0, 125, 249}
+
+
+@pytest.mark.slow
+def test_group_norm_auto_expands_large_norms_and_keep_does_not():
+    """At 256 px with 32 channels the top level's GroupNorms hold 2^21 elements per sample."""
+    cfg = TINY.replace(image_size=256, channel_mult="1,2", attention_resolutions="")
+    eager = init_model(cfg, seed=2)
+    auto = fxpass.lower(eager, config=cfg)
+    keep = fxpass.lower(eager, config=cfg, group_norm="keep")
+    auto_ops = Counter(n.op_type for n in auto.graph.node)
+    keep_ops = Counter(n.op_type for n in keep.graph.node)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(keep.graph.value_info) + list(keep.graph.input)}
+    large = [n for n in keep.graph.node
+             if n.op_type == "GroupNormalization" and np.prod(shapes[n.input[0]][1:]) >= 2**21]
+    # the 256x256 level's 7 norms (1 input + 2 output ResBlocks, the out norm) and the 128-channel
+    # concat entering the 128x128 level's first output ResBlock
+    assert len(large) == 8
+    assert auto_ops["LayerNormalization"] == 8 and keep_ops["LayerNormalization"] == 0
+    assert auto_ops["GroupNormalization"] + 8 == keep_ops["GroupNormalization"]
+    x = np.random.default_rng(3).standard_normal((1, 3, 256, 256), dtype=np.float32)
+    schedule = respaced(100, "10")
+    for t_index in (0, 9):
+        with torch.no_grad():
+            ref = eager(torch.from_numpy(x), torch.tensor([schedule[t_index]])).numpy()
+        for model in (auto, keep):
+            assert _rel(_session(model).run(None, {"x": x, "t_index": np.array([t_index])})[0], ref) <= 1e-4
+    with pytest.raises(FxpassError, match="--group-norm"):
+        fxpass.lower(eager, config=cfg, group_norm="fused")

@@ -14,7 +14,7 @@ from surgery import simplify
 
 PASS_ORDER = ["fold_constants", "remove_identity", "remove_cast_pairs", "rewrite_einsum_attention",
               "fuse_group_norm", "fold_norm_scale_shift", "expand_group_norm", "rewrite_upsample_conv",
-              "fold_constants"]
+              "merge_table_gathers", "fold_constants"]
 
 
 def _tagged(model):
@@ -46,7 +46,7 @@ def test_simplifies_unet_to_opset_21(simplified):
     # this export computes the time embedding in the graph: its scale/shift are not per-channel
     # constants or gathered rows, and its 32x32 activations are below expand_group_norm's size
     assert counts["fold_norm_scale_shift"] == 0 and counts["expand_group_norm"] == 0
-    assert counts["rewrite_upsample_conv"] == 1
+    assert counts["rewrite_upsample_conv"] == 1 and counts["merge_table_gathers"] == 0  # no tables here
     assert "Einsum" not in after and "InstanceNormalization" not in after and "Resize" not in after
     assert after["GroupNormalization"] == 21 and after["MatMul"] == 8 and after["DepthToSpace"] == 1
     assert report["opset"] == {"before": 18, "after": 21}
