@@ -129,7 +129,7 @@ def run_cpu(setup: Setup, opts: Options, *, config_path: str | None, load: LoadS
             out["naive_build"] = {"error": short_error(exc)}
         load.sample("after naive export")
 
-    # ---- per-step latency, batch 1, interleaved round-robin -------------------------------------
+    # ---- per-step latency, batch 1, interleaved (alternating rounds) -------------------------------------
     contenders: dict[str, Callable[[], object]] = {}
     results: dict[str, dict[str, Any]] = {}
     if "eager" not in skip:

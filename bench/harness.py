@@ -42,10 +42,12 @@ def measure(fn: Callable[[], object], *, runs: int = MIN_RUNS, warmup: int = 2,
 
 def measure_interleaved(fns: dict[str, Callable[[], object]], *, runs: int = MIN_RUNS, warmup: int = 2
                         ) -> dict[str, dict[str, Any]]:
-    """Like :func:`measure` for several functions, timed round-robin (a, b, c, a, b, c, ...).
+    """Like :func:`measure` for several functions, timed in alternating rounds (a, b, c, c, b, a, ...).
 
     Interleaving spreads slow drifts of the machine (other load, clock changes) over every
-    contender instead of biasing whichever ran last, so their ratios are fairer.
+    contender instead of biasing whichever ran last, so their ratios are fairer; reversing every
+    other round stops one contender from always running right after the same other one (whose
+    runtime's worker threads may still be spinning when it starts).
     """
     if runs < MIN_RUNS:
         raise ValueError(f"runs must be at least {MIN_RUNS} (got {runs})")
@@ -53,8 +55,9 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], *, runs: int = MIN
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for round_index in range(runs):
+        for name, fn in (order if round_index % 2 == 0 else order[::-1]):
             start = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - start)

@@ -286,3 +286,12 @@ def test_readme_command_updates_a_file_from_the_latest_results(results, tmp_path
     text = readme.read_text(encoding="utf-8")
     assert text.startswith(f"top\n{START}\n## Performance") and text.endswith(f"{END}\nbottom\n")
     assert "stale" not in text
+
+
+def test_interleaved_rounds_alternate_direction():
+    from bench.harness import measure_interleaved
+
+    calls = []
+    result = measure_interleaved({name: (lambda n=name: calls.append(n)) for name in "abc"}, runs=7, warmup=0)
+    assert "".join(calls) == "abc" + "cba" + "abc" + "cba" + "abc" + "cba" + "abc"
+    assert all(len(r["samples_s"]) == 7 and r["interleaved"] for r in result.values())
