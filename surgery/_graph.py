@@ -42,6 +42,20 @@ def const_value(tensor: gs.Tensor | None) -> np.ndarray | None:
     return None
 
 
+def channel_vector(value: np.ndarray, rank: int, channels: int | None):
+    """``value`` as a per-channel [C] vector if it broadcasts along axis 1 only, else None."""
+    if value.ndim > rank:
+        return None
+    shape = (1,) * (rank - value.ndim) + tuple(value.shape)
+    if any(d != 1 for i, d in enumerate(shape) if i != 1):
+        return None
+    if channels is None:
+        return value.reshape(-1) if shape[1] != 1 else None
+    if shape[1] not in (1, channels):
+        return None
+    return np.broadcast_to(value.reshape(shape[1]), (channels,))
+
+
 def producer(tensor: gs.Tensor, op: str | None = None) -> gs.Node | None:
     """The node that writes ``tensor`` (optionally only when it has op type ``op``)."""
     if isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1:

@@ -35,7 +35,7 @@ def _static(d) -> bool:
     return isinstance(d, (int, np.integer)) and d > 0
 
 
-def _broadcastable(graph: gs.Graph, tensor: gs.Tensor, norm: gs.Node, channels: int, trailing: int, names: Names):
+def _broadcastable(graph: gs.Graph, tensor: gs.Tensor, channels: int, trailing: int, names: Names):
     """``tensor`` ([C]) as something that broadcasts over [N, C, *S]; (tensor, is_identity) or None."""
     value = const_value(tensor)
     if value is not None:
@@ -77,8 +77,8 @@ def expand_group_norm(graph: gs.Graph, *, min_elements: int = DEFAULT_MIN_ELEMEN
         if groups <= 0 or channels % groups or per_sample < min_elements:
             continue
         trailing = len(spatial)
-        scale = _broadcastable(graph, norm.inputs[1], norm, channels, trailing, names)
-        bias = _broadcastable(graph, norm.inputs[2], norm, channels, trailing, names)
+        scale = _broadcastable(graph, norm.inputs[1], channels, trailing, names)
+        bias = _broadcastable(graph, norm.inputs[2], channels, trailing, names)
         if scale is None or bias is None:
             continue
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ._graph import Names, const_value, is_default_domain, only_consumer, opset_of, producer
+from ._graph import Names, channel_vector, const_value, is_default_domain, only_consumer, opset_of, producer
 
 MIN_OPSET = 21  # GroupNormalization-18 has per-group scale and bias
 
@@ -43,13 +43,8 @@ def _other_operand(node: gs.Node, x: gs.Tensor) -> gs.Tensor | None:
 
 
 def _per_channel(value: np.ndarray, rank: int, channels: int) -> np.ndarray | None:
-    """``value`` ([..., C, 1, ...] broadcasting along axis 1 of a rank-``rank`` tensor) as [C]."""
-    if value.ndim > rank:
-        return None
-    shape = (1,) * (rank - value.ndim) + tuple(value.shape)
-    if any(d != 1 for i, d in enumerate(shape) if i != 1) or shape[1] not in (1, channels):
-        return None
-    return np.broadcast_to(value.reshape(shape[1]), (channels,)).astype(np.float64)
+    vector = channel_vector(value, rank, channels)
+    return None if vector is None else vector.astype(np.float64)
 
 
 def _operand(tensor: gs.Tensor, rank: int, channels: int):

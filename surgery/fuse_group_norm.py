@@ -26,23 +26,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ._graph import Names, const_value, dtype_of, is_default_domain, only_consumer, opset_of, producer
+from ._graph import Names, channel_vector, const_value, dtype_of, is_default_domain, only_consumer, opset_of, producer
 
 MIN_OPSET = 21
-
-
-def _channel_vector(value: np.ndarray, rank: int, channels: int | None):
-    """``value`` as a per-channel [C] vector if it broadcasts along axis 1 only, else None."""
-    if value.ndim > rank:
-        return None
-    shape = (1,) * (rank - value.ndim) + tuple(value.shape)
-    if any(d != 1 for i, d in enumerate(shape) if i != 1):
-        return None
-    if channels is None:
-        return value.reshape(-1) if shape[1] != 1 else None
-    if shape[1] not in (1, channels):
-        return None
-    return np.broadcast_to(value.reshape(shape[1]), (channels,))
 
 
 def _split_affine(node: gs.Node, x: gs.Tensor):
@@ -160,7 +146,7 @@ def _match(graph: gs.Graph, inorm: gs.Node):
         value = _split_affine(nxt, out)
         if value is None:
             break
-        vector = _channel_vector(value, rank, channels)
+        vector = channel_vector(value, rank, channels)
         if vector is None:
             break
         channels = channels or vector.size
