@@ -174,3 +174,72 @@ def test_idempotent():
     graph, second = convert_precision(graph)
     assert first > 0 and second == 0
     assert fingerprint(graph) == before
+
+
+def _res_block_after_the_speed_passes():
+    """A scale-shift norm, an upsample and a second norm, in the form the speed passes leave them.
+
+    fp32:  x ─▶ Conv ─▶ GroupNormalization ─▶ Mul(Gather) ─▶ Add(Gather) ─▶ SiLU ─▶ Resize×2 ─▶ Conv
+              ─▶ GroupNormalization ─▶ Mul(Gather) ─▶ Add(Gather) ─▶ out
+    then fold_norm_scale_shift, expand_group_norm (every norm), rewrite_upsample_conv and
+    merge_table_gathers, so that the float16 conversion sees LayerNormalization on gathered rows,
+    GroupNormalization with gathered scale/bias, DepthToSpace and a Split of table rows.
+    """
+    from surgery.expand_group_norm import expand_group_norm
+    from surgery.fold_norm_scale_shift import fold_norm_scale_shift
+    from surgery.merge_table_gathers import merge_table_gathers
+    from surgery.rewrite_upsample_conv import rewrite_upsample_conv
+
+    f = lambda *s: (RNG.standard_normal(s) * 0.3).astype(np.float32)  # noqa: E731
+    T = 5
+    inits = [numpy_helper.from_array(f(8, 4, 3, 3), "w1"), numpy_helper.from_array(f(8, 8, 3, 3), "w2"),
+             numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1])]
+    src = "c1"
+    for k in range(2):
+        inits += [numpy_helper.from_array(1 + f(8), f"g{k}"), numpy_helper.from_array(f(8), f"b{k}"),
+                  numpy_helper.from_array(1 + f(T, 8, 1, 1), f"m{k}"), numpy_helper.from_array(f(T, 8, 1, 1), f"a{k}")]
+        nodes += [helper.make_node("GroupNormalization", [src, f"g{k}", f"b{k}"], [f"n{k}"], num_groups=4),
+                  helper.make_node("Gather", [f"m{k}", "t_index"], [f"mr{k}"], axis=0),
+                  helper.make_node("Gather", [f"a{k}", "t_index"], [f"ar{k}"], axis=0),
+                  helper.make_node("Mul", [f"n{k}", f"mr{k}"], [f"s{k}"]),
+                  helper.make_node("Add", [f"s{k}", f"ar{k}"], ["h0" if k == 0 else "out"])]
+        if k == 0:
+            nodes += [helper.make_node("Sigmoid", ["h0"], ["sg"]), helper.make_node("Mul", ["h0", "sg"], ["silu"]),
+                      helper.make_node("Resize", ["silu", "", "scales"], ["up"], mode="nearest",
+                                       coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+                      helper.make_node("Conv", ["up", "w2"], ["c2"], pads=[1, 1, 1, 1])]
+            src = "c2"
+    model = make_model(nodes, [VI("x", TensorProto.FLOAT, [1, 4, 6, 6]), VI("t_index", TensorProto.INT64, [1])],
+                       [VI("out", TensorProto.FLOAT, [1, 8, 12, 12])], inits)
+    # onnx's shape inference stops at GroupNormalization-21; torch's exporter writes every shape
+    for name, shape in (("c1", [1, 8, 6, 6]), ("n0", [1, 8, 6, 6]), ("h0", [1, 8, 6, 6]), ("silu", [1, 8, 6, 6]), ("up", [1, 8, 12, 12]),
+                        ("c2", [1, 8, 12, 12]), ("n1", [1, 8, 12, 12])):
+        model.graph.value_info.append(VI(name, TensorProto.FLOAT, shape))
+    graph = gs.import_onnx(model)
+    graph, folded = fold_norm_scale_shift(graph)
+    graph, expanded = expand_group_norm(graph, min_elements=8 * 12 * 12)  # the second norm only
+    graph, upsampled = rewrite_upsample_conv(graph)
+    graph, merged = merge_table_gathers(graph, min_group=2)  # pairs here: [C] rows and [C,1,1] rows
+    assert (folded, expanded, upsampled, merged) == (2, 1, 1, 2)
+    return model, to_model(graph)
+
+
+def test_float16_after_the_speed_passes():
+    model, fast = _res_block_after_the_speed_passes()
+    assert {"LayerNormalization", "GroupNormalization", "DepthToSpace", "Split"} <= set(ops(fast))
+    graph, count = convert_precision(gs.import_onnx(fast))
+    half = to_model(graph)
+    assert count > 0
+    for node in graph.nodes:
+        if node.op in ("GroupNormalization", "LayerNormalization", "Gather", "Split"):
+            assert all(t.dtype == np.float32 for t in node.inputs + node.outputs
+                       if not t.is_empty() and t.dtype != np.int64), node.name
+    assert any(n.op == "Conv" and n.inputs[1].dtype == np.float16 for n in graph.nodes)
+    for t in range(5):
+        feeds = {"x": RNG.standard_normal((1, 4, 6, 6)).astype(np.float32), "t_index": np.array([t], np.int64)}
+        (expected,) = run_ort(model, feeds)
+        scale = float(np.abs(expected).max())
+        np.testing.assert_allclose(run_ort(fast, feeds)[0], expected, rtol=0, atol=1e-5 * scale)
+        np.testing.assert_allclose(run_ort(half, feeds)[0], expected, rtol=0, atol=2e-2 * scale)
+        np.testing.assert_allclose(run_reference(half, feeds)[0], expected, rtol=0, atol=2e-2 * scale)
