@@ -43,6 +43,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .fold_constants import fold_constants as _fold_constants
+from ._graph import has_untyped_gaps, typed_graph
 from .expand_group_norm import expand_group_norm as _expand_group_norm
 from .fold_norm_scale_shift import fold_norm_scale_shift as _fold_norm_scale_shift
 from .fuse_group_norm import fuse_group_norm as _fuse_group_norm
@@ -233,6 +234,8 @@ def simplify(
     work = _convert_opset(model, opset)
     work = _infer_shapes(work)
     graph = gs.import_onnx(work)
+    if has_untyped_gaps(graph):  # e.g. no value_info after a GroupNormalization-21: the passes need shapes
+        graph, _ = typed_graph(graph)
     for graph_pass in PASSES:
         if graph_pass is _expand_group_norm and group_norm == "keep":
             continue

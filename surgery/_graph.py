@@ -134,6 +134,44 @@ def replace_uses(graph: gs.Graph, old: gs.Variable, new: gs.Tensor) -> bool:
     return True
 
 
+# ops whose first output has the type and shape of their first input; onnx 1.23's shape inference
+# leaves GroupNormalization-21's output untyped (and everything after it), which would make the
+# converter skip the Casts it needs there
+SAME_AS_INPUT = {
+    "GroupNormalization", "InstanceNormalization", "LayerNormalization", "RMSNormalization",
+    "MeanVarianceNormalization", "LpNormalization", "Softmax", "LogSoftmax", "Sigmoid", "Relu", "Identity",
+}
+
+
+def typed_graph(graph: gs.Graph) -> tuple[gs.Graph, onnx.ModelProto]:
+    """The graph with dtypes/shapes on every tensor onnx shape inference (plus the gaps above) can type."""
+    model = gs.export_onnx(graph)
+    for _ in range(8):
+        try:
+            model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        except Exception:  # noqa: BLE001 - convert with what the graph already knows
+            pass
+        graph = gs.import_onnx(model)
+        changed = False
+        for node in graph.nodes:
+            if node.op in SAME_AS_INPUT and node.inputs and node.outputs:
+                src, dst = node.inputs[0], node.outputs[0]
+                if dst.dtype is None and src.dtype is not None:
+                    dst.dtype, dst.shape = src.dtype, src.shape
+                    changed = True
+        if not changed:
+            break
+        model = gs.export_onnx(graph)
+    return graph, model
+
+
+def has_untyped_gaps(graph: gs.Graph) -> bool:
+    """True when some op in ``SAME_AS_INPUT`` has a typed input and an untyped output."""
+    return any(node.op in SAME_AS_INPUT and node.inputs and node.outputs
+               and node.outputs[0].dtype is None and node.inputs[0].dtype is not None
+               for node in graph.nodes)
+
+
 class Names:
     """Hands out tensor / node names not yet used in the graph (for the nodes a pass adds)."""
 

@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ._graph import Names, const_value, dtype_of, is_default_domain, is_graph_io, producer, replace_uses
+from ._graph import Names, const_value, dtype_of, is_default_domain, is_graph_io, producer, replace_uses, typed_graph
 
 T = onnx.TensorProto
 
@@ -125,37 +125,6 @@ def float32_islands(graph: gs.Graph, op_block_list=FLOAT32_OPS) -> dict[str, str
 
 def _float_io(node: gs.Node, float_type=T.FLOAT) -> bool:
     return any(dtype_of(t) == float_type for t in list(node.inputs) + list(node.outputs) if not t.is_empty())
-
-
-# ops whose first output has the type and shape of their first input; onnx 1.23's shape inference
-# leaves GroupNormalization-21's output untyped (and everything after it), which would make the
-# converter skip the Casts it needs there
-_SAME_AS_INPUT = {
-    "GroupNormalization", "InstanceNormalization", "LayerNormalization", "RMSNormalization",
-    "MeanVarianceNormalization", "LpNormalization", "Softmax", "LogSoftmax", "Sigmoid", "Relu", "Identity",
-}
-
-
-def _typed_graph(graph: gs.Graph) -> tuple[gs.Graph, onnx.ModelProto]:
-    """The graph with dtypes/shapes on every tensor onnx shape inference (plus the gaps above) can type."""
-    model = gs.export_onnx(graph)
-    for _ in range(8):
-        try:
-            model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-        except Exception:  # noqa: BLE001 - convert with what the graph already knows
-            pass
-        graph = gs.import_onnx(model)
-        changed = False
-        for node in graph.nodes:
-            if node.op in _SAME_AS_INPUT and node.inputs and node.outputs:
-                src, dst = node.inputs[0], node.outputs[0]
-                if dst.dtype is None and src.dtype is not None:
-                    dst.dtype, dst.shape = src.dtype, src.shape
-                    changed = True
-        if not changed:
-            break
-        model = gs.export_onnx(graph)
-    return graph, model
 
 
 # ops whose float inputs must all have one type (the converter's output is checked against this)
@@ -243,7 +212,7 @@ def convert_precision(
     """
     graph.cleanup().toposort()
     _name_nodes(graph)
-    graph, _ = _typed_graph(graph)
+    graph, _ = typed_graph(graph)
     islands = float32_islands(graph, op_block_list)
     blocked = set(islands) | set(node_block_list)
     all_ops = set(op_block_list) | set(_default_block_list())
@@ -279,7 +248,7 @@ def convert_precision(
     _drop_conversion_round_trips(result, original)
     _restore_float_outputs(result, float_outputs)
     result.cleanup().toposort()
-    result, _ = _typed_graph(result)
+    result, _ = typed_graph(result)
     _check_types(result)
     count = sum(1 for n in result.nodes if n.op != "Cast" and _float_io(n, T.FLOAT16))
     result.cleanup().toposort()

@@ -147,3 +147,34 @@ def test_every_pass_returns_graph_and_count(tiny_unet):
     for graph_pass in surgery.PASSES:
         graph, count = graph_pass(graph)
         assert isinstance(graph, gs.Graph) and isinstance(count, int) and count >= 0
+
+
+def test_types_tensors_after_group_normalization_21():
+    """onnx's shape inference leaves GroupNormalization-21 outputs untyped; the passes still see shapes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits, nodes, src = [], [], "x"
+    for k in range(2):
+        inits += [numpy_helper.from_array((1 + 0.3 * rng.standard_normal(8)).astype(np.float32), f"g{k}"),
+                  numpy_helper.from_array((0.3 * rng.standard_normal(8)).astype(np.float32), f"b{k}"),
+                  numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), f"m{k}"),
+                  numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), f"a{k}")]
+        nodes += [helper.make_node("GroupNormalization", [src, f"g{k}", f"b{k}"], [f"n{k}"], num_groups=4),
+                  helper.make_node("Gather", [f"m{k}", "t_index"], [f"mr{k}"], axis=0),
+                  helper.make_node("Gather", [f"a{k}", "t_index"], [f"ar{k}"], axis=0),
+                  helper.make_node("Mul", [f"n{k}", f"mr{k}"], [f"s{k}"]),
+                  helper.make_node("Add", [f"s{k}", f"ar{k}"], [f"h{k}"])]
+        src = f"h{k}"
+    nodes.append(helper.make_node("Sigmoid", ["h1"], ["out"]))
+    graph = helper.make_graph(nodes, "two_norms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 5, 5]),
+                                                   helper.make_tensor_value_info("t_index", TensorProto.INT64, [1])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8, 5, 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    result, report = simplify(model, 21, simplifier=None)
+    counts = {p["pass"]: p["count"] for p in report["passes"]}
+    assert counts["fold_norm_scale_shift"] == 2 and counts["merge_table_gathers"] == 3
+    assert ops(result) == {"GroupNormalization": 2, "Squeeze": 1, "Gather": 1, "Split": 1, "Sigmoid": 1}
+    for t in range(4):
+        feeds = {"x": rng.standard_normal((1, 8, 5, 5)).astype(np.float32), "t_index": np.array([t], np.int64)}
+        np.testing.assert_allclose(run_ort(result, feeds)[0], run_ort(model, feeds)[0], rtol=1e-5, atol=1e-5)
