@@ -48,11 +48,15 @@ def _per_channel(value: np.ndarray, rank: int, channels: int) -> np.ndarray | No
 
 
 def _operand(tensor: gs.Tensor, rank: int, channels: int):
-    """("const", [C]) or ("table", [T, C], index tensor) for a Mul/Add operand, else None."""
+    """(rows [R, C] in float64, index tensor or None) for a Mul/Add operand, else None.
+
+    A constant per-channel operand is one row (index None); ``Gather(table, index)`` with a
+    one-element index is the table's rows, each per channel.
+    """
     value = const_value(tensor)
     if value is not None:
         vector = _per_channel(value, rank, channels)
-        return None if vector is None else ("const", vector)
+        return None if vector is None else (vector[None], None)
     gather = producer(tensor, "Gather")
     if gather is None or int(gather.attrs.get("axis", 0)) != 0 or len(gather.inputs) != 2:
         return None
@@ -66,7 +70,7 @@ def _operand(tensor: gs.Tensor, rank: int, channels: int):
         if vector is None:
             return None
         rows.append(vector)
-    return ("table", np.stack(rows), index)
+    return np.stack(rows), index
 
 
 def _batch_is_one(x: gs.Tensor) -> bool:
@@ -74,9 +78,7 @@ def _batch_is_one(x: gs.Tensor) -> bool:
 
 
 def _match(graph: gs.Graph, norm: gs.Node):
-    """(nodes to remove, output tensor, operand list of (op, parsed)) or None."""
-    if len(norm.inputs) != 3 or len(norm.outputs) != 1:
-        return None
+    """(Mul/Add nodes folded, their output, [(op, rows [R, C])], index tensor or None) or None."""
     x = norm.inputs[0]
     if x.shape is None or len(x.shape) < 3 or not isinstance(x.shape[1], (int, np.integer)):
         return None
@@ -92,17 +94,18 @@ def _match(graph: gs.Graph, norm: gs.Node):
         parsed = None if other is None else _operand(other, rank, channels)
         if parsed is None:
             break
-        if parsed[0] == "table":
+        rows, gathered_by = parsed
+        if gathered_by is not None:
             # one row per run: a batch of one, and one index tensor for all gathered operands
-            if not _batch_is_one(x) or (index is not None and parsed[2] is not index):
+            if not _batch_is_one(x) or (index is not None and gathered_by is not index):
                 break
-            index = parsed[2]
+            index = gathered_by
         folded.append(nxt)
-        operands.append((op, parsed))
+        operands.append((op, rows))
         out = nxt.outputs[0]
     if not folded:
         return None
-    return folded, out, operands
+    return folded, out, operands, index
 
 
 def fold_norm_scale_shift(graph: gs.Graph) -> tuple[gs.Graph, int]:
@@ -116,25 +119,23 @@ def fold_norm_scale_shift(graph: gs.Graph) -> tuple[gs.Graph, int]:
     for norm in list(graph.nodes):
         if norm.op != "GroupNormalization" or not is_default_domain(norm):
             continue
-        gamma, beta = (const_value(t) if t is not None else None for t in (norm.inputs + [None, None])[1:3])
+        if len(norm.inputs) != 3 or len(norm.outputs) != 1:
+            continue
+        gamma, beta = const_value(norm.inputs[1]), const_value(norm.inputs[2])
         if gamma is None or beta is None or gamma.ndim != 1:
             continue
         matched = _match(graph, norm)
         if matched is None:
             continue
-        folded, out, operands = matched
+        folded, out, operands, index = matched
         dtype = gamma.dtype
         scale = gamma.astype(np.float64)[None]  # [1, C] (one row) or [T, C]
         bias = beta.astype(np.float64)[None]
-        index = None
-        for op, parsed in operands:
-            value = parsed[1] if parsed[0] == "table" else parsed[1][None]
-            if parsed[0] == "table":
-                index = parsed[2]
+        for op, rows in operands:
             if op == "Mul":
-                scale, bias = scale * value, bias * value
+                scale, bias = scale * rows, bias * rows
             else:
-                bias = bias + value
+                bias = bias + rows
         base = norm.name or "group_norm"
         if index is None:
             new_scale = gs.Constant(names(f"{base}_scale"), np.ascontiguousarray(scale[0].astype(dtype)))
