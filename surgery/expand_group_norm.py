@@ -35,25 +35,36 @@ def _static(d) -> bool:
     return isinstance(d, (int, np.integer)) and d > 0
 
 
-def _broadcastable(graph: gs.Graph, tensor: gs.Tensor, channels: int, trailing: int, names: Names):
-    """``tensor`` ([C]) as something that broadcasts over [N, C, *S]; (tensor, is_identity) or None."""
+def _affine_source(tensor: gs.Tensor, channels: int):
+    """Where a [C] scale/bias comes from: ("const", value) or ("table", table [T, C], scalar index), else None."""
     value = const_value(tensor)
     if value is not None:
-        if value.size != channels:
-            return None
-        return gs.Constant(names(f"{tensor.name}_bcast"), np.ascontiguousarray(
-            value.reshape((channels,) + (1,) * trailing))), value
+        return ("const", value) if value.size == channels else None
     gather = producer(tensor, "Gather")
     if gather is None or int(gather.attrs.get("axis", 0)) != 0 or len(tensor.outputs) != 1:
         return None
     table, index = const_value(gather.inputs[0]), gather.inputs[1]
     if table is None or table.ndim != 2 or table.shape[1] != channels or index.shape is None or list(index.shape):
         return None
-    viewed = gs.Constant(names(f"{gather.inputs[0].name}_bcast"),
-                         np.ascontiguousarray(table.reshape(table.shape + (1,) * trailing)))
-    out = gs.Variable(names(f"{tensor.name}_bcast"), dtype=tensor.dtype, shape=[channels] + [1] * trailing)
+    return "table", table, index
+
+
+def _is_neutral(source, neutral: float) -> bool:
+    """True for a constant scale of all ones / bias of all zeros: its Mul/Add can be left out."""
+    return source[0] == "const" and not np.any(source[1] != neutral)
+
+
+def _broadcast(graph: gs.Graph, source, tensor: gs.Tensor, trailing: int, names: Names) -> gs.Tensor:
+    """The [C] scale/bias ``tensor`` (from ``source``) as a [C, 1, ..] tensor that broadcasts over [N, C, *S]."""
+    ones = (1,) * trailing
+    if source[0] == "const":
+        value = source[1]
+        return gs.Constant(names(f"{tensor.name}_bcast"), np.ascontiguousarray(value.reshape(value.shape + ones)))
+    _, table, index = source
+    viewed = gs.Constant(names(f"{tensor.name}_table_bcast"), np.ascontiguousarray(table.reshape(table.shape + ones)))
+    out = gs.Variable(names(f"{tensor.name}_bcast"), dtype=tensor.dtype, shape=[table.shape[1], *ones])
     graph.nodes.append(gs.Node("Gather", names(f"{tensor.name}/Gather"), {"axis": 0}, [viewed, index], [out]))
-    return out, None
+    return out
 
 
 def expand_group_norm(graph: gs.Graph, *, min_elements: int = DEFAULT_MIN_ELEMENTS) -> tuple[gs.Graph, int]:
@@ -76,10 +87,9 @@ def expand_group_norm(graph: gs.Graph, *, min_elements: int = DEFAULT_MIN_ELEMEN
         per_sample = channels * int(np.prod(spatial))
         if groups <= 0 or channels % groups or per_sample < min_elements:
             continue
-        trailing = len(spatial)
-        scale = _broadcastable(graph, norm.inputs[1], channels, trailing, names)
-        bias = _broadcastable(graph, norm.inputs[2], channels, trailing, names)
-        if scale is None or bias is None:
+        scale_source = _affine_source(norm.inputs[1], channels)
+        bias_source = _affine_source(norm.inputs[2], channels)
+        if scale_source is None or bias_source is None:
             continue
 
         base = norm.name or "group_norm"
@@ -91,7 +101,6 @@ def expand_group_norm(graph: gs.Graph, *, min_elements: int = DEFAULT_MIN_ELEMEN
         n = shape[0]
         grouped = gs.Variable(names(f"{base}_grouped"), dtype=dtype, shape=[n, groups, group_size])
         normed = gs.Variable(names(f"{base}_normed"), dtype=dtype, shape=[n, groups, group_size])
-        current = gs.Variable(names(f"{base}_restored"), dtype=dtype, shape=list(shape))
         to_groups = gs.Constant(names(f"{base}_group_shape"), np.array([0, groups, -1], dtype=np.int64))
         back = gs.Constant(names(f"{base}_shape"), np.array([0, channels, *spatial], dtype=np.int64))
         new_nodes = [
@@ -100,18 +109,20 @@ def expand_group_norm(graph: gs.Graph, *, min_elements: int = DEFAULT_MIN_ELEMEN
                     {"axis": 2, "epsilon": float(norm.attrs.get("epsilon", 1e-5)),
                      "stash_type": int(norm.attrs.get("stash_type", 1))},
                     inputs=[grouped, ones[key]], outputs=[normed]),
-            gs.Node("Reshape", names(f"{base}/Reshape_back"), inputs=[normed, back], outputs=[current]),
         ]
-        affine = [("Mul", scale, 1.0), ("Add", bias, 0.0)]
-        steps = [(op, t) for op, (t, value), neutral in affine if value is None or np.any(value != neutral)]
+        # Reshape back, then Mul(scale) and Add(bias) unless neutral; the last of them writes y
+        chain = [("Reshape", "Reshape_back", back)]
+        for op, source, tensor, neutral in (("Mul", scale_source, norm.inputs[1], 1.0),
+                                            ("Add", bias_source, norm.inputs[2], 0.0)):
+            if not _is_neutral(source, neutral):
+                chain.append((op, op, _broadcast(graph, source, tensor, len(spatial), names)))
         norm.outputs.clear()
-        for i, (op, operand) in enumerate(steps):
-            last = i == len(steps) - 1
-            result = y if last else gs.Variable(names(f"{base}_{op.lower()}"), dtype=dtype, shape=list(shape))
-            new_nodes.append(gs.Node(op, names(f"{base}/{op}"), inputs=[current, operand], outputs=[result]))
+        current = normed
+        for i, (op, label, operand) in enumerate(chain):
+            last = i == len(chain) - 1
+            result = y if last else gs.Variable(names(f"{base}_{label.lower()}"), dtype=dtype, shape=list(shape))
+            new_nodes.append(gs.Node(op, names(f"{base}/{label}"), inputs=[current, operand], outputs=[result]))
             current = result
-        if not steps:
-            new_nodes[-1].outputs[0] = y
         graph.nodes.extend(new_nodes)
         count += 1
     graph.cleanup().toposort()
