@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -216,8 +217,6 @@ def check_against_eager(
 
     meta = get_metadata(proto)
     mode = meta.get("fxpass.mode", "table")
-    import json
-
     if mode == "step":
         return check_step_against_numpy(proto, model, config=config, t_indices=t_indices, seed=seed,
                                         tolerance=tolerance)
@@ -231,19 +230,12 @@ def check_against_eager(
         if t_indices is None:
             t_indices = sorted({0, len(kept) // 2, len(kept) - 1})
         for i in t_indices:
-            feed = {"x": rng.standard_normal((1, 3, config.image_size, config.image_size), dtype=np.float32),
-                    "t_index": np.array([i], dtype=np.int64)}
-            if "y" in input_names:
-                feed["y"] = np.array([int(rng.integers(0, 1000))], dtype=np.int64)
-            feeds.append(feed)
+            feeds.append(_seeded_feed(rng, config.image_size, input_names, t_index=i))
             labels.append({"t_index": int(i), "timestep": kept[i]})
         reference = TorchReferenceRunner(model, timesteps=seen, image_size=config.image_size, name="torch-fp32")
     else:
         for _ in range(2):
-            feed = {"x": rng.standard_normal((1, 3, config.image_size, config.image_size), dtype=np.float32)}
-            if "y" in input_names:
-                feed["y"] = np.array([int(rng.integers(0, 1000))], dtype=np.int64)
-            feeds.append(feed)
+            feeds.append(_seeded_feed(rng, config.image_size, input_names))
             labels.append({"timestep": kept[0]})
         reference = TorchReferenceRunner(model, fixed_timestep=seen[0], image_size=config.image_size,
                                          name="torch-fp32")
@@ -276,12 +268,7 @@ def check_step_against_numpy(
     feeds, labels = [], []
     input_names = {i.name for i in proto.graph.input}
     for i in t_indices:
-        shape = (1, 3, config.image_size, config.image_size)
-        feed = {"x": rng.standard_normal(shape, dtype=np.float32), "t_index": np.array([i], dtype=np.int64),
-                "noise": rng.standard_normal(shape, dtype=np.float32)}
-        if "y" in input_names:
-            feed["y"] = np.array([int(rng.integers(0, 1000))], dtype=np.int64)
-        feeds.append(feed)
+        feeds.append(_seeded_feed(rng, config.image_size, input_names, t_index=i, noise=True))
         labels.append({"t_index": int(i), "timestep": kept[i]})
     diffusion = Diffusion.from_config(config.to_dict())
     reference = NumpyStepRunner(model.eval(), diffusion, seen)
@@ -295,6 +282,20 @@ def check_step_against_numpy(
     pair = compare(results, reference="numpy-step", atol_scale=tolerance[0], rtol=tolerance[1], meta=labels,
                    conditioning=conditioning)[0]
     return {**_check_summary(pair, results["onnxrt-cpu"], tolerance), "reference": "eager model + NumPy posterior"}
+
+
+def _seeded_feed(rng: np.random.Generator, size: int, input_names: set[str], *, t_index: int | None = None,
+                 noise: bool = False) -> dict[str, np.ndarray]:
+    """One batch-1 check input drawn from ``rng`` in a fixed order: x, then noise, then y (if an input)."""
+    shape = (1, 3, size, size)
+    feed = {"x": rng.standard_normal(shape, dtype=np.float32)}
+    if t_index is not None:
+        feed["t_index"] = np.array([t_index], dtype=np.int64)
+    if noise:
+        feed["noise"] = rng.standard_normal(shape, dtype=np.float32)
+    if "y" in input_names:
+        feed["y"] = np.array([int(rng.integers(0, 1000))], dtype=np.int64)
+    return feed
 
 
 def _check_summary(pair, ort_runs, tolerance: tuple[float, float]) -> dict[str, Any]:
