@@ -357,3 +357,15 @@ def test_write_to_a_missing_directory_or_under_a_file(tmp_path):
     with pytest.raises(FxpassError, match="is a directory"):
         atomic_write_bytes(tmp_path, lambda fh: fh.write(b"x"))
     assert sorted(os.listdir(tmp_path)) == ["file.txt"]
+
+
+def test_init_model_gives_group_norms_trained_like_affine(small_cfg):
+    """Scale near 1 and bias near 0, but never exactly: folding passes must not be able to skip them."""
+    norms = [m for m in init_model(small_cfg, seed=0).modules() if isinstance(m, nn.GroupNorm)]
+    assert norms
+    for norm in norms:
+        scale, bias = norm.weight.detach(), norm.bias.detach()
+        assert not torch.all(scale == 1) and not torch.all(bias == 0)
+        assert float((scale - 1).abs().max()) < 0.6 and float(bias.abs().max()) < 0.6  # 0.1·N(0,1): 6 sigma
+    again = [m for m in init_model(small_cfg, seed=0).modules() if isinstance(m, nn.GroupNorm)]
+    assert all(torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias) for a, b in zip(norms, again))
