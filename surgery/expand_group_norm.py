@@ -25,7 +25,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ._graph import Names, const_value, is_default_domain, opset_of, producer
+from ._graph import Names, const_value, producer
+from ._rules import Skip, apply_rule
 
 MIN_OPSET = 21
 DEFAULT_MIN_ELEMENTS = 2**21
@@ -67,31 +68,39 @@ def _broadcast(graph: gs.Graph, source, tensor: gs.Tensor, trailing: int, names:
     return out
 
 
+def _match(norm: gs.Node, min_elements: int):
+    """(norm, x shape, groups, scale source, bias source) for a norm to expand, or a ``Skip``."""
+    if len(norm.inputs) != 3:
+        return Skip("not a 3-input GroupNormalization")
+    shape = norm.inputs[0].shape
+    if shape is None or len(shape) < 3 or not all(_static(d) for d in shape[1:]):
+        return Skip("input rank < 3 or channel/spatial dims not static")
+    channels, spatial = int(shape[1]), [int(d) for d in shape[2:]]
+    groups = int(norm.attrs.get("num_groups", 0))
+    if groups <= 0 or channels % groups:
+        return Skip("num_groups does not divide the channels")
+    per_sample = channels * int(np.prod(spatial))
+    if per_sample < min_elements:
+        return Skip(f"below min_elements ({per_sample:,} < {min_elements:,})")
+    scale_source = _affine_source(norm.inputs[1], channels)
+    if scale_source is None:
+        return Skip("scale is not a constant or gathered table row")
+    bias_source = _affine_source(norm.inputs[2], channels)
+    if bias_source is None:
+        return Skip("bias is not a constant or gathered table row")
+    return norm, shape, groups, scale_source, bias_source
+
+
 def expand_group_norm(graph: gs.Graph, *, min_elements: int = DEFAULT_MIN_ELEMENTS) -> tuple[gs.Graph, int]:
     """Expand GroupNormalization over ≥ ``min_elements`` per sample; the count is the number expanded."""
-    if opset_of(graph) < MIN_OPSET:
-        graph.cleanup().toposort()
-        return graph, 0
     names = Names(graph)
     ones: dict[tuple, gs.Constant] = {}
-    count = 0
-    for norm in list(graph.nodes):
-        if norm.op != "GroupNormalization" or not is_default_domain(norm) or len(norm.inputs) != 3:
-            continue
-        x, y = norm.inputs[0], norm.outputs[0]
-        shape = x.shape
-        if shape is None or len(shape) < 3 or not all(_static(d) for d in shape[1:]):
-            continue
-        channels, spatial = int(shape[1]), [int(d) for d in shape[2:]]
-        groups = int(norm.attrs.get("num_groups", 0))
-        per_sample = channels * int(np.prod(spatial))
-        if groups <= 0 or channels % groups or per_sample < min_elements:
-            continue
-        scale_source = _affine_source(norm.inputs[1], channels)
-        bias_source = _affine_source(norm.inputs[2], channels)
-        if scale_source is None or bias_source is None:
-            continue
 
+    def rewrite(matched) -> None:
+        norm, shape, groups, scale_source, bias_source = matched
+        x, y = norm.inputs[0], norm.outputs[0]
+        channels, spatial = int(shape[1]), [int(d) for d in shape[2:]]
+        per_sample = channels * int(np.prod(spatial))
         base = norm.name or "group_norm"
         dtype = x.dtype if x.dtype is not None else np.float32
         group_size = per_sample // groups
@@ -124,6 +133,8 @@ def expand_group_norm(graph: gs.Graph, *, min_elements: int = DEFAULT_MIN_ELEMEN
             new_nodes.append(gs.Node(op, names(f"{base}/{label}"), inputs=[current, operand], outputs=[result]))
             current = result
         graph.nodes.extend(new_nodes)
-        count += 1
+
+    result = apply_rule(graph, "GroupNormalization", lambda norm: _match(norm, min_elements), rewrite,
+                        min_opset=MIN_OPSET)
     graph.cleanup().toposort()
-    return graph, count
+    return graph, result.count

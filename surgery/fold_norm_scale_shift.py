@@ -26,7 +26,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ._graph import Names, channel_vector, const_value, is_default_domain, only_consumer, opset_of, producer
+from ._graph import Names, channel_vector, const_value, is_default_domain, only_consumer, producer
+from ._rules import Skip, apply_rule
 
 MIN_OPSET = 21  # GroupNormalization-18 has per-group scale and bias
 
@@ -78,56 +79,59 @@ def _batch_is_one(x: gs.Tensor) -> bool:
 
 
 def _match(graph: gs.Graph, norm: gs.Node):
-    """(Mul/Add nodes folded, their output, [(op, rows [R, C])], index tensor or None) or None."""
+    """(norm, γ, β, Mul/Add nodes folded, their output, [(op, rows [R, C])], index or None), or a ``Skip``.
+
+    The reason of a ``Skip`` is why the first ``Mul`` could not be folded (a fold that stops
+    later, e.g. at an ``Add`` gathered by another index, still folds what it has).
+    """
+    if len(norm.inputs) != 3 or len(norm.outputs) != 1:
+        return Skip("not a 3-input, 1-output GroupNormalization")
+    gamma, beta = const_value(norm.inputs[1]), const_value(norm.inputs[2])
+    if gamma is None or beta is None or gamma.ndim != 1:
+        return Skip("scale/bias are not constant [C] vectors (already folded?)")
     x = norm.inputs[0]
     if x.shape is None or len(x.shape) < 3 or not isinstance(x.shape[1], (int, np.integer)):
-        return None
+        return Skip("input rank < 3 or channel count not static")
     rank, channels = len(x.shape), int(x.shape[1])
     out, folded, operands, index = norm.outputs[0], [], [], None
+    why = None
     for op in ("Mul", "Add"):
         if len(out.outputs) != 1 or not only_consumer(graph, out, out.outputs[0]):
+            why = "output has other readers (or is a graph output)"
             break
         nxt = out.outputs[0]
         if nxt.op != op or not is_default_domain(nxt) or len(nxt.outputs) != 1:
+            why = f"not followed by a {op}"
             break
         other = _other_operand(nxt, out)
         parsed = None if other is None else _operand(other, rank, channels)
         if parsed is None:
+            why = f"{op} operand is not a per-channel constant or gathered table row"
             break
         rows, gathered_by = parsed
         if gathered_by is not None:
             # one row per run: a batch of one, and one index tensor for all gathered operands
-            if not _batch_is_one(x) or (index is not None and gathered_by is not index):
+            if not _batch_is_one(x):
+                why = "gathered operand needs a static batch of 1"
+                break
+            if index is not None and gathered_by is not index:
                 break
             index = gathered_by
         folded.append(nxt)
         operands.append((op, rows))
         out = nxt.outputs[0]
     if not folded:
-        return None
-    return folded, out, operands, index
+        return Skip(why)
+    return norm, gamma, beta, folded, out, operands, index
 
 
 def fold_norm_scale_shift(graph: gs.Graph) -> tuple[gs.Graph, int]:
     """Fold per-channel Mul/Add after GroupNormalization; the count is the number of norms changed."""
-    if opset_of(graph) < MIN_OPSET:
-        graph.cleanup().toposort()
-        return graph, 0
     names = Names(graph)
     scalars: dict[int, gs.Variable] = {}  # index tensor id → its Squeeze'd scalar
-    count = 0
-    for norm in list(graph.nodes):
-        if norm.op != "GroupNormalization" or not is_default_domain(norm):
-            continue
-        if len(norm.inputs) != 3 or len(norm.outputs) != 1:
-            continue
-        gamma, beta = const_value(norm.inputs[1]), const_value(norm.inputs[2])
-        if gamma is None or beta is None or gamma.ndim != 1:
-            continue
-        matched = _match(graph, norm)
-        if matched is None:
-            continue
-        folded, out, operands, index = matched
+
+    def rewrite(matched) -> None:
+        norm, gamma, beta, folded, out, operands, index = matched
         dtype = gamma.dtype
         scale = gamma.astype(np.float64)[None]  # [1, C] (one row) or [T, C]
         bias = beta.astype(np.float64)[None]
@@ -160,6 +164,7 @@ def fold_norm_scale_shift(graph: gs.Graph) -> tuple[gs.Graph, int]:
         norm.inputs[1], norm.inputs[2] = new_scale, new_bias
         folded[-1].outputs.clear()
         norm.outputs[0] = out
-        count += 1
+
+    result = apply_rule(graph, "GroupNormalization", lambda norm: _match(graph, norm), rewrite, min_opset=MIN_OPSET)
     graph.cleanup().toposort()
-    return graph, count
+    return graph, result.count

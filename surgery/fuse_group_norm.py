@@ -26,7 +26,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ._graph import Names, channel_vector, const_value, dtype_of, is_default_domain, only_consumer, opset_of, producer
+from ._graph import Names, channel_vector, const_value, dtype_of, is_default_domain, only_consumer, producer
+from ._rules import Skip, apply_rule
 
 MIN_OPSET = 21
 
@@ -99,38 +100,40 @@ def _restores_shape_of(reshape: gs.Node, x: gs.Tensor) -> bool:
 
 
 def _match(graph: gs.Graph, inorm: gs.Node):
-    """The pieces of a GroupNorm pattern around InstanceNormalization ``inorm``, or None."""
+    """The pieces of a GroupNorm pattern around InstanceNormalization ``inorm``, or a ``Skip``."""
     if len(inorm.inputs) != 3 or len(inorm.outputs) != 1:
-        return None
+        return Skip("not a 3-input, 1-output InstanceNormalization")
     reshape_in = producer(inorm.inputs[0], "Reshape")
-    if reshape_in is None or not only_consumer(graph, inorm.inputs[0], inorm):
-        return None
+    if reshape_in is None:
+        return Skip("input is not a Reshape (a plain InstanceNorm)")
+    if not only_consumer(graph, inorm.inputs[0], inorm):
+        return Skip("grouped view has other readers")
     x = reshape_in.inputs[0]
     parsed = _reshape_target(reshape_in)
     if parsed is None:
-        return None
+        return Skip("grouping Reshape's target is not a constant")
     groups = _groups_of(*parsed, x)
     if groups is None:
-        return None
+        return Skip("grouping Reshape is not an [N, G, -1] view of x")
     s, b = const_value(inorm.inputs[1]), const_value(inorm.inputs[2])
     if s is None or b is None or s.size != groups or b.size != groups:
-        return None
+        return Skip("InstanceNorm scale/bias are not constant per-group vectors")
 
     y = inorm.outputs[0]
     if len(y.outputs) != 1 or not only_consumer(graph, y, y.outputs[0]):
-        return None
+        return Skip("normalized view has other readers")
     reshape_out = y.outputs[0]
     if reshape_out.op != "Reshape" or not is_default_domain(reshape_out) or len(reshape_out.inputs) != 2:
-        return None
+        return Skip("no Reshape back after the InstanceNorm")
     if not _restores_shape_of(reshape_out, x):
-        return None
+        return Skip("Reshape back does not restore x's shape")
     if x.shape is not None:
         rank = len(x.shape)
     else:
         back = _reshape_target(reshape_out)
         rank = len(back[0]) if back is not None else None
     if rank is None or rank < 3:
-        return None
+        return Skip("rank of x unknown or below 3")
     channels = int(x.shape[1]) if x.shape is not None and _static(x.shape[1]) else None
 
     # optional Mul(γ) then Add(β)
@@ -156,10 +159,12 @@ def _match(graph: gs.Graph, inorm: gs.Node):
             beta = vector
         nodes.append(nxt)
         out = nxt.outputs[0]
-    if channels is None or channels % groups:
-        return None
+    if channels is None:
+        return Skip("channel count unknown")
+    if channels % groups:
+        return Skip("channels not divisible by the groups")
     if (gamma is not None and gamma.size != channels) or (beta is not None and beta.size != channels):
-        return None
+        return Skip("affine size differs from the channel count")
     return {
         "x": x, "out": out, "nodes": nodes, "groups": groups, "channels": channels,
         "epsilon": float(inorm.attrs.get("epsilon", 1e-5)), "s": s, "b": b, "gamma": gamma, "beta": beta,
@@ -188,50 +193,44 @@ def _between_casts(graph: gs.Graph, m: dict):
     return opening.inputs[0], closing, narrow
 
 
+def _rewrite(graph: gs.Graph, m: dict, names: Names, absorb_casts: bool) -> None:
+    x_type = dtype_of(m["x"])
+    np_type = onnx.helper.tensor_dtype_to_np_dtype(x_type) if x_type is not None else m["s"].dtype
+    G, C = m["groups"], m["channels"]
+    per_group = C // G
+    s = np.repeat(m["s"].reshape(-1).astype(np.float64), per_group)
+    b = np.repeat(m["b"].reshape(-1).astype(np.float64), per_group)
+    gamma = np.ones(C) if m["gamma"] is None else m["gamma"].astype(np.float64)
+    beta = np.zeros(C) if m["beta"] is None else m["beta"].astype(np.float64)
+    scale, bias = s * gamma, b * gamma + beta
+
+    x, out = m["x"], m["out"]
+    casts = _between_casts(graph, m) if absorb_casts else None
+    if casts is not None:
+        x, closing, narrow = casts
+        np_type = onnx.helper.tensor_dtype_to_np_dtype(narrow)
+        out = closing.outputs[0]
+        closing.outputs.clear()
+    else:
+        m["nodes"][-1].outputs.clear()
+    base = m["nodes"][1].name or "group_norm"
+    scale_c = gs.Constant(names(f"{base}_scale"), np.ascontiguousarray(scale.astype(np_type)))
+    bias_c = gs.Constant(names(f"{base}_bias"), np.ascontiguousarray(bias.astype(np_type)))
+    graph.nodes.append(
+        gs.Node(
+            "GroupNormalization",
+            names(f"{base}/GroupNormalization"),
+            {"epsilon": m["epsilon"], "num_groups": G, "stash_type": 1},
+            [x, scale_c, bias_c],
+            [out],
+        )
+    )
+
+
 def fuse_group_norm(graph: gs.Graph, *, absorb_casts: bool = False) -> tuple[gs.Graph, int]:
     """Fuse GroupNorm patterns when the opset is ≥ 21; the count is the number of fusions."""
-    if opset_of(graph) < MIN_OPSET:
-        graph.cleanup().toposort()
-        return graph, 0
     names = Names(graph)
-    count = 0
-    for node in list(graph.nodes):
-        if node.op != "InstanceNormalization" or not is_default_domain(node) or not node.inputs:
-            continue
-        m = _match(graph, node)
-        if m is None:
-            continue
-        x_type = dtype_of(m["x"])
-        np_type = onnx.helper.tensor_dtype_to_np_dtype(x_type) if x_type is not None else m["s"].dtype
-        G, C = m["groups"], m["channels"]
-        per_group = C // G
-        s = np.repeat(m["s"].reshape(-1).astype(np.float64), per_group)
-        b = np.repeat(m["b"].reshape(-1).astype(np.float64), per_group)
-        gamma = np.ones(C) if m["gamma"] is None else m["gamma"].astype(np.float64)
-        beta = np.zeros(C) if m["beta"] is None else m["beta"].astype(np.float64)
-        scale, bias = s * gamma, b * gamma + beta
-
-        x, out = m["x"], m["out"]
-        casts = _between_casts(graph, m) if absorb_casts else None
-        if casts is not None:
-            x, closing, narrow = casts
-            np_type = onnx.helper.tensor_dtype_to_np_dtype(narrow)
-            out = closing.outputs[0]
-            closing.outputs.clear()
-        else:
-            m["nodes"][-1].outputs.clear()
-        base = m["nodes"][1].name or "group_norm"
-        scale_c = gs.Constant(names(f"{base}_scale"), np.ascontiguousarray(scale.astype(np_type)))
-        bias_c = gs.Constant(names(f"{base}_bias"), np.ascontiguousarray(bias.astype(np_type)))
-        graph.nodes.append(
-            gs.Node(
-                "GroupNormalization",
-                names(f"{base}/GroupNormalization"),
-                {"epsilon": m["epsilon"], "num_groups": G, "stash_type": 1},
-                [x, scale_c, bias_c],
-                [out],
-            )
-        )
-        count += 1
+    result = apply_rule(graph, "InstanceNormalization", lambda node: _match(graph, node),
+                        lambda m: _rewrite(graph, m, names, absorb_casts), min_opset=MIN_OPSET)
     graph.cleanup().toposort()
-    return graph, count
+    return graph, result.count

@@ -22,32 +22,45 @@ from collections import defaultdict
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ._graph import Names, const_value, is_default_domain, opset_of
+from ._graph import Names, const_value
+from ._rules import Skip, apply_rule, record_skips
 
 MIN_OPSET = 13
 
 
+def _match(node: gs.Node):
+    """(node, table, group key) for a gather of a constant table by a variable index, or a ``Skip``."""
+    if len(node.inputs) != 2 or len(node.outputs) != 1:
+        return Skip("not a 2-input, 1-output Gather")
+    if int(node.attrs.get("axis", 0)) != 0:
+        return Skip("Gather axis is not 0")
+    table, index = const_value(node.inputs[0]), node.inputs[1]
+    if table is None or table.ndim < 2:
+        return Skip("data is not a constant table of rank >= 2")
+    if isinstance(index, gs.Constant):
+        return Skip("index is a constant")
+    if index.shape is None:
+        return Skip("index rank unknown")
+    return node, table, (id(index), table.dtype.str, table.shape[0], table.shape[2:])
+
+
 def merge_table_gathers(graph: gs.Graph, *, min_group: int = 3) -> tuple[gs.Graph, int]:
     """Merge gathers of constant tables that share an index; the count is the number of gathers removed."""
-    if opset_of(graph) < MIN_OPSET:
-        graph.cleanup().toposort()
-        return graph, 0
     groups: dict[tuple, list[tuple[gs.Node, np.ndarray]]] = defaultdict(list)
-    for node in graph.nodes:
-        if node.op != "Gather" or not is_default_domain(node) or len(node.inputs) != 2 or len(node.outputs) != 1:
-            continue
-        if int(node.attrs.get("axis", 0)) != 0:
-            continue
-        table, index = const_value(node.inputs[0]), node.inputs[1]
-        if table is None or table.ndim < 2 or isinstance(index, gs.Constant) or index.shape is None:
-            continue
-        key = (id(index), table.dtype.str, table.shape[0], table.shape[2:])
+
+    def collect(matched) -> None:
+        node, table, key = matched
         groups[key].append((node, table))
 
+    # the rule's "rewrite" only sorts the gathers into groups: its count is not the pass's count
+    apply_rule(graph, "Gather", _match, collect, min_opset=MIN_OPSET)
     names = Names(graph)
     count = 0
+    smallest = max(min_group, 2)
+    small: dict[str, int] = defaultdict(int)
     for members in groups.values():
-        if len(members) < max(min_group, 2):
+        if len(members) < smallest:
+            small[f"below min_group ({len(members)} < {smallest} gathers share index, dtype and row shape)"] += len(members)
             continue
         index = members[0][0].inputs[1]
         tables = [table for _, table in members]
@@ -65,5 +78,6 @@ def merge_table_gathers(graph: gs.Graph, *, min_group: int = 3) -> tuple[gs.Grap
         graph.nodes.append(gs.Node("Gather", names("merged_table/Gather"), {"axis": 0}, [merged, index], [row]))
         graph.nodes.append(gs.Node("Split", names("merged_table/Split"), {"axis": axis}, [row, sizes], outputs))
         count += len(members) - 1
+    record_skips(small)
     graph.cleanup().toposort()
     return graph, count

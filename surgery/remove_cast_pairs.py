@@ -22,6 +22,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ._graph import dtype_of, is_default_domain, producer, replace_uses
+from ._rules import Skip, apply_rule, candidates, record_skips
 
 T = onnx.TensorProto
 
@@ -72,36 +73,56 @@ def _cast_target(node: gs.Node) -> int | None:
     return None
 
 
+def _match(node: gs.Node):
+    """(cast, the tensor that can replace its output) for a no-op cast, or a ``Skip``."""
+    if not node.inputs or not node.outputs:
+        return Skip("no input or output")
+    target = _cast_target(node)
+    source = node.inputs[0]
+    source_type = dtype_of(source)
+    if target is None or source_type is None:
+        return Skip("source or target type unknown")
+    if source_type == target:
+        return node, source
+    first = producer(source)
+    if first is None or not is_default_domain(first) or first.op not in ("Cast", "CastLike"):
+        return Skip("a real conversion (not a round trip)")
+    origin = first.inputs[0]
+    if dtype_of(origin) != target:
+        return Skip("a real conversion (not a round trip)")
+    if not holds_exactly(source_type, target):
+        return Skip("a lossy round trip")
+    return node, origin
+
+
+CASTS = ("Cast", "CastLike")
+KEEPS_OUTPUT = "writes a graph output its source cannot take over"
+
+
+def _bypass(graph: gs.Graph, matched) -> Skip | None:
+    node, replacement = matched
+    if not replace_uses(graph, node.outputs[0], replacement):
+        return Skip(KEEPS_OUTPUT)
+    node.inputs.clear()
+    node.outputs.clear()
+    return None
+
+
 def remove_cast_pairs(graph: gs.Graph) -> tuple[gs.Graph, int]:
     """Bypass no-op casts and lossless cast round trips; the count is the number of casts bypassed."""
     count = 0
-    changed = True
-    while changed:
-        changed = False
-        for node in list(graph.nodes):
-            if not is_default_domain(node) or node.op not in ("Cast", "CastLike"):
-                continue
-            if not node.inputs or not node.outputs:
-                continue  # already bypassed in this sweep
-            target = _cast_target(node)
-            source = node.inputs[0]
-            source_type = dtype_of(source)
-            if target is None or source_type is None:
-                continue
-            replacement = None
-            if source_type == target:
-                replacement = source
-            else:
-                first = producer(source)
-                if first is not None and is_default_domain(first) and first.op in ("Cast", "CastLike"):
-                    origin = first.inputs[0]
-                    origin_type = dtype_of(origin)
-                    if origin_type == target and holds_exactly(source_type, origin_type):
-                        replacement = origin
-            if replacement is not None and replace_uses(graph, node.outputs[0], replacement):
-                node.inputs.clear()
-                node.outputs.clear()
-                count += 1
-                changed = True
+    while True:  # bypassing one cast can make a round trip of the casts around it
+        sweep = apply_rule(graph, CASTS, _match, lambda m: _bypass(graph, m), record=False)
+        count += sweep.count
+        if not sweep.count:
+            break
     graph.cleanup().toposort()
+    # why the casts that stay stay (the last sweep also saw casts the cleanup has removed since); the
+    # last sweep rewrote nothing, so a cast that still matches is one whose output could not move
+    kept: dict[str, int] = {}
+    for node in candidates(graph, CASTS):
+        found = _match(node)
+        reason = found.reason if isinstance(found, Skip) else KEEPS_OUTPUT
+        kept[reason] = kept.get(reason, 0) + 1
+    record_skips(kept)
     return graph, count

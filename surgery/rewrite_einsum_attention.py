@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from ._graph import Names, is_default_domain
+from ._graph import Names
+from ._rules import Skip, apply_rule
 
 
 def _letters_ok(term: str) -> bool:
@@ -36,27 +37,37 @@ def plan_einsum(equation: str):
     Returns ``(swap, perm_left, perm_right, perm_out)``: when ``swap`` the second operand is the
     MatMul's left input; each perm is a Transpose permutation or None for none.
     """
+    plan = _plan(equation)
+    return None if isinstance(plan, Skip) else plan
+
+
+def _plan(equation: str):
+    """``plan_einsum``'s plan, or a ``Skip`` saying why ``equation`` is outside the family."""
     eq = equation.replace(" ", "")
     if "." in eq:
-        return None
+        return Skip("equation has an ellipsis")
     lhs, arrow, out = eq.partition("->")
     terms = lhs.split(",")
-    if len(terms) != 2 or not all(_letters_ok(t) for t in terms):
-        return None
+    if len(terms) != 2:
+        return Skip("equation does not have two operands")
+    if not all(_letters_ok(t) for t in terms):
+        return Skip("an operand repeats a letter or has a non-letter index")
     a, b = terms
     if not arrow:
         once = [c for c in sorted(set(a + b)) if (a + b).count(c) == 1]
         out = "".join(once)
     if not (out == "" or _letters_ok(out)) or any(c not in a + b for c in out):
-        return None
+        return Skip("output letters repeat or are not in the operands")
     batch = [c for c in out if c in a and c in b]
     summed = [c for c in a if c in b and c not in out]
     own_a = [c for c in a if c not in b]
     own_b = [c for c in b if c not in a]
-    if len(summed) != 1 or len(own_a) != 1 or len(own_b) != 1:
-        return None
+    if len(summed) != 1:
+        return Skip(f"{len(summed)} summed letters (MatMul sums one)")
+    if len(own_a) != 1 or len(own_b) != 1:
+        return Skip("an operand does not have exactly one letter of its own")
     if any(c not in out for c in own_a + own_b):
-        return None  # a letter summed within one operand would need a ReduceSum
+        return Skip("a letter is summed within one operand")  # that would need a ReduceSum
     (k,) = summed
 
     def perm(term: str, order: list[str]):
@@ -81,20 +92,23 @@ def _permuted(shape, perm):
     return [shape[i] for i in perm]
 
 
+def _match(node: gs.Node):
+    """(node, plan) for a two-input family einsum, or a ``Skip``."""
+    if len(node.inputs) != 2:
+        return Skip("not two inputs")
+    equation = node.attrs.get("equation")
+    if isinstance(equation, bytes):
+        equation = equation.decode()
+    plan = _plan(equation or "")
+    return plan if isinstance(plan, Skip) else (node, plan)
+
+
 def rewrite_einsum_attention(graph: gs.Graph) -> tuple[gs.Graph, int]:
     """Replace family einsums by MatMul; the count is the number of einsums rewritten."""
     names = Names(graph)
-    count = 0
-    for node in list(graph.nodes):
-        if node.op != "Einsum" or not is_default_domain(node) or len(node.inputs) != 2:
-            continue
-        equation = node.attrs.get("equation")
-        if isinstance(equation, bytes):
-            equation = equation.decode()
-        plan = plan_einsum(equation or "")
-        if plan is None:
-            continue
-        swap, perm_left, perm_right, perm_out = plan
+
+    def rewrite(matched) -> None:
+        node, (swap, perm_left, perm_right, perm_out) = matched
         left, right = (node.inputs[1], node.inputs[0]) if swap else (node.inputs[0], node.inputs[1])
         result = node.outputs[0]
         base = node.name or "einsum"
@@ -117,6 +131,7 @@ def rewrite_einsum_attention(graph: gs.Graph) -> tuple[gs.Graph, int]:
             mm_out = gs.Variable(names(f"{base}_mm"), dtype=result.dtype, shape=_permuted(result.shape, inverse))
             graph.nodes.append(gs.Node("MatMul", names(f"{base}/MatMul"), inputs=[mm_left, mm_right], outputs=[mm_out]))
             graph.nodes.append(gs.Node("Transpose", names(f"{base}/Transpose_out"), {"perm": perm_out}, [mm_out], [result]))
-        count += 1
+
+    result = apply_rule(graph, "Einsum", _match, rewrite)
     graph.cleanup().toposort()
-    return graph, count
+    return graph, result.count

@@ -29,6 +29,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ._graph import Names, const_value, is_default_domain, only_consumer
+from ._rules import Skip, apply_rule
 
 # (coordinate_transformation_mode, nearest_mode) pairs under which a 2× nearest Resize maps
 # output indices 2m and 2m+1 both to input index m
@@ -47,49 +48,58 @@ def _as_str(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _is_nearest_2x(resize: gs.Node) -> bool:
+def _not_nearest_2x(resize: gs.Node) -> Skip | None:
+    """None when ``resize`` is a nearest 2× upsample of H and W this pass can rewrite, else a ``Skip``."""
     attrs = resize.attrs
-    if _as_str(attrs.get("mode", "nearest")) != "nearest" or len(resize.outputs) != 1:
-        return False
+    if _as_str(attrs.get("mode", "nearest")) != "nearest":
+        return Skip("Resize mode is not nearest")
+    if len(resize.outputs) != 1:
+        return Skip("Resize has more than one output")
     pair = (_as_str(attrs.get("coordinate_transformation_mode", "half_pixel")),
             _as_str(attrs.get("nearest_mode", "round_prefer_floor")))
-    if pair not in EXACT_2X_MODES or attrs.get("axes") is not None:
-        return False
+    if pair not in EXACT_2X_MODES:
+        return Skip(f"coordinate mode {pair[0]}/{pair[1]} does not send 2m and 2m+1 to m")
+    if attrs.get("axes") is not None:
+        return Skip("Resize has an axes attribute")
     x = resize.inputs[0]
     if x.shape is not None and len(x.shape) != 4:
-        return False
+        return Skip("input is not rank 4")
     scales = const_value(resize.inputs[2]) if len(resize.inputs) > 2 and not resize.inputs[2].is_empty() else None
     sizes = const_value(resize.inputs[3]) if len(resize.inputs) > 3 and not resize.inputs[3].is_empty() else None
     if scales is not None and scales.size:
-        return scales.shape == (4,) and np.array_equal(scales, [1, 1, 2, 2])
+        if scales.shape == (4,) and np.array_equal(scales, [1, 1, 2, 2]):
+            return None
+        return Skip("scales are not [1, 1, 2, 2]")
     if sizes is not None and sizes.size == 4 and x.shape is not None:
         dims = list(x.shape)
         if all(isinstance(d, (int, np.integer)) for d in dims):
-            return [int(v) for v in sizes] == [dims[0], dims[1], 2 * dims[2], 2 * dims[3]]
-    return False
+            if [int(v) for v in sizes] == [dims[0], dims[1], 2 * dims[2], 2 * dims[3]]:
+                return None
+            return Skip("sizes do not double H and W")
+    return Skip("scales/sizes not constant (or input shape not static)")
 
 
 def _conv_weights(conv: gs.Node):
-    """(W[K,C,3,3], bias or None) when ``conv`` is the plain 3×3 'same' conv this pass rewrites."""
+    """(W[K,C,3,3], bias or None) when ``conv`` is the plain 3×3 'same' conv this pass rewrites, else a ``Skip``."""
     if conv.op != "Conv" or not is_default_domain(conv) or len(conv.inputs) not in (2, 3):
-        return None
+        return Skip("upsampled tensor is not read by a Conv")
     attrs = conv.attrs
     if _as_str(attrs.get("auto_pad", "NOTSET")) != "NOTSET" or int(attrs.get("group", 1)) != 1:
-        return None
+        return Skip("Conv has auto_pad or groups")
     if list(attrs.get("strides", [1, 1])) != [1, 1] or list(attrs.get("dilations", [1, 1])) != [1, 1]:
-        return None
+        return Skip("Conv has strides or dilations")
     if list(attrs.get("pads", [0, 0, 0, 0])) != [1, 1, 1, 1]:
-        return None
+        return Skip("Conv pads are not [1, 1, 1, 1]")
     weight = const_value(conv.inputs[1])
     if weight is None or weight.ndim != 4 or weight.shape[2:] != (3, 3):
-        return None
+        return Skip("Conv weights are not a constant 3×3 kernel")
     if list(attrs.get("kernel_shape", [3, 3])) != [3, 3]:
-        return None
+        return Skip("Conv kernel_shape is not 3×3")
     bias = None
     if len(conv.inputs) == 3 and not conv.inputs[2].is_empty():
         bias = const_value(conv.inputs[2])
         if bias is None:
-            return None
+            return Skip("Conv bias is not a constant")
     return weight, bias
 
 
@@ -109,21 +119,29 @@ def phase_kernels(weight: np.ndarray) -> dict[tuple[int, int], np.ndarray]:
     return kernels
 
 
+def _match(graph: gs.Graph, resize: gs.Node):
+    """(resize, conv, weight, bias) for a Resize + Conv pair to rewrite, or a ``Skip``."""
+    why = _not_nearest_2x(resize)
+    if why is not None:
+        return why
+    up = resize.outputs[0]
+    if len(up.outputs) != 1 or not only_consumer(graph, up, up.outputs[0]):
+        return Skip("upsampled tensor has other readers")
+    conv = up.outputs[0]
+    parsed = _conv_weights(conv)
+    if isinstance(parsed, Skip):
+        return parsed
+    if conv.inputs[0] is not up:
+        return Skip("upsampled tensor is not the Conv's input")
+    return resize, conv, *parsed
+
+
 def rewrite_upsample_conv(graph: gs.Graph) -> tuple[gs.Graph, int]:
     """Rewrite nearest-2×-upsample + 3×3 conv pairs; the count is the number rewritten."""
     names = Names(graph)
-    count = 0
-    for resize in list(graph.nodes):
-        if resize.op != "Resize" or not is_default_domain(resize) or not _is_nearest_2x(resize):
-            continue
-        up = resize.outputs[0]
-        if len(up.outputs) != 1 or not only_consumer(graph, up, up.outputs[0]):
-            continue
-        conv = up.outputs[0]
-        parsed = _conv_weights(conv)
-        if parsed is None or conv.inputs[0] is not up:
-            continue
-        weight, bias = parsed
+
+    def rewrite(matched) -> None:
+        resize, conv, weight, bias = matched
         x, y = resize.inputs[0], conv.outputs[0]
         base = conv.name or "upsample_conv"
         bias_c = None if bias is None else gs.Constant(names(f"{base}_bias"), np.ascontiguousarray(bias))
@@ -142,6 +160,7 @@ def rewrite_upsample_conv(graph: gs.Graph) -> tuple[gs.Graph, int]:
         graph.nodes.append(gs.Node("Concat", names(f"{base}/Concat"), {"axis": 1}, phases, [stacked]))
         graph.nodes.append(gs.Node("DepthToSpace", names(f"{base}/DepthToSpace"),
                                    {"blocksize": 2, "mode": "DCR"}, [stacked], [y]))
-        count += 1
+
+    result = apply_rule(graph, "Resize", lambda resize: _match(graph, resize), rewrite)
     graph.cleanup().toposort()
-    return graph, count
+    return graph, result.count

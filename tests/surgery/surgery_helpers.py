@@ -63,3 +63,12 @@ def randomize(module, scale: float = 0.2):
         for p in module.parameters():
             p.copy_(torch.randn_like(p) * scale)
     return module
+
+
+def run_with_skips(graph_pass, graph, **options):
+    """``graph_pass(graph, **options)`` plus the skip reasons its rule recorded: ``(graph, count, {reason: n})``."""
+    from surgery._rules import collect_skips
+
+    with collect_skips() as skipped:
+        graph, count = graph_pass(graph, **options)
+    return graph, count, dict(skipped)

@@ -8,7 +8,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from surgery_helpers import fingerprint, make_model, ops, run_ort, run_reference, to_model
+from surgery_helpers import fingerprint, make_model, ops, run_ort, run_reference, run_with_skips, to_model
 
 from surgery.expand_group_norm import DEFAULT_MIN_ELEMENTS, expand_group_norm
 from surgery.fold_norm_scale_shift import fold_norm_scale_shift
@@ -140,3 +140,30 @@ def test_idempotent():
     snapshot = fingerprint(graph)
     graph, second = expand_group_norm(graph, min_elements=1)
     assert (first, second) == (1, 0) and fingerprint(graph) == snapshot
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("default", "below min_elements (1,048,576 < 2,097,152)"),
+    ("opset18", "opset 18 < 21"),
+    ("dynamic_spatial", "input rank < 3 or channel/spatial dims not static"),
+    ("computed_scale", "scale is not a constant or gathered table row"),
+])
+def test_skip_reasons(case, reason):
+    options = {"min_elements": 1}
+    if case == "default":
+        model, options = _norm_model(shape=(1, 64, 128, 128), groups=32), {}
+    elif case == "dynamic_spatial":
+        node = helper.make_node("GroupNormalization", ["x", "s", "b"], ["y"], num_groups=2)
+        model = make_model([node], [VI("x", TensorProto.FLOAT, [1, 4, "H", "W"])],
+                           [VI("y", TensorProto.FLOAT, [1, 4, "H", "W"])], [_arr("s", np.ones(4)), _arr("b", np.zeros(4))])
+    elif case == "computed_scale":
+        node = helper.make_node("GroupNormalization", ["x", "s", "b"], ["y"], num_groups=2)
+        model = make_model([node], [VI("x", TensorProto.FLOAT, [1, 4, 3, 3]), VI("s", TensorProto.FLOAT, [4])],
+                           [VI("y", TensorProto.FLOAT, [1, 4, 3, 3])], [_arr("b", np.zeros(4))])
+    else:
+        model = _norm_model()
+    graph = gs.import_onnx(model)
+    if case == "opset18":
+        graph.opset = 18
+    graph, count, skipped = run_with_skips(expand_group_norm, graph, **options)
+    assert count == 0 and skipped == {reason: 1}

@@ -8,7 +8,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from surgery_helpers import fingerprint, make_model, ops, run_ort, to_model
+from surgery_helpers import fingerprint, make_model, ops, run_ort, run_with_skips, to_model
 
 from surgery.fold_norm_scale_shift import fold_norm_scale_shift
 
@@ -149,3 +149,27 @@ def test_shares_one_squeeze_between_norms():
     assert count == 2 and ops(after) == {"GroupNormalization": 2, "Gather": 4, "Squeeze": 1}
     feeds = {"x": RNG.standard_normal((1, C, 4, 4)).astype(np.float32), "t_index": np.array([3], dtype=np.int64)}
     np.testing.assert_allclose(run_ort(after, feeds)[0], run_ort(model, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, reason",
+    [
+        (dict(batch=2), "gathered operand needs a static batch of 1"),
+        (dict(mul_operand="spatial", add_operand="spatial"), "Mul operand is not a per-channel constant or gathered table row"),
+        (dict(extra_reader=True), "output has other readers (or is a graph output)"),
+        (dict(opset=18), "opset 18 < 21"),
+    ],
+)
+def test_skip_reasons(kwargs, reason):
+    opset = kwargs.pop("opset", 21)
+    graph = gs.import_onnx(_scale_shift_model(**kwargs))
+    graph.opset = opset
+    graph, count, skipped = run_with_skips(fold_norm_scale_shift, graph)
+    assert count == 0 and skipped == {reason: 1}
+
+
+def test_skip_reason_of_an_already_folded_norm():
+    graph, first = fold_norm_scale_shift(gs.import_onnx(_scale_shift_model()))
+    graph, second, skipped = run_with_skips(fold_norm_scale_shift, graph)
+    assert (first, second) == (1, 0)
+    assert skipped == {"scale/bias are not constant [C] vectors (already folded?)": 1}

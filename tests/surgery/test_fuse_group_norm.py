@@ -9,7 +9,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from surgery_helpers import fingerprint, make_model, ops, randomize, run_ort, run_reference, to_model
+from surgery_helpers import fingerprint, make_model, ops, randomize, run_ort, run_reference, run_with_skips, to_model
 
 from surgery.fuse_group_norm import fuse_group_norm
 
@@ -268,3 +268,24 @@ def test_idempotent(torch_export):
     graph, second = fuse_group_norm(graph)
     assert first == 1 and second == 0
     assert fingerprint(graph) == before
+
+
+def test_skip_reasons(torch_export):
+    inits = [numpy_helper.from_array(np.ones(8, np.float32), "s"), numpy_helper.from_array(np.zeros(8, np.float32), "b"),
+             numpy_helper.from_array(np.array([0, 4, -1], np.int64), "grouped"),
+             numpy_helper.from_array(np.array([2, 8, 3, 5], np.int64), "back"),
+             numpy_helper.from_array(np.ones(4, np.float32), "s4"), numpy_helper.from_array(np.zeros(4, np.float32), "b4")]
+    nodes = [helper.make_node("InstanceNormalization", ["x", "s", "b"], ["y"]),
+             helper.make_node("Reshape", ["x", "grouped"], ["g"]),
+             helper.make_node("InstanceNormalization", ["g", "s4", "b4"], ["n"]),
+             helper.make_node("Reshape", ["n", "back"], ["z"]),
+             helper.make_node("ReduceMean", ["g"], ["gm"], keepdims=0)]
+    model = make_model(nodes, [VI("x", TensorProto.FLOAT, [2, 8, 3, 5])],
+                       [VI("y", TensorProto.FLOAT, [2, 8, 3, 5]), VI("z", TensorProto.FLOAT, [2, 8, 3, 5]),
+                        VI("gm", TensorProto.FLOAT, [])], inits)
+    _, count, skipped = run_with_skips(fuse_group_norm, gs.import_onnx(model))
+    assert count == 0
+    assert skipped == {"input is not a Reshape (a plain InstanceNorm)": 1, "grouped view has other readers": 1}
+    model, _, _ = _group_norm32(torch_export)  # opset 18
+    _, count, skipped = run_with_skips(fuse_group_norm, gs.import_onnx(model))
+    assert count == 0 and skipped == {"opset 18 < 21": 1}

@@ -8,7 +8,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from surgery_helpers import fingerprint, make_model, ops, run_ort, to_model
+from surgery_helpers import fingerprint, make_model, ops, run_ort, run_with_skips, to_model
 
 from surgery.merge_table_gathers import merge_table_gathers
 
@@ -106,3 +106,15 @@ def test_idempotent():
     snapshot = fingerprint(graph)
     graph, second = merge_table_gathers(graph)
     assert (first, second) == (2, 0) and fingerprint(graph) == snapshot
+
+
+def test_skip_reasons():
+    _, count, skipped = run_with_skips(merge_table_gathers, gs.import_onnx(_model(channels=(3, 5))))
+    assert count == 0 and skipped == {"below min_group (2 < 3 gathers share index, dtype and row shape)": 2}
+    graph = gs.import_onnx(_model())
+    graph.opset = 12
+    _, count, skipped = run_with_skips(merge_table_gathers, graph)
+    assert count == 0 and skipped == {"opset 12 < 13": 3}
+    # the gather by t2 is alone in its group; the other three merge
+    _, count, skipped = run_with_skips(merge_table_gathers, gs.import_onnx(_model(channels=(3, 5, 4, 2), second_index=True)))
+    assert count == 2 and skipped == {"below min_group (1 < 3 gathers share index, dtype and row shape)": 1}

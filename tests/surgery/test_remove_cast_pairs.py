@@ -9,7 +9,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper
-from surgery_helpers import fingerprint, make_model, ops, run_ort, run_reference, to_model
+from surgery_helpers import fingerprint, make_model, ops, run_ort, run_reference, run_with_skips, to_model
 
 from surgery.remove_cast_pairs import holds_exactly, remove_cast_pairs
 
@@ -149,3 +149,20 @@ def test_idempotent():
     graph, second = remove_cast_pairs(graph)
     assert first == 4 and second == 0
     assert fingerprint(graph) == before
+
+
+def test_skip_reasons_name_the_casts_that_stay():
+    nodes = [cast("x", "x16", TensorProto.FLOAT16), cast("x16", "y", TensorProto.FLOAT),  # lossy round trip
+             helper.make_node("Relu", ["x"], ["a"]), cast("a", "z", TensorProto.DOUBLE)]  # unknown source type
+    model = make_model(nodes, [VI("x", TensorProto.FLOAT, [3, 4])],
+                       [VI("y", TensorProto.FLOAT, [3, 4]), VI("z", TensorProto.DOUBLE, [3, 4])])
+    graph = gs.import_onnx(model)
+    graph.tensors()["a"].dtype = None
+    _, count, skipped = run_with_skips(remove_cast_pairs, graph)
+    # the first Cast of the lossy pair is a real conversion
+    assert count == 0
+    assert skipped == {"a real conversion (not a round trip)": 1, "a lossy round trip": 1,
+                       "source or target type unknown": 1}
+    # only the casts still there afterwards are reported (not the first halves of the pairs removed)
+    _, count, skipped = run_with_skips(remove_cast_pairs, gs.import_onnx(onnx.shape_inference.infer_shapes(_model())))
+    assert count == 4 and skipped == {"a real conversion (not a round trip)": 1}

@@ -7,7 +7,7 @@
 import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
-from surgery_helpers import fingerprint, make_model, ops, run_ort, run_reference, to_model
+from surgery_helpers import fingerprint, make_model, ops, run_ort, run_reference, run_with_skips, to_model
 
 from surgery.remove_identity import remove_identity
 
@@ -82,3 +82,20 @@ def test_idempotent():
     graph, second = remove_identity(graph)
     assert first == 3 and second == 0
     assert fingerprint(graph) == before
+
+
+def test_skip_reasons():
+    nodes = [
+        helper.make_node("Dropout", ["x", "ratio", "training"], ["a"]),
+        helper.make_node("Dropout", ["a"], ["b", "mask"]),
+        helper.make_node("Cast", ["mask"], ["m"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["b", "m"], ["s"]),
+        helper.make_node("Identity", ["x"], ["y"]),
+    ]
+    model = make_model(nodes, [VI("x", TensorProto.FLOAT, [2, 5]), VI("training", TensorProto.BOOL, [])],
+                       [VI("s", TensorProto.FLOAT, [2, 5]), VI("y", TensorProto.FLOAT, [2, 5])],
+                       [numpy_helper.from_array(np.array(0.3, np.float32), "ratio")])
+    _, count, skipped = run_with_skips(remove_identity, gs.import_onnx(model))
+    assert count == 0
+    assert skipped == {"Dropout training_mode is not a constant false": 1, "Dropout mask is used": 1,
+                       "writes a graph output its input cannot take over (a graph input, constant or other output)": 1}

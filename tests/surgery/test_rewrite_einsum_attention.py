@@ -10,7 +10,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper
-from surgery_helpers import fingerprint, make_model, ops, randomize, run_ort, run_reference, to_model
+from surgery_helpers import fingerprint, make_model, ops, randomize, run_ort, run_reference, run_with_skips, to_model
 
 from surgery.rewrite_einsum_attention import plan_einsum, rewrite_einsum_attention
 
@@ -116,3 +116,19 @@ def test_idempotent(torch_export):
     graph, second = rewrite_einsum_attention(graph)
     assert first == 2 and second == 0
     assert fingerprint(graph) == before
+
+
+@pytest.mark.parametrize(
+    "equation, shapes, reason",
+    [
+        ("bcd,bcd->b", [[2, 3, 4], [2, 3, 4]], "2 summed letters (MatMul sums one)"),
+        ("ab,cd->abcd", [[2, 3], [4, 5]], "0 summed letters (MatMul sums one)"),
+        ("bcd,bce->be", [[2, 3, 4], [2, 3, 5]], "a letter is summed within one operand"),
+        ("bii,bij->bj", [[2, 3, 3], [2, 3, 4]], "an operand repeats a letter or has a non-letter index"),
+        ("...ij,...jk->...ik", [[2, 3, 4], [2, 4, 5]], "equation has an ellipsis"),
+    ],
+)
+def test_skip_reasons(equation, shapes, reason):
+    _, count, skipped = run_with_skips(rewrite_einsum_attention, gs.import_onnx(_einsum_model(equation, shapes)))
+    assert count == 0 and skipped == {reason: 1}
+    assert plan_einsum(equation) is None

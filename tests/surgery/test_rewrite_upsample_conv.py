@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
-from surgery_helpers import fingerprint, make_model, ops, run_ort, run_reference, to_model
+from surgery_helpers import fingerprint, make_model, ops, run_ort, run_reference, run_with_skips, to_model
 
 from surgery.rewrite_upsample_conv import EXACT_2X_MODES, phase_kernels, rewrite_upsample_conv
 
@@ -129,3 +129,23 @@ def test_idempotent():
     snapshot = fingerprint(graph)
     graph, second = rewrite_upsample_conv(graph)
     assert (first, second) == (1, 0) and fingerprint(graph) == snapshot
+
+
+@pytest.mark.parametrize(
+    "kwargs, reason",
+    [
+        (dict(mode="linear"), "Resize mode is not nearest"),
+        (dict(coord="align_corners", nearest="round_prefer_floor"),
+         "coordinate mode align_corners/round_prefer_floor does not send 2m and 2m+1 to m"),
+        (dict(scales=(1, 2, 2, 2)), "scales are not [1, 1, 2, 2]"),
+        (dict(sizes=(1, 4, 12, 15)), "sizes do not double H and W"),
+        (dict(conv_attrs={"strides": [2, 2]}), "Conv has strides or dilations"),
+        (dict(conv_attrs={"group": 2}), "Conv has auto_pad or groups"),
+        (dict(conv_attrs={"pads": [0, 0, 0, 0]}), "Conv pads are not [1, 1, 1, 1]"),
+        (dict(kernel=1, conv_attrs={"pads": [1, 1, 1, 1]}), "Conv weights are not a constant 3×3 kernel"),
+        (dict(extra_reader=True), "upsampled tensor has other readers"),
+    ],
+)
+def test_skip_reasons(kwargs, reason):
+    _, count, skipped = run_with_skips(rewrite_upsample_conv, gs.import_onnx(_model(**kwargs)))
+    assert count == 0 and skipped == {reason: 1}

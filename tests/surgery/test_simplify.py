@@ -100,7 +100,7 @@ def test_simplifier_failure_falls_back(tiny_unet, monkeypatch):
     def broken(name, m):
         raise RuntimeError("simulated simplifier crash")
 
-    monkeypatch.setattr(surgery, "_run_simplifier", broken)
+    monkeypatch.setattr(surgery.orchestrator, "_run_simplifier", broken)
     with pytest.warns(UserWarning, match="onnxslim failed"):
         result, report = simplify(model, 21)
     assert report["simplifier"]["status"].startswith("failed: RuntimeError")
@@ -117,7 +117,7 @@ def test_rejects_unknown_simplifier(tiny_unet):
 def test_large_model_path_uses_external_data(tiny_unet, monkeypatch, tmp_path):
     """Over the 2 GB limit (simulated by lowering it): tools run on an external-data copy, save splits."""
     model, feeds, expected = tiny_unet
-    monkeypatch.setattr(surgery, "LARGE_MODEL_BYTES", 100_000)
+    monkeypatch.setattr(surgery.modelio, "LARGE_MODEL_BYTES", 100_000)
     with pytest.warns(UserWarning, match="over 2 GB"):
         result, report = simplify(model, 21)
     assert report["opset"]["after"] == 21 and ops(result)["GroupNormalization"] == 21
@@ -144,8 +144,8 @@ def test_every_pass_returns_graph_and_count(tiny_unet):
     import onnx_graphsurgeon as gs
 
     graph = gs.import_onnx(onnx.shape_inference.infer_shapes(tiny_unet[0]))
-    for graph_pass in surgery.PASSES:
-        graph, count = graph_pass(graph)
+    for entry in surgery.PASSES:
+        graph, count = entry.fn(graph)
         assert isinstance(graph, gs.Graph) and isinstance(count, int) and count >= 0
 
 
