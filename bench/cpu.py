@@ -55,7 +55,8 @@ class Setup:
 
 def make_setup(cfg, seed: int = 0) -> Setup:
     from fxpass.checkpoint import init_model
-    from fxpass.pipeline import example_inputs_for, schedule_for
+    from fxpass.diffusion import schedule_for
+    from fxpass.pipeline import example_inputs_for
 
     model = init_model(cfg, seed=seed).float().eval()
     _, kept, seen = schedule_for(cfg, "respaced")

@@ -97,9 +97,16 @@ def _bad(source: str, key: str, value: Any, why: str) -> FxpassError:
     return FxpassError(f"{source}: {key}: {why} (got {value!r})")
 
 
-def from_dict(values: dict[str, Any], source: str = "config") -> ModelConfig:
-    """Validate a mapping of config keys; sampler keys are ignored, unknown keys are an error."""
+def from_dict(values: dict[str, Any], source: str = "config", *, complete: bool = False) -> ModelConfig:
+    """Validate a mapping of config keys; sampler keys are ignored, unknown keys are an error.
+
+    ``complete``: every key must be present (a config fxpass wrote itself, e.g. in ONNX metadata).
+    """
     known = {f.name for f in fields(ModelConfig)}
+    if complete:
+        missing = sorted(known - set(values))
+        if missing:
+            raise FxpassError(f"{source}: missing key '{missing[0]}'")
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         if not isinstance(key, str):
@@ -241,3 +248,12 @@ def build_model(cfg: ModelConfig, *, fp16: bool = False):
     if fp16:
         model.convert_to_fp16()
     return model.eval()
+
+
+def resolve_config(path: str | Path | None, carried: dict[str, Any] | None = None, source: str = "model") -> ModelConfig:
+    """``--config`` if given, else the config a lowered model carries in its metadata, else built-in CAMUS."""
+    if path:
+        return load_config(path)
+    if carried is not None:
+        return from_dict(carried, source=f"{source} config", complete=True)
+    return CAMUS

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import warnings
 from typing import Any
@@ -13,8 +12,8 @@ import onnx
 import torch
 from torch.fx import GraphModule
 
-from . import __version__
 from .errors import FxpassError
+from .metadata import write_props
 
 DEFAULT_OPSET = 21
 MIN_OPSET = 18
@@ -50,15 +49,15 @@ def export(
     *,
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = False,
-    metadata: dict[str, Any] | None = None,
+    metadata: dict[str, str] | None = None,
     output_name: str = "out",
     output_names: list[str] | None = None,
 ) -> onnx.ModelProto:
     """Export ``gm`` with ``torch.onnx.export(dynamo=True)`` at ``opset``.
 
     Inputs are named after the graph's placeholders (``x``, ``t_index``, ``y``); the output is
-    ``out``.  Static shapes unless ``dynamic_batch``.  ``metadata`` entries become
-    ``metadata_props`` (values JSON-encoded unless strings), with ``fxpass.version`` added.
+    ``out``.  Static shapes unless ``dynamic_batch``.  ``metadata`` (from :func:`fxpass.metadata.encode`)
+    becomes the model's ``metadata_props``.
     """
     check_opset(opset)
     if example_inputs is None:
@@ -95,21 +94,6 @@ def export(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FxpassError(f"export: torch.onnx.export failed ({type(exc).__name__}: {first[:300]})") from exc
     model = program.model_proto
-    props = {"fxpass.version": __version__, **(metadata or {})}
-    set_metadata(model, props)
+    if metadata:
+        write_props(model, metadata)
     return model
-
-
-def set_metadata(model: onnx.ModelProto, props: dict[str, Any]) -> None:
-    existing = {p.key: p for p in model.metadata_props}
-    for key, value in props.items():
-        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-        if key in existing:
-            existing[key].value = text
-        else:
-            entry = model.metadata_props.add()
-            entry.key, entry.value = key, text
-
-
-def get_metadata(model: onnx.ModelProto) -> dict[str, str]:
-    return {p.key: p.value for p in model.metadata_props}

@@ -1,14 +1,42 @@
-"""Torch-free file helpers shared by every command (``fxpass sample`` must not import torch)."""
+"""Files in and out, torch-free (``fxpass sample`` must not import torch).
+
+Inputs: :func:`check_input_file` (a regular, readable file: not a directory, pipe or device).
+Outputs: :func:`check_writable_target` before long work; :func:`atomic_write_bytes` and
+:func:`write_dir_atomically` write to a temporary beside the target and rename it into place, so a
+failed run never leaves a half-written output.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 from .errors import FxpassError
+
+
+def check_input_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """``path`` as a Path when it is a regular file; one-line errors otherwise (never blocks on a pipe)."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise FxpassError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise FxpassError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise FxpassError(f"{path}: is a directory, expected {what}")
+    if not stat.S_ISREG(st.st_mode):
+        raise FxpassError(f"{path}: not a regular file (a pipe, socket or device), expected {what}")
+    return path
+
+
+def check_model_file(path: str | os.PathLike) -> Path:
+    return check_input_file(path, "an ONNX model")
 
 
 def check_writable_target(path: str | os.PathLike) -> Path:
@@ -23,10 +51,10 @@ def check_writable_target(path: str | os.PathLike) -> Path:
     return path
 
 
-def _new_file_mode() -> int:
+def _umask_mode(bits: int) -> int:
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return bits & ~mask
 
 
 def atomic_write_bytes(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
@@ -42,7 +70,7 @@ def atomic_write_bytes(path: str | os.PathLike, write: Callable[[BinaryIO], obje
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
-        os.chmod(tmp, _new_file_mode())  # mkstemp makes 0600; give the usual umask-based mode
+        os.chmod(tmp, _umask_mode(0o666))  # mkstemp makes 0600; give the usual umask-based mode
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -50,3 +78,38 @@ def atomic_write_bytes(path: str | os.PathLike, write: Callable[[BinaryIO], obje
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_dir_atomically(out: Path, fill: Callable[[Path], None], force: bool) -> None:
+    """``fill(tmpdir)`` writes the files; then the temp dir becomes ``out`` (replacing it with ``force``)."""
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise FxpassError(f"{out}: directory {parent} does not exist")
+    if out.exists() and not force:
+        raise FxpassError(f"{out}: already exists (pass --force to overwrite)")
+    if out.exists() and not out.is_dir():
+        raise FxpassError(f"{out}: exists and is not a directory")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    except OSError as exc:
+        raise FxpassError(f"{out}: cannot write ({exc.strerror or exc})") from None
+    old = None
+    try:
+        fill(tmp)
+        os.chmod(tmp, _umask_mode(0o777))
+        if out.exists():
+            old = parent / f".{out.name}.{os.getpid()}.old"
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out.exists():
+            os.replace(old, out)
+        raise FxpassError(f"{out}: cannot write ({exc.strerror or exc})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out.exists():
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

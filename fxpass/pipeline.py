@@ -1,4 +1,16 @@
-"""The lowering pipeline: capture → fx passes → export → surgery (→ fp16), and its check against PyTorch."""
+"""The lowering pipeline, one straight line; ``fxpass.lower()`` and ``fxpass lower`` both run it.
+
+    load ─▶ capture ─▶ passes ─▶ export ─▶ surgery ─▶ precision ─▶ verify ─▶ write
+
+Each stage is named in :data:`STAGES`, timed and reported.  ``load`` reads a checkpoint (CLI and
+:func:`lower_checkpoint`; the API may hand a module instead); ``capture`` traces the unmodified model
+(:mod:`fxpass.capture`); ``passes`` runs the fx pass table (:mod:`fxpass.passes`); ``export`` is
+``torch.onnx.export(dynamo=True)`` (:mod:`fxpass.export`); ``surgery`` is ``surgery.simplify``;
+``precision`` converts to float16 with float32 islands (``--precision fp16``); ``verify`` compares
+ONNX Runtime with the eager model through Polygraphy (:mod:`fxpass.verify`; the API may opt out with
+``verify=False``); ``write`` writes the ONNX file and the JSON report, only after a passing check
+(or with ``force``).
+"""
 
 from __future__ import annotations
 
@@ -7,16 +19,23 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
 
+from . import metadata
 from .config import ModelConfig
+from .diffusion import schedule_for
 from .errors import FxpassError
-from .export import DEFAULT_OPSET, check_opset, export, get_metadata
-from .schedule import model_timesteps, respaced
+from .export import DEFAULT_OPSET, check_opset, export
+
+STAGES = ("load", "capture", "passes", "export", "surgery", "precision", "verify", "write")
+PRECISIONS = ("fp32", "fp16")
+GROUP_NORM_FORMS = ("auto", "keep")
+
+Progress = Callable[[str, str], None]
 
 
 @dataclass
@@ -24,29 +43,16 @@ class Lowered:
     """The lowered model and what the pipeline measured on the way."""
 
     model: onnx.ModelProto
-    mode: str  # "table" or "fixed"
+    mode: str  # "table", "fixed" or "step"
     timesteps: list  # schedule (original timesteps) in table mode, [T] in fixed mode
     model_timesteps: list  # what the U-Net sees (rescaled when rescale_timesteps)
     stages: dict[str, float] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
+    check: dict[str, Any] | None = None
 
-
-def schedule_for(config: ModelConfig, timesteps: str | int | Sequence[int] | None = "respaced") -> tuple[str, list, list]:
-    """(mode, original timesteps, model timesteps) for a ``--timesteps`` value."""
-    if timesteps is None or timesteps == "respaced":
-        kept = respaced(config.diffusion_steps, config.timestep_respacing)
-        return "table", kept, model_timesteps(config.diffusion_steps, kept, config.rescale_timesteps)
-    if isinstance(timesteps, str):
-        try:
-            timesteps = int(timesteps)
-        except ValueError:
-            raise FxpassError(f"--timesteps {timesteps}: expected 'respaced' or an integer timestep") from None
-    if isinstance(timesteps, int):
-        if not 0 <= timesteps < config.diffusion_steps:
-            raise FxpassError(f"--timesteps {timesteps}: must be in 0..{config.diffusion_steps - 1}")
-        return "fixed", [timesteps], model_timesteps(config.diffusion_steps, [timesteps], config.rescale_timesteps)
-    kept = [int(t) for t in timesteps]
-    return "table", kept, model_timesteps(config.diffusion_steps, kept, config.rescale_timesteps)
+    @property
+    def passed(self) -> bool:
+        return self.check is None or bool(self.check["passed"])
 
 
 def example_inputs_for(config: ModelConfig, first_timestep, seed: int = 0, batch: int = 1) -> dict[str, torch.Tensor]:
@@ -59,15 +65,41 @@ def example_inputs_for(config: ModelConfig, first_timestep, seed: int = 0, batch
     return inputs
 
 
-@contextmanager
-def _stage(stages: dict, name: str, progress: Callable[[str, str], None] | None):
-    if progress:
-        progress(name, "start")
-    start = time.perf_counter()
-    yield
-    stages[name] = time.perf_counter() - start
-    if progress:
-        progress(name, f"{stages[name]:.1f} s")
+class _Run:
+    """Stage timing and progress for one pipeline run."""
+
+    def __init__(self, progress: Progress | None, stages: dict[str, float] | None = None):
+        self.progress = progress
+        self.stages: dict[str, float] = stages if stages is not None else {}
+
+    @contextmanager
+    def stage(self, name: str):
+        assert name in STAGES, name
+        if self.progress:
+            self.progress(name, "start")
+        start = time.perf_counter()
+        yield
+        self.stages[name] = time.perf_counter() - start
+        if self.progress:
+            self.progress(name, f"{self.stages[name]:.1f} s")
+
+
+def _validate(precision: str, group_norm: str, opset: int) -> None:
+    check_opset(opset)
+    if precision not in PRECISIONS:
+        raise FxpassError(f"--precision {precision}: expected {' or '.join(PRECISIONS)}")
+    if group_norm not in GROUP_NORM_FORMS:
+        raise FxpassError(f"--group-norm {group_norm}: expected {' or '.join(GROUP_NORM_FORMS)}")
+
+
+def _schedule(config: ModelConfig | None, timesteps) -> tuple[str, list, list]:
+    if config is not None:
+        return schedule_for(config, timesteps)
+    if isinstance(timesteps, (str, type(None))):
+        raise FxpassError("lower: without a config, give timesteps as an int or a sequence")
+    if isinstance(timesteps, int):
+        return "fixed", [timesteps], [timesteps]
+    return "table", list(timesteps), list(timesteps)
 
 
 def lower_with_report(
@@ -80,28 +112,36 @@ def lower_with_report(
     opset: int = DEFAULT_OPSET,
     dynamic_batch: bool = False,
     simplifier: str | None = "onnxslim",
-    progress: Callable[[str, str], None] | None = None,
-    step_graph: bool = False,
     group_norm: str = "auto",
+    step_graph: bool = False,
+    verify: bool = True,
+    tolerance: tuple[float, float] | None = None,
+    output: str | Path | None = None,
+    report_path: str | Path | None = None,
+    force: bool = False,
+    report_extra: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+    stages: dict[str, float] | None = None,
+    started: float | None = None,
 ) -> Lowered:
-    """Lower ``model`` and keep the stage times, node counts and pass counts."""
+    """Run the pipeline from capture on; see :func:`lower` for the options.
+
+    ``output``/``report_path``: the write stage writes the ONNX file and the JSON report there, after
+    a passing check; a failing check raises (exit code 1) and writes nothing unless ``force``, which
+    writes and returns a :class:`Lowered` whose ``passed`` is False.  Without ``output`` a failing
+    check raises too.  ``stages`` carries times of earlier stages (load) into the report.
+    """
     from . import __version__
     from .capture import capture
+    from .fileio import check_writable_target
     from .passes import rewrite
 
-    check_opset(opset)
-    if precision not in ("fp32", "fp16"):
-        raise FxpassError(f"--precision {precision}: expected fp32 or fp16")
-    if group_norm not in ("auto", "keep"):
-        raise FxpassError(f"--group-norm {group_norm}: expected auto or keep")
-    if config is None:
-        if isinstance(timesteps, (str, type(None))):
-            raise FxpassError("lower: without a config, give timesteps as an int or a sequence")
-        mode = "fixed" if isinstance(timesteps, int) else "table"
-        kept = [timesteps] if mode == "fixed" else list(timesteps)
-        seen = list(kept)
-    else:
-        mode, kept, seen = schedule_for(config, timesteps)
+    _validate(precision, group_norm, opset)
+    if output is not None:
+        output = check_writable_target(output)
+    if report_path is not None:
+        report_path = check_writable_target(report_path)
+    mode, kept, seen = _schedule(config, timesteps)
     if step_graph and (config is None or mode != "table"):
         raise FxpassError("--step-graph needs a config and the respaced schedule (table mode)")
     if example_inputs is None:
@@ -109,13 +149,17 @@ def lower_with_report(
             raise FxpassError("lower: give example_inputs or a config")
         example_inputs = example_inputs_for(config, seen[-1])
 
-    stages: dict[str, float] = {}
-    report: dict[str, Any] = {"fxpass_version": __version__, "opset": opset, "precision": precision, "mode": mode}
+    run = _Run(progress, stages)
+    started = time.perf_counter() if started is None else started
+    report: dict[str, Any] = {"fxpass_version": __version__, "opset": opset, "precision": precision, "mode": mode,
+                              **(report_extra or {})}
+    if config is not None:
+        report["config"] = config.to_dict()
     model = model.eval()
-    with _stage(stages, "capture", progress):
+    with run.stage("capture"):
         gm = capture(model, example_inputs)
     report["fx_nodes_captured"] = len(gm.graph.nodes)
-    with _stage(stages, "passes", progress):
+    with run.stage("passes"):
         gm = rewrite(gm, timesteps=seen[0] if mode == "fixed" else seen)
     report["fx_nodes_rewritten"] = len(gm.graph.nodes)
     report["fx_rewrites"] = dict(gm.meta.get("fxpass_rewrites", {}))
@@ -123,49 +167,119 @@ def lower_with_report(
     if leftover:
         raise FxpassError(f"lower: asserts/guards left after the passes (data-dependent): {', '.join(leftover[:3])}")
 
-    metadata: dict[str, Any] = {"fxpass.mode": mode, "fxpass.timesteps": kept}
-    if mode == "table":
-        metadata["fxpass.model_timesteps"] = seen
-    if config is not None:
-        metadata["fxpass.config"] = config.to_dict()
-    with _stage(stages, "export", progress):
-        if step_graph:
-            from .step_graph import STEP_OUTPUTS, DenoisingStep
-
-            inputs = dict(gm.meta["fxpass_example_inputs"])
-            x = inputs["x"]
-            step_inputs = {"x": x, "t_index": inputs["t_index"], "noise": torch.zeros_like(x)}
-            if "y" in inputs:
-                step_inputs["y"] = inputs["y"]
-            metadata["fxpass.mode"] = "step"
-            proto = export(DenoisingStep(gm, config).eval(), step_inputs, opset=opset, dynamic_batch=dynamic_batch,
-                           metadata=metadata, output_names=STEP_OUTPUTS)
-        else:
-            proto = export(gm, opset=opset, dynamic_batch=dynamic_batch, metadata=metadata)
+    meta = metadata.ModelMeta("step" if step_graph else mode, tuple(kept), tuple(seen),
+                              config.to_dict() if config is not None else None, precision)
+    with run.stage("export"):
+        proto = _export(gm, config, meta, opset=opset, dynamic_batch=dynamic_batch, step_graph=step_graph)
     report["onnx_nodes_exported"] = len(proto.graph.node)
 
     import surgery
 
-    with _stage(stages, "surgery", progress):
+    with run.stage("surgery"):
         proto, surgery_report = surgery.simplify(proto, opset=opset, simplifier=simplifier, group_norm=group_norm)
     report["surgery"] = surgery_report
     report["onnx_nodes"] = len(proto.graph.node)
     if precision == "fp16":
-        import onnx_graphsurgeon as gs
-
-        from surgery.convert_precision import convert_precision
-
-        from .export import set_metadata
-
-        with _stage(stages, "fp16", progress):
-            props = get_metadata(proto)
-            graph, converted = convert_precision(gs.import_onnx(proto))
-            proto = gs.export_onnx(graph)
-            set_metadata(proto, {**props, "fxpass.precision": "fp16"})
+        with run.stage("precision"):
+            proto, converted = _to_fp16(proto)
         report["fp16_nodes"] = converted
         report["onnx_nodes"] = len(proto.graph.node)
-    report["stages_s"] = stages
-    return Lowered(proto, mode, kept, seen, stages, report)
+
+    check = None
+    if verify:
+        from .verify import check_against_eager, default_tolerance
+
+        with run.stage("verify"):
+            check = check_against_eager(proto, model, config=config, tolerance=tolerance or default_tolerance(precision))
+        report["check"] = check
+    lowered = Lowered(proto, mode, kept, seen, run.stages, report, check)
+    if check is not None and not check["passed"] and not (force and output is not None):
+        where = f"{output}: not written: " if output is not None else "lower: "
+        why = f"output has non-finite values ({check['nonfinite']})" if check.get("nonfinite") else \
+            f"differs from PyTorch by {check['max_rel_to_scale']:.3g}·max|ref|"
+        raise FxpassError(f"{where}ONNX Runtime {why} (tolerance {check['tolerance']['atol_scale']:g})"
+                          + ("; --force writes it anyway" if output is not None else ""), exit_code=1)
+    report["stages_s"] = dict(run.stages)
+    report["total_s"] = time.perf_counter() - started
+    if output is not None:
+        with run.stage("write"):
+            _write(lowered, output, report_path, run.stages)
+    return lowered
+
+
+def _export(gm, config, meta: metadata.ModelMeta, *, opset: int, dynamic_batch: bool, step_graph: bool):
+    props = metadata.encode(meta)
+    if not step_graph:
+        return export(gm, opset=opset, dynamic_batch=dynamic_batch, metadata=props)
+    from .step_graph import STEP_OUTPUTS, DenoisingStep
+
+    inputs = dict(gm.meta["fxpass_example_inputs"])
+    x = inputs["x"]
+    step_inputs = {"x": x, "t_index": inputs["t_index"], "noise": torch.zeros_like(x)}
+    if "y" in inputs:
+        step_inputs["y"] = inputs["y"]
+    return export(DenoisingStep(gm, config).eval(), step_inputs, opset=opset, dynamic_batch=dynamic_batch,
+                  metadata=props, output_names=STEP_OUTPUTS)
+
+
+def _to_fp16(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    import onnx_graphsurgeon as gs
+
+    from surgery.convert_precision import convert_precision
+
+    props = metadata.read_props(proto)
+    graph, converted = convert_precision(gs.import_onnx(proto))
+    proto = gs.export_onnx(graph)
+    metadata.write_props(proto, {**props, metadata.PRECISION: "fp16"})
+    return proto, converted
+
+
+def _write(lowered: Lowered, output: Path, report_path: Path | None, stages: dict[str, float]) -> None:
+    import surgery
+
+    from .fileio import atomic_write_bytes
+
+    t0 = time.perf_counter()
+    surgery.save_model(lowered.model, output)
+    stages["write"] = time.perf_counter() - t0
+    lowered.report["output"] = str(output)
+    lowered.report["file_bytes"] = output.stat().st_size
+    lowered.report["stages_s"] = dict(stages)
+    if report_path is not None:
+        text = json.dumps(lowered.report, indent=2, sort_keys=True, default=str)
+        atomic_write_bytes(report_path, lambda fh: fh.write(text.encode()))
+
+
+def load(checkpoint: str | Path, *, config: ModelConfig, model_class: str | None = None,
+         model_kwargs: str | None = None, trust_pickle: bool = False) -> torch.nn.Module:
+    """The load stage: fxpass's U-Net for ``config`` or ``model_class`` (``pkg.mod:Class``), weights from
+    ``checkpoint``, float32, eval mode."""
+    if model_class:
+        from .user_model import load_user_model
+
+        return load_user_model(model_class, model_kwargs, Path(checkpoint), trust_pickle)
+    if model_kwargs:
+        raise FxpassError("--model-kwargs needs --model-class")
+    from .checkpoint import load_model
+
+    return load_model(checkpoint, config, trust_pickle=trust_pickle)
+
+
+def lower_checkpoint(checkpoint: str | Path, output: str | Path | None = None, *, config: ModelConfig,
+                     model_class: str | None = None, model_kwargs: str | None = None, trust_pickle: bool = False,
+                     progress: Progress | None = None, **options) -> Lowered:
+    """The whole pipeline from a checkpoint file: load, then :func:`lower_with_report` (what the CLI runs)."""
+    from .fileio import check_writable_target
+
+    if output is not None:
+        check_writable_target(output)
+    started = time.perf_counter()
+    run = _Run(progress)
+    with run.stage("load"):
+        model = load(checkpoint, config=config, model_class=model_class, model_kwargs=model_kwargs,
+                     trust_pickle=trust_pickle)
+    return lower_with_report(model, config=config, output=output, progress=progress, stages=run.stages,
+                             started=started, report_extra={"model": str(checkpoint)}, **options)
 
 
 def lower(
@@ -180,6 +294,7 @@ def lower(
     simplifier: str | None = "onnxslim",
     step_graph: bool = False,
     group_norm: str = "auto",
+    verify: bool = True,
 ) -> onnx.ModelProto:
     """Lower a guided-diffusion / RePaint U-Net (ours or a user's class) to an ONNX ModelProto.
 
@@ -190,122 +305,11 @@ def lower(
     ``pred_xstart``; see :mod:`fxpass.step_graph`).  ``group_norm="keep"`` keeps every GroupNorm as
     one ``GroupNormalization`` node; the default "auto" expands the large ones into a
     ``LayerNormalization`` form that ONNX Runtime's CPU provider runs about twice as fast.
+    ``verify`` (default True) checks ONNX Runtime against the eager model, as ``fxpass lower`` does,
+    and raises :class:`FxpassError` when they differ; ``verify=False`` opts out.
     """
     return lower_with_report(
         model, example_inputs, config=config, timesteps=timesteps, precision=precision, opset=opset,
         dynamic_batch=dynamic_batch, simplifier=simplifier, step_graph=step_graph, group_norm=group_norm,
+        verify=verify,
     ).model
-
-
-def check_against_eager(
-    proto: onnx.ModelProto,
-    model: torch.nn.Module,
-    *,
-    config: ModelConfig,
-    t_indices: Sequence[int] | None = None,
-    seed: int = 1234,
-    tolerance: tuple[float, float] = (1e-4, 0.0),
-) -> dict[str, Any]:
-    """ONNX Runtime (CPU) against the eager float32 model on seeded inputs, through Polygraphy.
-
-    Table mode: one input per t_index (default: first, middle, last of the schedule); fixed mode:
-    two seeded inputs.  Returns worst errors, per-t_index errors, ORT latency and pass/fail.
-    """
-    from targets.compare import compare, run_runners
-    from targets.ort import ort_runner
-    from targets.torch_ref import TorchReferenceRunner
-
-    meta = get_metadata(proto)
-    mode = meta.get("fxpass.mode", "table")
-    if mode == "step":
-        return check_step_against_numpy(proto, model, config=config, t_indices=t_indices, seed=seed,
-                                        tolerance=tolerance)
-
-    kept = json.loads(meta["fxpass.timesteps"])
-    seen = json.loads(meta.get("fxpass.model_timesteps", json.dumps(kept)))
-    rng = np.random.default_rng(seed)
-    feeds, labels = [], []
-    input_names = {i.name for i in proto.graph.input}
-    if mode == "table":
-        if t_indices is None:
-            t_indices = sorted({0, len(kept) // 2, len(kept) - 1})
-        for i in t_indices:
-            feeds.append(_seeded_feed(rng, config.image_size, input_names, t_index=i))
-            labels.append({"t_index": int(i), "timestep": kept[i]})
-        reference = TorchReferenceRunner(model, timesteps=seen, image_size=config.image_size, name="torch-fp32")
-    else:
-        for _ in range(2):
-            feeds.append(_seeded_feed(rng, config.image_size, input_names))
-            labels.append({"timestep": kept[0]})
-        reference = TorchReferenceRunner(model, fixed_timestep=seen[0], image_size=config.image_size,
-                                         name="torch-fp32")
-    runner = ort_runner(proto, cuda=False, name="onnxrt-cpu")
-    results = run_runners([reference, runner], feeds)
-    pair = compare(results, reference="torch-fp32", atol_scale=tolerance[0], rtol=tolerance[1], meta=labels)[0]
-    return _check_summary(pair, results["onnxrt-cpu"], tolerance)
-
-
-def check_step_against_numpy(
-    proto: onnx.ModelProto,
-    model: torch.nn.Module,
-    *,
-    config: ModelConfig,
-    t_indices: Sequence[int] | None = None,
-    seed: int = 1234,
-    tolerance: tuple[float, float] = (1e-4, 0.0),
-) -> dict[str, Any]:
-    """A step graph on ONNX Runtime against the eager model + the NumPy sampler's posterior (Polygraphy)."""
-    from targets.compare import compare, run_runners
-    from targets.ort import ort_runner
-    from targets.step_ref import NumpyStepRunner
-
-    from .sampler import Diffusion
-
-    mode, kept, seen = schedule_for(config, "respaced")
-    if t_indices is None:
-        t_indices = sorted({0, len(kept) // 2, len(kept) - 1})
-    rng = np.random.default_rng(seed)
-    feeds, labels = [], []
-    input_names = {i.name for i in proto.graph.input}
-    for i in t_indices:
-        feeds.append(_seeded_feed(rng, config.image_size, input_names, t_index=i, noise=True))
-        labels.append({"t_index": int(i), "timestep": kept[i]})
-    diffusion = Diffusion.from_config(config.to_dict())
-    reference = NumpyStepRunner(model.eval(), diffusion, seen)
-    runner = ort_runner(proto, cuda=False, name="onnxrt-cpu")
-    results = run_runners([reference, runner], feeds)
-
-    def conditioning(iteration: int, output: str) -> float:
-        # pred_xstart = sqrt(1/abar) x - sqrt(1/abar - 1) eps multiplies the U-Net's float32 error
-        return float(diffusion.sqrt_recipm1_alphas_cumprod[t_indices[iteration]]) if output == "pred_xstart" else 1.0
-
-    pair = compare(results, reference="numpy-step", atol_scale=tolerance[0], rtol=tolerance[1], meta=labels,
-                   conditioning=conditioning)[0]
-    return {**_check_summary(pair, results["onnxrt-cpu"], tolerance), "reference": "eager model + NumPy posterior"}
-
-
-def _seeded_feed(rng: np.random.Generator, size: int, input_names: set[str], *, t_index: int | None = None,
-                 noise: bool = False) -> dict[str, np.ndarray]:
-    """One batch-1 check input drawn from ``rng`` in a fixed order: x, then noise, then y (if an input)."""
-    shape = (1, 3, size, size)
-    feed = {"x": rng.standard_normal(shape, dtype=np.float32)}
-    if t_index is not None:
-        feed["t_index"] = np.array([t_index], dtype=np.int64)
-    if noise:
-        feed["noise"] = rng.standard_normal(shape, dtype=np.float32)
-    if "y" in input_names:
-        feed["y"] = np.array([int(rng.integers(0, 1000))], dtype=np.int64)
-    return feed
-
-
-def _check_summary(pair, ort_runs, tolerance: tuple[float, float]) -> dict[str, Any]:
-    """The numbers a check reports: worst errors, per-input errors, ORT latency (median after the first run)."""
-    runtimes = [r.runtime for r in ort_runs]
-    return {
-        "passed": pair.passed,
-        "max_abs": pair.max_abs,
-        "max_rel_to_scale": pair.max_rel_to_scale,
-        "tolerance": {"atol_scale": tolerance[0], "rtol": tolerance[1]},
-        "per_input": pair.per_iteration,
-        "ort_latency_s": float(np.median(runtimes[1:] if len(runtimes) > 1 else runtimes)),
-    }

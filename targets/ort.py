@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import os
-import tempfile
 
 import onnx
 from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+from surgery.modelio import serialized, staged_path
 
 
 def available_providers() -> list[str]:
@@ -31,28 +31,15 @@ def ort_runner(model: onnx.ModelProto | str | os.PathLike | bytes, *, cuda: bool
         providers.insert(0, "CUDAExecutionProvider")
     staging = None
     if isinstance(model, onnx.ModelProto):
-        if byte_size(model) < SERIALIZE_LIMIT:
-            model = model.SerializeToString()
+        data = serialized(model)
+        if data is not None:
+            model = data
         else:  # protobuf cannot serialize 2 GiB: hand ORT a file with external data
-            staging = tempfile.TemporaryDirectory(prefix="fxpass-ort-")
-            path = os.path.join(staging.name, "model.onnx")
-            onnx.save_model(copy.deepcopy(model), path, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location="model.onnx.data", size_threshold=1024)
-            model = path
+            path, staging = staged_path(model, prefix="fxpass-ort-")
+            model = str(path)
     elif isinstance(model, os.PathLike):
         model = os.fspath(model)
     loader = SessionFromOnnx(model, providers=providers)
     runner = OnnxrtRunner(loader, name=name or ("onnxrt-cuda" if providers[0].startswith("CUDA") else "onnxrt-cpu"))
     runner._fxpass_staging = staging  # the files live as long as the runner
     return runner
-
-
-#: protobuf's limit on one serialized message (2 GiB); larger models go through a file with external data
-SERIALIZE_LIMIT = 2**31 - 1
-
-
-def byte_size(model: onnx.ModelProto) -> int:
-    try:
-        return model.ByteSize()
-    except Exception:  # some protobuf builds refuse to size a message over the limit
-        return SERIALIZE_LIMIT

@@ -32,6 +32,8 @@ class NumpyStepRunner(BaseRunner):
         meta.add("x", np.float32, (-1, 3, -1, -1))
         meta.add("t_index", np.int64, (-1,))
         meta.add("noise", np.float32, (-1, 3, -1, -1))
+        if getattr(self.model, "num_classes", None) is not None:
+            meta.add("y", np.int64, (-1,))
         return meta
 
     def infer_impl(self, feed_dict):

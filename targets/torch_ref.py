@@ -26,7 +26,8 @@ class TorchReferenceRunner(BaseRunner):
 
     def __init__(self, model: torch.nn.Module, *, timesteps: Sequence[float] | None = None,
                  fixed_timestep: float | None = None, dtype: str = "float32", image_size: int | None = None,
-                 name: str | None = None, output_name: str = "out", timestep_dtype=torch.int64):
+                 name: str | None = None, output_name: str = "out", timestep_dtype=torch.int64,
+                 extra_inputs: Sequence[tuple[str, str, Sequence[int]]] = ()):
         super().__init__(name=name or f"torch-{dtype}", prefix="torch-runner")
         if (timesteps is None) == (fixed_timestep is None):
             raise ValueError("give exactly one of timesteps (table mode) or fixed_timestep")
@@ -41,6 +42,10 @@ class TorchReferenceRunner(BaseRunner):
         self.image_size = image_size
         self.output_name = output_name
         self.class_cond = getattr(model, "num_classes", None) is not None
+        #: inputs beside x and t_index, passed to the model by name: (name, numpy dtype, shape)
+        self.extra_inputs = [tuple(e) for e in extra_inputs]
+        if self.class_cond and not any(e[0] == "y" for e in self.extra_inputs):
+            self.extra_inputs.append(("y", "int64", (-1,)))
 
     def activate_impl(self):
         self._model = self.model.to(self.torch_dtype).eval()
@@ -55,8 +60,8 @@ class TorchReferenceRunner(BaseRunner):
         meta.add("x", np.float32, (-1, 3, size, size))
         if self.timesteps is not None:
             meta.add("t_index", np.int64, (-1,))
-        if self.class_cond:
-            meta.add("y", np.int64, (-1,))
+        for name, dtype, shape in self.extra_inputs:
+            meta.add(name, np.dtype(dtype), tuple(shape))
         return meta
 
     def infer_impl(self, feed_dict):
@@ -69,9 +74,11 @@ class TorchReferenceRunner(BaseRunner):
             t = torch.full((n,), self.fixed_timestep)
             if float(self.fixed_timestep).is_integer():
                 t = t.to(torch.int64)
-        kwargs = {}
-        if self.class_cond:
-            kwargs["y"] = torch.as_tensor(np.asarray(feed_dict["y"]), dtype=torch.int64)
+        kwargs = {}  # every other input by name (class labels y, conditioning images, ...)
+        for name, value in feed_dict.items():
+            if name not in ("x", "t_index"):
+                value = np.asarray(value)
+                kwargs[name] = torch.as_tensor(value, dtype=torch.int64 if value.dtype.kind in "iu" else self.torch_dtype)
         start = time.perf_counter()
         with torch.no_grad():
             out = self._model(x, t, **kwargs)

@@ -19,7 +19,7 @@ from fxpass.checkpoint import init_model, save_checkpoint
 from fxpass.cli import main
 from fxpass.config import CAMUS
 from fxpass.errors import FxpassError
-from fxpass.export import get_metadata
+from fxpass.metadata import read_props as get_metadata
 from fxpass.schedule import respaced
 
 TINY = CAMUS.replace(image_size=32, num_channels=32, num_res_blocks=1, attention_resolutions="16",
@@ -169,6 +169,24 @@ def test_cli_lower_writes_model_and_report(tiny_files, capsys):
     assert data["file_bytes"] == out.stat().st_size
     assert {"capture", "passes", "export", "surgery", "write"} <= set(data["stages_s"])
     assert data["surgery"]["ops"]["after"].get("Einsum", 0) == 0
+
+
+def test_api_and_cli_give_identical_bytes_and_check_figures(tiny_files, tmp_path):
+    """fxpass.lower() and `fxpass lower` run the same pipeline: same file, same check figures."""
+    from fxpass.config import load_config
+    from fxpass.pipeline import lower_with_report
+
+    root, cfg_path, ckpt = tiny_files
+    out, report = tmp_path / "cli.onnx", tmp_path / "cli.json"
+    assert main(["lower", str(ckpt), "--config", str(cfg_path), "-o", str(out), "--report", str(report)]) == 0
+    cfg = load_config(cfg_path)
+    lowered = lower_with_report(fxpass.load_model(ckpt, cfg), config=cfg)
+    assert lowered.model.SerializeToString() == out.read_bytes()
+    assert fxpass.lower(fxpass.load_model(ckpt, cfg), config=cfg).SerializeToString() == out.read_bytes()
+    data = json.loads(report.read_text())
+    assert data["check"]["max_abs"] == lowered.check["max_abs"]
+    assert [e["max_abs"] for e in data["check"]["per_input"]] == [e["max_abs"] for e in lowered.check["per_input"]]
+    assert set(data["stages_s"]) == {"load", "capture", "passes", "export", "surgery", "verify", "write"}
 
 
 def test_cli_refuses_a_model_that_differs_and_keeps_existing_output(tiny_files, tmp_path, capsys):

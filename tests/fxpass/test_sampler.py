@@ -21,21 +21,17 @@ import pytest
 from fxpass.cli import main
 from fxpass.config import ModelConfig
 from fxpass.errors import FxpassError
+from fxpass.denoisers import OnnxDenoiser
+from fxpass.diffusion import Diffusion, base_betas, cosine_betas, linear_betas, respaced_betas
 from fxpass.sampler import (
-    Diffusion,
     GeneratorNoise,
-    OnnxDenoiser,
     RecordingNoise,
     ReplayNoise,
-    base_betas,
-    cosine_betas,
     count_model_calls,
     ddpm,
     descent_schedule,
     jump_schedule,
-    linear_betas,
     repaint,
-    respaced_betas,
     sample_loop,
 )
 from fxpass.schedule import respaced
@@ -429,8 +425,8 @@ def test_onnx_denoiser_three_channel_model(tmp_path):
     "build,message",
     [
         (lambda p: p.write_bytes(b"not onnx at all"), "not a readable ONNX model"),
-        (lambda p: TableFixture(p, SMALL, mode=None), "not an fxpass model (no fxpass.mode metadata)"),
-        (lambda p: TableFixture(p, SMALL, mode="fixed"), "fxpass.mode is 'fixed'; sampling needs a table-mode model"),
+        (lambda p: TableFixture(p, SMALL, mode=None), "not an fxpass model (no fxpass.mode"),
+        (lambda p: TableFixture(p, SMALL, mode="fixed"), "fxpass.mode is 'fixed'; this needs a table-mode model"),
         (lambda p: TableFixture(p, SMALL, drop_keys=("fxpass.config",)), "no fxpass.config metadata"),
         (lambda p: TableFixture(p, SMALL, timesteps=[0, 1, 2]), "fxpass.timesteps (3 steps) does not match"),
         (lambda p: TableFixture(p, SMALL, input_names=("image", "t_index")), "inputs are ['image', 't_index']"),
@@ -492,7 +488,7 @@ def test_cli_sample_accepts_rgb_and_16_bit_images(tmp_path, capsys, fixture_onnx
 
 
 def test_image_and_mask_loading_scales(tmp_path):
-    from fxpass.cli_sample import load_image, load_mask
+    from fxpass.images import load_image, load_mask
 
     gray = np.array([[0, 255], [128, 64]], dtype=np.uint8)
     x = load_image(_png(tmp_path / "g.png", gray), 2)
@@ -528,7 +524,7 @@ def _bad_cases(tmp_path, fixture_onnx, images):
         ([model, "--image", img, "--mask", white], f"{white}: mask has no unknown (black) pixels"),
         ([tmp_path / "none.onnx", "--image", img, "--mask", mask], f"{tmp_path / 'none.onnx'}: no such file"),
         ([text, "--image", img, "--mask", mask], f"{text}: not a readable ONNX model"),
-        ([fixed, "--image", img, "--mask", mask], f"{fixed}: fxpass.mode is 'fixed'"),
+        ([fixed, "--image", img, "--mask", mask], f"{fixed}: metadata fxpass.mode is 'fixed'"),
         ([plain, "--image", img, "--mask", mask], f"{plain}: not an fxpass model"),
         ([model, "--image", img, "--mask", mask, "--t-T", 11], f"{model}: --t-T 11 is more than the model's 10"),
         ([model, "--image", img], "sample: --image IMG.png and --mask MASK.png are required"),

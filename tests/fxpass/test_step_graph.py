@@ -13,7 +13,7 @@ import fxpass
 from fxpass.checkpoint import init_model
 from fxpass.config import CAMUS
 from fxpass.errors import FxpassError
-from fxpass.sampler import Diffusion
+from fxpass.diffusion import Diffusion
 from fxpass.schedule import respaced
 
 TINY = CAMUS.replace(image_size=32, num_channels=32, num_res_blocks=1, attention_resolutions="16",

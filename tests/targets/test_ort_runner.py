@@ -34,7 +34,9 @@ def test_runs_a_model_proto_on_the_cpu():
 
 def test_large_models_go_through_external_data(monkeypatch):
     """Over the serialization limit the runner writes the model with external data and loads the file."""
-    monkeypatch.setattr(ort_target, "SERIALIZE_LIMIT", 1024)  # this 16 KiB model now counts as "too large"
+    import surgery.modelio
+
+    monkeypatch.setattr(surgery.modelio, "LARGE_MODEL_BYTES", 1024)  # this 16 KiB model now counts as "too large"
     w = np.random.default_rng(1).standard_normal((64, 64)).astype(np.float32)
     x = np.ones((1, 64), np.float32)
     model = _model(w)

@@ -75,7 +75,7 @@ def test_fxpass_never_imports_tensorrt():
     offenders = [str(p.relative_to(ROOT)) for p in [*(ROOT / "fxpass").rglob("*.py"), *(ROOT / "targets").rglob("*.py")]
                  if re.search(r"^\s*(import|from)\s+tensorrt\b", p.read_text(), re.M)]
     assert offenders == ["targets/trt.py"]
-    code = ("import sys; from fxpass.cli import build_parser; build_parser(); import fxpass.cli_check, targets.trt; "
+    code = ("import sys; from fxpass.cli import build_parser; build_parser(); import fxpass.cli.check, fxpass.verify, targets.trt; "
             "targets.trt.engine_loader; print('tensorrt' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "False", result.stderr
@@ -158,10 +158,11 @@ def test_runner_is_named_by_precision_and_builds_once(tmp_path):
 
 # ---- engines (TensorRT and a CUDA device) ---------------------------------------------------------------
 def _feeds(n: int = 3):
-    from fxpass.cli_check import make_feeds
+    from fxpass.verify import InputSpec, seeded_feeds
 
-    return make_feeds(mode="table", timesteps=list(range(n)), model_ts=list(range(n)), x_shape=[1, 3, 32, 32],
-                      class_cond=False, seed=0, t_indices=list(range(n))).feeds
+    specs = [InputSpec("x", "float32", (1, 3, 32, 32)), InputSpec("t_index", "int64", (1,))]
+    return seeded_feeds(specs, seed=0, timesteps=list(range(n)), model_timesteps=list(range(n)),
+                        t_indices=list(range(n))).feeds
 
 
 @pytest.mark.trt

@@ -1,0 +1,65 @@
+"""The ``fxpass`` command: ``main``, the error mapping, and one module per command.
+
+Each command module has ``add_parser(sub, common)`` and ``run(args)``; it parses arguments and calls
+library functions (pipeline, verify, golden, sampler), holding no lowering, checking or format logic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import __version__
+from ..errors import FxpassError, first_line
+from . import check, golden, init, inspect, lower, sample
+
+COMMANDS = (init, inspect, lower, check, golden, sample)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fxpass",
+        description="Lower guided-diffusion / RePaint U-Nets to ONNX through torch.fx rewrites.",
+    )
+    parser.add_argument("--version", action="version", version=f"fxpass {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="{init,inspect,lower,check,golden,sample}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+    for command in COMMANDS:
+        command.add_parser(sub, common)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except FxpassError as exc:
+        if getattr(args, "debug", False):
+            raise
+        print(f"fxpass: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("fxpass: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        if getattr(args, "debug", False):
+            raise
+        print("fxpass: error: out of memory (the model or its inputs are too large for this machine)",
+              file=sys.stderr)
+        return 2
+    except Exception as exc:  # an unexpected failure: still one line unless --debug
+        if getattr(args, "debug", False):
+            raise
+        print(f"fxpass: internal error: {type(exc).__name__}: {first_line(exc)} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""``fxpass golden MODEL.pt -o DIR``: a golden input/output set in Polygraphy's JSON formats."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..errors import FxpassError
+from . import args as shared
+from .output import console
+
+
+def add_parser(sub, common) -> None:
+    p = sub.add_parser("golden", parents=[common], help="write a golden input/output set (Polygraphy JSON)")
+    p.add_argument("model", metavar="MODEL.pt")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="the golden set's directory, e.g. golden/NAME")
+    shared.add_config(p, "YAML config (default: --onnx's metadata, else built-in CAMUS)")
+    p.add_argument("--onnx", metavar="OUT.onnx",
+                   help="the lowered model the set is for: schedule and inputs from its metadata; checked "
+                        "against the new outputs before writing; named in the regression command")
+    shared.add_seed(p)
+    p.add_argument("--t-index", nargs="+", metavar="I", help="t_index values (default: first and last)")
+    shared.add_force(p, "replace DIR if it is empty or holds a golden set")
+    shared.add_trust(p)
+    p.set_defaults(func=run)
+
+
+def parse_t_indices(values: list[str] | None) -> list[int] | None:
+    if not values:
+        return None
+    out: list[int] = []
+    for value in values:
+        for part in str(value).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                index = int(part)
+            except ValueError:
+                raise FxpassError(f"--t-index {part}: expected integers such as 0 249") from None
+            if index not in out:
+                out.append(index)
+    return out
+
+
+def run(args) -> int:
+    from ..checkpoint import load_model
+    from ..config import resolve_config
+    from ..golden import is_golden_dir, make_golden, write_golden
+    from ..metadata import read_file
+
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise FxpassError(f"{out}: already exists (pass --force to overwrite)")
+    if out.exists() and not is_golden_dir(out):
+        raise FxpassError(f"{out}: exists and is not a golden set (no golden manifest.json, or other files in it); "
+                          "not replacing it, even with --force")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise FxpassError(f"{out}: directory {parent} does not exist")
+    info = read_file(args.onnx) if args.onnx else None
+    cfg = resolve_config(args.config, info.config if info else None, source=f"{args.onnx}: metadata")
+    t_indices = parse_t_indices(args.t_index)
+    model_path = Path(args.model)
+    model = load_model(model_path, cfg, trust_pickle=args.trust_pickle)
+    t0 = time.perf_counter()
+    golden = make_golden(model, cfg, name=out.name, checkpoint=model_path, info=info, seed=args.seed,
+                         t_indices=t_indices, output_dir=str(out))
+    write_golden(out, golden, force=args.force)
+    manifest = golden.manifest
+    size = sum(p.stat().st_size for p in out.iterdir())
+    say = console()
+    say.print(f"wrote {out}: {len(golden.feeds)} inputs "
+              + (f"(t_index {', '.join(map(str, manifest['t_index']))}) " if manifest["mode"] == "table" else "")
+              + f"and {manifest['outputs']['runner']} outputs, {size / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s",
+              soft_wrap=True)
+    verified = manifest["verified_with"]
+    if verified:
+        say.print(f"{info.path}: matches the golden outputs ({verified['max_rel_to_scale']:.3g}·max|ref|)",
+                  soft_wrap=True)
+    say.print(f"regression (fp32): {manifest['regression']['commands']['fp32']}", soft_wrap=True)
+    return 0

@@ -1,0 +1,85 @@
+"""``fxpass sample MODEL.onnx``: RePaint inpainting (or DDPM) on a lowered model, without torch.
+
+Only NumPy, Pillow, rich and ONNX Runtime are imported on this path (a test checks that torch stays
+out of ``sys.modules``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..errors import FxpassError
+from . import args as shared
+from .output import console
+
+
+def _progress_bar():
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("eta"), TimeRemainingColumn(), console=Console(stderr=True), transient=False,
+    )
+
+
+def run(args) -> int:
+    from ..denoisers import OnnxDenoiser
+    from ..fileio import atomic_write_bytes, check_input_file, check_writable_target
+    from ..images import encode_png, load_image, load_mask
+    from ..sampler import GeneratorNoise, count_model_calls, descent_schedule, jump_schedule, sample_loop
+
+    out = check_writable_target(args.out)
+    if not args.ddpm:
+        if args.image is None or args.mask is None:
+            raise FxpassError("sample: --image IMG.png and --mask MASK.png are required (or --ddpm for plain generation)")
+        for path in (args.image, args.mask):  # cheap checks before loading the model
+            check_input_file(path, "an image")
+    model = OnnxDenoiser(args.model)
+    steps, size = model.diffusion.num_steps, model.image_size
+    if args.ddpm:
+        gt = mask = None
+        times = descent_schedule(steps)
+        what = f"DDPM generation over {steps} steps"
+    else:
+        t_T = steps if args.t_T is None else args.t_T
+        if t_T > steps:
+            raise FxpassError(f"{args.model}: --t-T {t_T} is more than the model's {steps} respaced steps")
+        gt = load_image(args.image, size)
+        mask = load_mask(args.mask, size)
+        times = jump_schedule(t_T, args.jump_length, args.jump_n_sample)
+        what = f"RePaint (t_T {t_T}, jump_length {args.jump_length}, jump_n_sample {args.jump_n_sample})"
+    total = count_model_calls(times)
+    t0 = time.perf_counter()
+    with _progress_bar() as bar:
+        task = bar.add_task("sampling", total=total)
+        x = sample_loop(model, model.diffusion, times, (1, 3, size, size), noise=GeneratorNoise(args.seed),
+                        gt=gt, mask=mask, on_step=lambda done, _total: bar.update(task, completed=done))
+    if not np.isfinite(x).all():
+        raise FxpassError(f"{args.model}: the model produced non-finite values; nothing written")
+    png = encode_png(x[0])
+    atomic_write_bytes(out, lambda fh: fh.write(png))
+    console().print(f"wrote {out}: {what}, {total} model calls, seed {args.seed}, {time.perf_counter() - t0:.1f} s",
+                    soft_wrap=True)
+    return 0
+
+
+def add_parser(sub, common) -> None:
+    p = sub.add_parser("sample", parents=[common], help="RePaint inpainting on a lowered ONNX model (no torch)",
+                       description="RePaint inpainting with ONNX Runtime on a table-mode model from fxpass lower. "
+                                   "Mask: white = known pixels to keep, black = pixels to inpaint.")
+    p.add_argument("model", metavar="MODEL.onnx", help="table-mode ONNX model written by fxpass lower")
+    p.add_argument("--image", metavar="IMG.png", help="image to inpaint (grayscale or RGB, image_size square)")
+    p.add_argument("--mask", metavar="MASK.png", help="white = known pixels to keep, black = to inpaint")
+    p.add_argument("-o", "--out", required=True, metavar="RESULT.png", help="output PNG (written atomically)")
+    p.add_argument("--seed", type=shared.seed_type, default=0, help="seed of all the noise (default 0)")
+    p.add_argument("--t-T", dest="t_T", type=shared.positive, default=None, metavar="N",
+                   help="start index of RePaint's schedule (default: the number of respaced steps)")
+    p.add_argument("--jump-length", type=shared.positive, default=10, metavar="N", help="steps per jump back (default 10)")
+    p.add_argument("--jump-n-sample", type=shared.positive, default=10, metavar="N",
+                   help="passes over each jump section (default 10; 1 = no resampling)")
+    p.add_argument("--ddpm", action="store_true",
+                   help="plain generation over the respaced schedule: no resampling, no image or mask")
+    p.set_defaults(func=run)

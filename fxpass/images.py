@@ -1,0 +1,68 @@
+"""Images in and out for the sampler, torch-free: PNG/TIFF/... to float32 arrays in [-1, 1] and back."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FxpassError
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _read(path: str | Path, size: int, what: str, gray: bool) -> np.ndarray:
+    """Pixels of ``path`` in [0, 1], [H, W] when ``gray`` else [H, W, 3]; one-line errors."""
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.exists():
+        raise FxpassError(f"{p}: no such file")
+    if p.is_dir():
+        raise FxpassError(f"{p}: is a directory, expected an image file")
+    try:
+        with Image.open(p) as img:
+            img.load()
+            if img.size != (size, size):
+                raise FxpassError(f"{p}: {what} is {img.size[0]}x{img.size[1]} pixels, the model takes {size}x{size}")
+            if img.mode in _SIXTEEN_BIT:
+                a = np.clip(np.asarray(img, dtype=np.float64) / 65535.0, 0.0, 1.0)
+                if a.ndim == 3:
+                    a = a[..., 0]
+                return a if gray else np.repeat(a[..., None], 3, axis=2)
+            if img.mode == "F":
+                raise FxpassError(f"{p}: {what} has 32-bit float pixels; use an 8- or 16-bit image")
+            return np.asarray(img.convert("L" if gray else "RGB"), dtype=np.float64) / 255.0
+    except UnidentifiedImageError:
+        raise FxpassError(f"{p}: not an image file") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise FxpassError(f"{p}: not a readable image ({text})") from None
+
+
+def load_image(path: str | Path, size: int) -> np.ndarray:
+    """A grayscale or RGB image as float32 [1, 3, size, size] in [-1, 1] (gray is repeated)."""
+    a = _read(path, size, "image", gray=False)
+    return (a.transpose(2, 0, 1)[None] * 2.0 - 1.0).astype(np.float32)
+
+
+def load_mask(path: str | Path, size: int) -> np.ndarray:
+    """A mask as float32 [1, 1, size, size]: 1 where the pixel is light (known, kept), 0 where dark."""
+    keep = (_read(path, size, "mask", gray=True) >= 0.5).astype(np.float32)
+    known = int(keep.sum())
+    if known == 0:
+        raise FxpassError(f"{path}: mask has no known (white) pixels; RePaint needs some to keep")
+    if known == keep.size:
+        raise FxpassError(f"{path}: mask has no unknown (black) pixels; there is nothing to inpaint")
+    return keep[None, None]
+
+
+def encode_png(x: np.ndarray) -> bytes:
+    """[3, H, W] in [-1, 1] as an 8-bit RGB PNG."""
+    from PIL import Image
+
+    pixels = np.clip(np.rint((np.asarray(x, dtype=np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)), mode="RGB").save(buffer, format="PNG")
+    return buffer.getvalue()

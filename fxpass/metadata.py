@@ -1,0 +1,281 @@
+"""The ONNX metadata contract: what ``fxpass lower`` writes into ``metadata_props`` and how it is read.
+
+Every key string lives here and nowhere else.  :func:`encode` is the one writer (``dict[str, str]``,
+values JSON with sorted keys); :func:`parse` is the one parser, over a plain ``dict[str, str]`` (from
+``onnx``'s ``metadata_props`` or ONNX Runtime's ``custom_metadata_map``), importing neither onnx nor
+torch, so the torch-free sample path uses it too.  It is strict: types, ranges, known values, and a
+schedule that matches the config it carries.  Every problem is an :class:`FxpassError` naming the
+file and the key.
+
+Keys: ``fxpass.version``; ``fxpass.mode`` ("table": inputs ``x``, ``t_index``; "fixed": input ``x``;
+"step": a whole denoising step); ``fxpass.timesteps`` (the original timestep of each ``t_index``, or
+``[T]``); ``fxpass.model_timesteps`` (what the U-Net sees for each, rescaled when
+``rescale_timesteps``); ``fxpass.config`` (the ModelConfig as a JSON object); ``fxpass.precision``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import FxpassError
+
+PREFIX = "fxpass."
+VERSION = "fxpass.version"
+MODE = "fxpass.mode"
+TIMESTEPS = "fxpass.timesteps"
+MODEL_TIMESTEPS = "fxpass.model_timesteps"
+CONFIG = "fxpass.config"
+PRECISION = "fxpass.precision"
+KEYS = (VERSION, MODE, TIMESTEPS, MODEL_TIMESTEPS, CONFIG, PRECISION)
+
+MODES = ("table", "fixed", "step")
+PRECISIONS = ("fp32", "fp16")
+#: the longest schedule a metadata entry may declare (guided-diffusion uses at most a few thousand)
+MAX_SCHEDULE = 100_000
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What an fxpass ONNX model says about itself."""
+
+    mode: str
+    timesteps: tuple[int, ...]
+    model_timesteps: tuple[float, ...]
+    config: dict[str, Any] | None = None
+    precision: str = "fp32"
+    version: str | None = None
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
+
+def encode(meta: ModelMeta) -> dict[str, str]:
+    """The ``metadata_props`` entries for ``meta`` (the one writer)."""
+    from . import __version__
+
+    props = {
+        VERSION: meta.version or __version__,
+        MODE: meta.mode,
+        TIMESTEPS: _json(list(meta.timesteps)),
+        PRECISION: meta.precision,
+    }
+    if meta.mode != "fixed":
+        props[MODEL_TIMESTEPS] = _json(list(meta.model_timesteps))
+    if meta.config is not None:
+        props[CONFIG] = _json(meta.config)
+    return props
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def is_fxpass(props: Mapping[str, str]) -> bool:
+    return MODE in props and TIMESTEPS in props
+
+
+def _load(props: Mapping[str, str], key: str, kind: type, source: str):
+    text = props[key]
+    if not isinstance(text, str) or len(text) > 50_000_000:
+        raise FxpassError(f"{source}: metadata {key} is not a readable string")
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise FxpassError(f"{source}: metadata {key} is not valid JSON") from None
+    if not isinstance(value, kind):
+        raise FxpassError(f"{source}: metadata {key} must be a JSON {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _int_list(values: list, key: str, source: str) -> tuple[int, ...]:
+    if not values:
+        raise FxpassError(f"{source}: metadata {key} is empty")
+    if len(values) > MAX_SCHEDULE:
+        raise FxpassError(f"{source}: metadata {key} has {len(values):,} entries (at most {MAX_SCHEDULE:,})")
+    bad = next((v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < 0), None)
+    if bad is not None or any(isinstance(v, bool) for v in values):
+        raise FxpassError(f"{source}: metadata {key} must list non-negative integers (found {bad!r})")
+    return tuple(values)
+
+
+def parse(props: Mapping[str, str], source: str = "model", *, require: tuple[str, ...] = ()) -> ModelMeta:
+    """The fxpass metadata of a model, checked; ``require``: the modes the caller accepts (all if empty)."""
+    if not is_fxpass(props):
+        raise FxpassError(f"{source}: not an fxpass model (no {MODE} / {TIMESTEPS} metadata); "
+                          "lower it with fxpass lower")
+    unknown = sorted(k for k in props if k.startswith(PREFIX) and k not in KEYS)
+    if unknown:
+        raise FxpassError(f"{source}: unknown metadata key {unknown[0]} (known: {', '.join(KEYS)})")
+    mode = props[MODE]
+    if mode not in MODES:
+        raise FxpassError(f"{source}: metadata {MODE} is {mode!r}, expected one of {', '.join(MODES)}")
+    if require and mode not in require:
+        raise FxpassError(f"{source}: metadata {MODE} is {mode!r}; this needs a {' or '.join(require)}-mode model")
+    timesteps = _int_list(_load(props, TIMESTEPS, list, source), TIMESTEPS, source)
+    if mode == "fixed" and len(timesteps) != 1:
+        raise FxpassError(f"{source}: metadata {TIMESTEPS} of a fixed-mode model must hold one timestep")
+    if MODEL_TIMESTEPS in props:
+        seen = _load(props, MODEL_TIMESTEPS, list, source)
+        if len(seen) != len(timesteps):
+            raise FxpassError(f"{source}: metadata {MODEL_TIMESTEPS} has {len(seen)} entries, "
+                              f"{TIMESTEPS} {len(timesteps)}")
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in seen):
+            raise FxpassError(f"{source}: metadata {MODEL_TIMESTEPS} must list finite numbers")
+        model_ts = tuple(seen)
+    else:
+        model_ts = tuple(timesteps)
+    precision = props.get(PRECISION, "fp32")
+    if precision not in PRECISIONS:
+        raise FxpassError(f"{source}: metadata {PRECISION} is {precision!r}, expected one of {', '.join(PRECISIONS)}")
+    config = None
+    if CONFIG in props:
+        config = _load(props, CONFIG, dict, source)
+        _check_config(config, timesteps, mode, source)
+    elif mode == "step":
+        raise FxpassError(f"{source}: a step graph without {CONFIG} metadata")
+    return ModelMeta(mode, timesteps, model_ts, config, precision, props.get(VERSION))
+
+
+def _check_config(config: dict, timesteps: tuple[int, ...], mode: str, source: str) -> None:
+    """The carried config is a valid ModelConfig and its schedule is the one the model was built for."""
+    from .config import from_dict
+    from .diffusion import respaced
+
+    where = f"{source}: metadata {CONFIG}"
+    cfg = from_dict(config, source=where, complete=True)
+    if mode == "fixed":
+        if timesteps[0] >= cfg.diffusion_steps:
+            raise FxpassError(f"{where}: timestep {timesteps[0]} is outside diffusion_steps {cfg.diffusion_steps}")
+        return
+    if any(t >= cfg.diffusion_steps for t in timesteps):
+        raise FxpassError(f"{source}: metadata {TIMESTEPS} reaches {max(timesteps)}, beyond diffusion_steps "
+                          f"{cfg.diffusion_steps} of {CONFIG}")
+    if mode == "step" and list(timesteps) != respaced(cfg.diffusion_steps, cfg.timestep_respacing):
+        raise FxpassError(f"{source}: metadata {TIMESTEPS} ({len(timesteps)} steps) does not match "
+                          f"timestep_respacing {cfg.timestep_respacing!r} of {cfg.diffusion_steps} diffusion steps")
+
+
+def schedule_matches_config(meta: ModelMeta) -> bool:
+    """True when a table's timesteps are exactly the config's respaced schedule (what sampling needs)."""
+    from .config import from_dict
+    from .diffusion import respaced
+
+    if meta.config is None:
+        return False
+    cfg = from_dict(meta.config)
+    return list(meta.timesteps) == respaced(cfg.diffusion_steps, cfg.timestep_respacing)
+
+
+# ---- on an ONNX ModelProto (onnx imported by the caller) ------------------------------------------
+def read_props(model) -> dict[str, str]:
+    """``metadata_props`` of an ``onnx.ModelProto`` as a dict."""
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def write_props(model, props: Mapping[str, str]) -> None:
+    """Set ``props`` on an ``onnx.ModelProto`` (replacing entries with the same key, keeping others)."""
+    existing = {p.key: p for p in model.metadata_props}
+    for key, value in props.items():
+        if key in existing:
+            existing[key].value = value
+        else:
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+
+
+def write(model, meta: ModelMeta) -> None:
+    write_props(model, encode(meta))
+
+
+# ---- an ONNX file ----------------------------------------------------------------------------------
+_ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 11: "float64", 16: "bfloat16"}
+
+
+@dataclass
+class OnnxInfo:
+    """An fxpass ONNX file: its metadata and its graph inputs."""
+
+    path: Any  # Path
+    meta: ModelMeta
+    inputs: dict[str, tuple[str, list]]  # name -> (numpy dtype name, shape with -1 for symbolic dims)
+
+    @property
+    def mode(self) -> str:
+        return self.meta.mode
+
+    @property
+    def timesteps(self) -> list:
+        return list(self.meta.timesteps)
+
+    @property
+    def model_timesteps(self) -> list:
+        return list(self.meta.model_timesteps)
+
+    @property
+    def config(self) -> dict | None:
+        return self.meta.config
+
+    @property
+    def precision(self) -> str:
+        return self.meta.precision
+
+
+def check_external_data(model, path) -> None:
+    """External tensor data may only live in regular files inside the model's own folder."""
+    import os
+    import stat
+    from pathlib import Path
+
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    folder = Path(path).resolve().parent
+    for tensor in _get_all_tensors(model):
+        if not uses_external_data(tensor):
+            continue
+        location = ExternalDataInfo(tensor).location
+        where = f"{path}: tensor {tensor.name}'s external data {location!r}"
+        if not location or os.path.isabs(location) or ".." in Path(location).parts:
+            raise FxpassError(f"{where} is not a relative path inside the model's folder")
+        target = (folder / location).resolve()
+        if folder not in target.parents:
+            raise FxpassError(f"{where} leads outside the model's folder")
+        try:
+            mode = target.stat().st_mode
+        except OSError:
+            raise FxpassError(f"{where} is missing") from None
+        if not stat.S_ISREG(mode):
+            raise FxpassError(f"{where} is not a regular file")
+
+
+def read_file(path, *, require: tuple[str, ...] = ()) -> OnnxInfo:
+    """Read an fxpass ONNX file's metadata and inputs (weights are not loaded)."""
+    import onnx
+
+    from .errors import first_line
+    from .fileio import check_model_file
+
+    path = check_model_file(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf and onnx raise several types for unreadable files
+        raise FxpassError(f"{path}: not a readable ONNX model ({first_line(exc)})") from None
+    meta = parse(read_props(model), str(path), require=require)
+    check_external_data(model, path)
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = {}
+    for inp in model.graph.input:
+        if inp.name in initializers:
+            continue
+        tt = inp.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+        inputs[inp.name] = (_ONNX_DTYPES.get(tt.elem_type, str(tt.elem_type)), shape)
+    if "x" not in inputs:
+        raise FxpassError(f"{path}: has no input named x (inputs: {', '.join(inputs)})")
+    if meta.mode in ("table", "step") and "t_index" not in inputs:
+        raise FxpassError(f"{path}: {meta.mode}-mode model without a t_index input")
+    return OnnxInfo(path, meta, inputs)
