@@ -39,17 +39,15 @@ from typing import Any
 import onnx
 import onnx_graphsurgeon as gs
 
+from fxpass.errors import first_line
+
 from . import passes
 from ._graph import has_untyped_gaps, typed_graph
 from .modelio import default_opset, graph_io_names, io_metadata, is_large, light_call, op_histogram, restore_metadata
 
+
 SIMPLIFIERS = ("onnxslim",)
 GROUP_NORM_FORMS = ("auto", "keep")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def _convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
@@ -61,7 +59,7 @@ def _convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     except Exception as exc:  # noqa: BLE001 - the converter raises several types
         warnings.warn(
             f"surgery.simplify: could not convert the model from opset {current} to {opset} "
-            f"({type(exc).__name__}: {_first_line(exc)}); keeping opset {current}",
+            f"({type(exc).__name__}: {first_line(exc)}); keeping opset {current}",
             stacklevel=3,
         )
         return model
@@ -109,11 +107,11 @@ def _simplifier_stage(name: str | None, result: onnx.ModelProto, saved: dict, io
                 status["status"] = "ok"
             except Exception as exc:  # noqa: BLE001 - any simplifier failure falls back
                 warnings.warn(
-                    f"surgery.simplify: {name} failed ({type(exc).__name__}: {_first_line(exc)}); "
+                    f"surgery.simplify: {name} failed ({type(exc).__name__}: {first_line(exc)}); "
                     "keeping the graph without it",
                     stacklevel=3,
                 )
-                status["status"] = f"failed: {type(exc).__name__}: {_first_line(exc)}"
+                status["status"] = f"failed: {type(exc).__name__}: {first_line(exc)}"
             status["seconds"] = round(time.perf_counter() - t0, 3)
     status["nodes_after"] = len(result.graph.node)
     return result, status

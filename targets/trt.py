@@ -27,6 +27,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fxpass.errors import first_line
+
 #: TensorRT ``LayerType`` member names whose layers stay in float32 when fp16 kernels are allowed
 FLOAT32_LAYER_TYPES = frozenset({"NORMALIZATION", "SOFTMAX"})
 
@@ -34,11 +36,6 @@ INSTALL_HINT = "pip install 'fxpass[trt]'"
 
 
 # ---- availability ---------------------------------------------------------------------------------
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
 def _cuda_device_count() -> tuple[int, str | None]:
     """(number of CUDA devices, why none) from the CUDA driver API, without any CUDA toolkit."""
     names = ["nvcuda.dll"] if sys.platform.startswith("win") else ["libcuda.so.1", "libcuda.so"]
@@ -74,7 +71,7 @@ def trt_unavailable_reason() -> str | None:
     try:
         import tensorrt  # noqa: F401
     except (ImportError, OSError) as exc:
-        return f"TensorRT is installed but its libraries do not load ({_first_line(exc)})"
+        return f"TensorRT is installed but its libraries do not load ({first_line(exc, 200)})"
     count, why = _cuda_device_count()
     if not count:
         return why
@@ -86,7 +83,7 @@ def trt_unavailable_reason() -> str | None:
         with polygraphy_severity(False):
             cuda.wrapper()
     except Exception as exc:  # Polygraphy raises its own exception type, or OSError from ctypes
-        return f"the CUDA runtime library (libcudart) does not load ({_first_line(exc)})"
+        return f"the CUDA runtime library (libcudart) does not load ({first_line(exc, 200)})"
     return None
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnx
 import pytest
+from check_helpers import PERTURBATION, scale_output_conv_weight
 
 # Small enough that a forward takes milliseconds, big enough to have every kind of block:
 # 32 px, channel_mult (1, 2, 2, 2), attention at 16 px and 8 px (downsample rates 2 and 4) plus the
@@ -83,3 +85,90 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ---- a tiny lowered model for the check / golden command tests ------------------------------------------
+# Session-scoped and built once (lowering is the slow part, ~10-15 s on two cores).
+# A 32 px U-Net with every kind of block (attention at 16 px and in the middle block, scale-shift norm,
+# learned sigma) and a 10-step respaced schedule, so that a check over every t_index stays quick.
+TINY = {
+    "image_size": 32,
+    "num_channels": 32,
+    "num_res_blocks": 1,
+    "attention_resolutions": "16",
+    "num_heads": 2,
+    "diffusion_steps": 100,
+    "timestep_respacing": "10",
+}
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread_module():
+    """One intra-op thread for these modules: the tiny model's forwards take milliseconds so, while
+    several threads on a shared two-core machine can make each take seconds."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_yaml(tmp_path_factory) -> Path:
+    import yaml
+
+    path = tmp_path_factory.mktemp("tiny-cfg") / "tiny.yml"
+    path.write_text(yaml.safe_dump(TINY, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    from fxpass.checkpoint import init_model, save_checkpoint
+    from fxpass.config import from_dict
+
+    path = tmp_path_factory.mktemp("tiny-ckpt") / "tiny.pt"
+    save_checkpoint(init_model(from_dict(TINY), seed=0), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory, tiny_ckpt) -> Path:
+    """The tiny checkpoint lowered in table mode (fp32), config in its metadata."""
+    from fxpass.checkpoint import load_model
+    from fxpass.config import from_dict
+    from fxpass.pipeline import lower
+
+    import torch
+
+    cfg = from_dict(TINY)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        proto = lower(load_model(tiny_ckpt, cfg), config=cfg)
+    finally:
+        torch.set_num_threads(before)
+    path = tmp_path_factory.mktemp("tiny-onnx") / "tiny.onnx"
+    onnx.save(proto, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_perturbed(tmp_path_factory, tiny_onnx) -> Path:
+    """A copy of ``tiny_onnx`` with the output convolution's weight scaled by 1.001."""
+    model = onnx.load(str(tiny_onnx))
+    scale_output_conv_weight(model, PERTURBATION)
+    path = tmp_path_factory.mktemp("tiny-bad") / "tiny-perturbed.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_golden(tmp_path_factory, tiny_ckpt, tiny_onnx) -> Path:
+    """A golden set (t_index 0 and 9) for ``tiny_onnx``, written by ``fxpass golden``."""
+    from fxpass.cli import main
+
+    path = tmp_path_factory.mktemp("tiny-golden") / "tiny-seed0"
+    assert main(["golden", str(tiny_ckpt), "-o", str(path), "--onnx", str(tiny_onnx), "--t-index", "0", "9"]) == 0
+    return path

@@ -45,30 +45,16 @@ TINY_UNET = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult=
 def tiny_unet(torch_export):
     """A whole small U-Net exported at opset 18: ``(ModelProto, feeds, torch output)``.
 
-    ``UNetModel.forward`` reads ``timesteps[0].item()`` (the export cannot trace that), so the
-    model's class is swapped for a subclass whose forward is the same computation without the check.
+    ``UNetModel.forward`` reads ``timesteps[0].item()`` (the export cannot trace that), so the model is
+    the benchmark's hand-patched copy (``bench.naive.NaiveUNetModel``: the same computation without it).
     """
     import torch
 
+    from bench.naive import NaiveUNetModel
     from fxpass.config import CAMUS, build_model
-    from fxpass.models.layers import timestep_embedding
-    from fxpass.models.unet import UNetModel
-
-    class UNetWithoutCheck(UNetModel):
-        def forward(self, x, timesteps):
-            emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
-            hs, h = [], x.type(self.dtype)
-            for module in self.input_blocks:
-                h = module(h, emb)
-                hs.append(h)
-            h = self.middle_block(h, emb)
-            for module in self.output_blocks:
-                h = module(torch.cat([h, hs.pop()], dim=1), emb)
-            return self.out(h.type(x.dtype))
 
     def make():
-        model = build_model(CAMUS.replace(**TINY_UNET))
-        model.__class__ = UNetWithoutCheck
+        model = NaiveUNetModel.from_model(build_model(CAMUS.replace(**TINY_UNET)))
         with torch.no_grad():
             for p in model.parameters():  # random weights: the zero-initialised convs would hide errors
                 p.copy_(torch.randn_like(p) * 0.05)

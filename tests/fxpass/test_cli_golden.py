@@ -18,6 +18,8 @@ from fxpass.cli import main
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / "golden" / "camus-seed0"
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread_module")
+
 
 def run(capsys, argv: list) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
@@ -159,7 +161,7 @@ def test_committed_camus_set_passes_a_camus_lowering_and_fails_a_perturbed_one(t
     """``fxpass init --seed 0`` + ``fxpass lower`` of the CAMUS model, replayed by the README's command."""
     import onnx
 
-    from targets_helpers import PERTURBATION, scale_output_conv_weight
+    from check_helpers import PERTURBATION, scale_output_conv_weight
 
     from fxpass.checkpoint import init_model, load_model, save_checkpoint
     from fxpass.config import CAMUS

@@ -10,6 +10,8 @@ import pytest
 from fxpass.cli import main
 from targets.trt import trt_unavailable_reason
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread_module")
+
 
 def run(capsys, argv: list) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
@@ -146,3 +148,10 @@ def test_golden_set_of_another_model_is_refused(capsys, tmp_path, tiny_golden):
     assert code == 2
     assert err.strip() == (f"fxpass: error: {tiny_golden}: input x has shape (1, 3, 32, 32), "
                            "other.onnx expects (1, 3, 64, 64)")
+
+
+@pytest.mark.trt
+@pytest.mark.skipif(trt_unavailable_reason() is not None, reason=f"TensorRT unavailable: {trt_unavailable_reason()}")
+def test_check_with_tensorrt_passes(capsys, tiny_onnx, tiny_ckpt):
+    assert main(["check", str(tiny_onnx), "--model", str(tiny_ckpt), "--targets", "torch,ort,trt"]) == 0
+    assert "tensorrt" in capsys.readouterr().out
