@@ -113,6 +113,7 @@ def lower_with_report(
     dynamic_batch: bool = False,
     simplifier: str | None = "onnxslim",
     group_norm: str = "auto",
+    surgery_options: dict[str, dict[str, Any]] | None = None,
     step_graph: bool = False,
     verify: bool = True,
     tolerance: tuple[float, float] | None = None,
@@ -176,7 +177,11 @@ def lower_with_report(
     import surgery
 
     with run.stage("surgery"):
-        proto, surgery_report = surgery.simplify(proto, opset=opset, simplifier=simplifier, group_norm=group_norm)
+        try:
+            proto, surgery_report = surgery.simplify(proto, opset=opset, simplifier=simplifier, group_norm=group_norm,
+                                                     options=surgery_options)
+        except ValueError as exc:  # an unknown pass or option name
+            raise FxpassError(f"surgery options: {exc}") from None
     report["surgery"] = surgery_report
     report["onnx_nodes"] = len(proto.graph.node)
     if precision == "fp16":
@@ -294,6 +299,7 @@ def lower(
     simplifier: str | None = "onnxslim",
     step_graph: bool = False,
     group_norm: str = "auto",
+    surgery_options: dict[str, dict[str, Any]] | None = None,
     verify: bool = True,
 ) -> onnx.ModelProto:
     """Lower a guided-diffusion / RePaint U-Net (ours or a user's class) to an ONNX ModelProto.
@@ -305,11 +311,12 @@ def lower(
     ``pred_xstart``; see :mod:`fxpass.step_graph`).  ``group_norm="keep"`` keeps every GroupNorm as
     one ``GroupNormalization`` node; the default "auto" expands the large ones into a
     ``LayerNormalization`` form that ONNX Runtime's CPU provider runs about twice as fast.
-    ``verify`` (default True) checks ONNX Runtime against the eager model, as ``fxpass lower`` does,
+    ``surgery_options`` reach the surgery passes by name, e.g. ``{"expand_group_norm": {"min_elements":
+    2**20}}`` (see ``surgery.passes``).  ``verify`` (default True) checks ONNX Runtime against the eager model, as ``fxpass lower`` does,
     and raises :class:`FxpassError` when they differ; ``verify=False`` opts out.
     """
     return lower_with_report(
         model, example_inputs, config=config, timesteps=timesteps, precision=precision, opset=opset,
         dynamic_batch=dynamic_batch, simplifier=simplifier, step_graph=step_graph, group_norm=group_norm,
-        verify=verify,
+        surgery_options=surgery_options, verify=verify,
     ).model

@@ -68,10 +68,13 @@ def _summary(lowered, args) -> None:
     table.add_row("fx nodes", f"{report['fx_nodes_captured']} captured → {report['fx_nodes_rewritten']} rewritten")
     table.add_row("ONNX nodes", f"{report['onnx_nodes_exported']} exported → {report['onnx_nodes']} after surgery")
     for entry in report.get("surgery", {}).get("passes", []):
-        skipped = entry.get("skipped") or {}
-        if skipped:
-            table.add_row(f"  {entry['pass']}", f"{entry['count']} rewritten; kept: " + "; ".join(
-                f"{n} {reason}" for reason, n in skipped.items()))
+        kept: dict[str, int] = {}
+        for reason, n in (entry.get("skipped") or {}).items():  # "below min_elements (16,384 < …)": by kind
+            kind = reason.split(" (")[0]
+            kept[kind] = kept.get(kind, 0) + n
+        if kept:
+            table.add_row(f"  {entry['pass']}", f"{entry['count']} rewritten; left: " + "; ".join(
+                f"{n} {reason}" for reason, n in kept.items()))
     table.add_row("file size", f"{report['file_bytes'] / 2**20:.1f} MiB")
     status = "pass" if check["passed"] else "FAIL (written with --force)"
     table.add_row("worst error vs PyTorch",

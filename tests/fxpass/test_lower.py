@@ -299,3 +299,13 @@ def test_group_norm_auto_expands_large_norms_and_keep_does_not():
             assert _rel(_session(model).run(None, {"x": x, "t_index": np.array([t_index])})[0], ref) <= 1e-4
     with pytest.raises(FxpassError, match="--group-norm"):
         fxpass.lower(eager, config=cfg, group_norm="fused")
+
+
+def test_surgery_options_reach_their_pass(tiny_model):
+    """Pass options are reachable from the pipeline: every GroupNorm expanded at min_elements 1."""
+    model = fxpass.lower(tiny_model, config=TINY, surgery_options={"expand_group_norm": {"min_elements": 1}},
+                         verify=False)
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["LayerNormalization"] > 0 and ops.get("GroupNormalization", 0) == 0
+    with pytest.raises(FxpassError, match="surgery options: .*min_elems"):
+        fxpass.lower(tiny_model, config=TINY, surgery_options={"expand_group_norm": {"min_elems": 1}}, verify=False)
