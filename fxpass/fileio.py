@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import stat
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -57,21 +59,67 @@ def _umask_mode(bits: int) -> int:
     return bits & ~mask
 
 
-def atomic_write_bytes(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _HeldSignals:
+    """SIGINT/SIGTERM recorded instead of handled until :meth:`release`, which restores the handlers and
+    replays what arrived.  Used around creating a temporary: the release happens inside the ``try``
+    that removes it, so an interrupt lands either before the temporary exists or where its cleanup
+    runs.  Python-level handlers, so it holds whichever thread the OS delivers the signal to (only the
+    main thread may install handlers; elsewhere it does nothing)."""
+
+    def __init__(self):
+        self.pending: list[int] = []
+        self.saved: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in _SIGNALS:
+                self.saved[sig] = signal.signal(sig, self._record)
+
+    def _record(self, signum, frame) -> None:
+        self.pending.append(signum)
+
+    def release(self) -> None:
+        saved, self.saved = self.saved, {}
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        for sig in self.pending:
+            handler = saved[sig]
+            if callable(handler):
+                handler(sig, None)
+            elif handler != signal.SIG_IGN:
+                signal.raise_signal(sig)
+
+
+def atomic_write_bytes(path: str | os.PathLike, write: Callable[[BinaryIO], object], *,
+                       exclusive: bool = False) -> None:
     """Call ``write(fh)`` on a temp file beside ``path``, then rename it into place.
 
-    On any failure the temp file is removed and ``path`` is left as it was.
+    On any failure or interrupt (SIGINT; SIGTERM once :func:`fxpass.cli.main` turns it into an
+    exception) the temp file is removed and ``path`` is left as it was.  ``exclusive``: the file is
+    created only if ``path`` does not exist at that moment (of two runs racing for one new path, one
+    fails with "already exists").  A SIGKILL can leave a ``.NAME.*.tmp`` file beside ``path``.
     """
     path = check_writable_target(path)
+    held = _HeldSignals()
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
+        held.release()
         raise FxpassError(f"{path}: cannot write ({exc.strerror or exc})") from None
     try:
+        held.release()
         with os.fdopen(fd, "wb") as fh:
             write(fh)
         os.chmod(tmp, _umask_mode(0o666))  # mkstemp makes 0600; give the usual umask-based mode
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)  # fails if path appeared meanwhile
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
+    except FileExistsError:
+        Path(tmp).unlink(missing_ok=True)
+        raise FxpassError(f"{path}: already exists (pass --force to overwrite)") from None
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
         raise FxpassError(f"{path}: cannot write ({exc.strerror or exc})") from None
@@ -89,12 +137,15 @@ def write_dir_atomically(out: Path, fill: Callable[[Path], None], force: bool) -
         raise FxpassError(f"{out}: already exists (pass --force to overwrite)")
     if out.exists() and not out.is_dir():
         raise FxpassError(f"{out}: exists and is not a directory")
+    held = _HeldSignals()
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
     except OSError as exc:
+        held.release()
         raise FxpassError(f"{out}: cannot write ({exc.strerror or exc})") from None
     old = None
     try:
+        held.release()
         fill(tmp)
         os.chmod(tmp, _umask_mode(0o777))
         if out.exists():

@@ -10,24 +10,31 @@ import numpy as np
 from .errors import FxpassError
 
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+#: images are refused above this many pixels before any pixel is decoded (a model takes at most 4096²)
+MAX_PIXELS = 4096 * 4096
 
 
 def _read(path: str | Path, size: int, what: str, gray: bool) -> np.ndarray:
     """Pixels of ``path`` in [0, 1], [H, W] when ``gray`` else [H, W, 3]; one-line errors."""
     from PIL import Image, UnidentifiedImageError
 
-    p = Path(path)
-    if not p.exists():
-        raise FxpassError(f"{p}: no such file")
-    if p.is_dir():
-        raise FxpassError(f"{p}: is a directory, expected an image file")
+    from .fileio import check_input_file
+
+    p = check_input_file(path, "an image file")
     try:
-        with Image.open(p) as img:
-            img.load()
+        with Image.open(p) as img:  # reads the header only: the size is checked before decoding
+            if img.size[0] * img.size[1] > MAX_PIXELS:
+                raise FxpassError(f"{p}: {what} is {img.size[0]}x{img.size[1]} pixels, more than fxpass opens "
+                                  f"({MAX_PIXELS:,})")
             if img.size != (size, size):
                 raise FxpassError(f"{p}: {what} is {img.size[0]}x{img.size[1]} pixels, the model takes {size}x{size}")
+            img.load()
             if img.mode in _SIXTEEN_BIT:
-                a = np.clip(np.asarray(img, dtype=np.float64) / 65535.0, 0.0, 1.0)
+                raw = np.asarray(img, dtype=np.float64)
+                if raw.size and (raw.max() > 65535 or raw.min() < 0):
+                    raise FxpassError(f"{p}: {what} has 32-bit integer pixels (values up to {raw.max():.0f}); "
+                                      "use an 8- or 16-bit image")
+                a = np.clip(raw / 65535.0, 0.0, 1.0)
                 if a.ndim == 3:
                     a = a[..., 0]
                 return a if gray else np.repeat(a[..., None], 3, axis=2)
@@ -36,6 +43,8 @@ def _read(path: str | Path, size: int, what: str, gray: bool) -> np.ndarray:
             return np.asarray(img.convert("L" if gray else "RGB"), dtype=np.float64) / 255.0
     except UnidentifiedImageError:
         raise FxpassError(f"{p}: not an image file") from None
+    except Image.DecompressionBombError:
+        raise FxpassError(f"{p}: {what} has more pixels than fxpass opens (a decompression bomb?)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise FxpassError(f"{p}: not a readable image ({text})") from None

@@ -43,6 +43,20 @@ class Denoiser(Protocol):
 
 
 # ---- RePaint's resampling schedule ---------------------------------------------------------
+#: the longest sampling run fxpass builds (RePaint's paper setting over 250 steps makes 2,410 calls)
+MAX_MODEL_CALLS = 1_000_000
+
+
+def jump_model_calls(t_T: int, jump_length: int = 10, jump_n_sample: int = 10) -> int:
+    """Model calls of :func:`jump_schedule` without building it: each jump point adds
+    ``(jump_n_sample - 1) * jump_length`` calls to the plain descent's ``t_T``."""
+    for name, value in (("t_T", t_T), ("jump_length", jump_length), ("jump_n_sample", jump_n_sample)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    jump_points = len(range(0, t_T - jump_length, jump_length))
+    return t_T + jump_points * (jump_n_sample - 1) * jump_length
+
+
 def jump_schedule(t_T: int, jump_length: int = 10, jump_n_sample: int = 10) -> list[int]:
     """RePaint's time indices: from ``t_T - 1`` down to ``-1`` with jumps back up.
 
@@ -51,9 +65,10 @@ def jump_schedule(t_T: int, jump_length: int = 10, jump_n_sample: int = 10) -> l
     steps one at a time.  A step down from ``t`` is a model call at ``t``; a step up to ``t`` is
     forward noising with beta_t.  ``jump_n_sample=1`` gives the plain descent.
     """
-    for name, value in (("t_T", t_T), ("jump_length", jump_length), ("jump_n_sample", jump_n_sample)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    calls = jump_model_calls(t_T, jump_length, jump_n_sample)
+    if calls > MAX_MODEL_CALLS:
+        raise ValueError(f"this schedule makes {calls:,} model calls (t_T {t_T}, jump_length {jump_length}, "
+                         f"jump_n_sample {jump_n_sample}); at most {MAX_MODEL_CALLS:,} are allowed")
     left = {j: jump_n_sample - 1 for j in range(0, t_T - jump_length, jump_length)}
     times: list[int] = []
     t = t_T

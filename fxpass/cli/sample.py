@@ -49,7 +49,10 @@ def run(args) -> int:
             raise FxpassError(f"{args.model}: --t-T {t_T} is more than the model's {steps} respaced steps")
         gt = load_image(args.image, size)
         mask = load_mask(args.mask, size)
-        times = jump_schedule(t_T, args.jump_length, args.jump_n_sample)
+        try:
+            times = jump_schedule(t_T, args.jump_length, args.jump_n_sample)
+        except ValueError as exc:
+            raise FxpassError(f"sample: {exc}") from None
         what = f"RePaint (t_T {t_T}, jump_length {args.jump_length}, jump_n_sample {args.jump_n_sample})"
     total = count_model_calls(times)
     t0 = time.perf_counter()

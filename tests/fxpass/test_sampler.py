@@ -513,7 +513,21 @@ def _bad_cases(tmp_path, fixture_onnx, images):
     plain = TableFixture(tmp_path / "plain.onnx", SMALL, mode=None).path
     model = fixture_onnx.path
     missing = tmp_path / "missing.png"
+    int32 = tmp_path / "int32.tif"
+    from PIL import Image
+
+    Image.fromarray(np.full((8, 8), 100000, np.int32), mode="I").save(int32)
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (30000, 30000)).save(bomb)  # 900 Mpx of one bit: a few KiB on disk
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
     return [
+        ([model, "--image", int32, "--mask", mask], f"{int32}: image has 32-bit integer pixels"),
+        ([model, "--image", bomb, "--mask", mask], f"{bomb}: image has more pixels than fxpass opens"),
+        ([model, "--image", img, "--mask", bomb], f"{bomb}: mask has more pixels than fxpass opens"),
+        ([model, "--image", fifo, "--mask", mask], f"{fifo}: not a regular file"),
+        ([model, "--image", img, "--mask", mask, "--jump-length", 1, "--jump-n-sample", 100000000],
+         "sample: this schedule makes 900,000,001 model calls"),
         ([model, "--image", missing, "--mask", mask], f"{missing}: no such file"),
         ([model, "--image", img, "--mask", missing], f"{missing}: no such file"),
         ([model, "--image", text, "--mask", mask], f"{text}: not an image file"),
