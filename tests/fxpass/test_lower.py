@@ -269,7 +269,8 @@ def test_camus_acceptance(tmp_path):
     assert not scaled
     data = json.loads(Path(report).read_text())
     assert data["check"]["passed"] and data["check"]["max_rel_to_scale"] <= 1e-4
-    assert {e["t_index"] for e in data["check"]["per_input"]} == {0, 125, 249}
+    checked = {e["t_index"] for e in data["check"]["per_input"]}  # the ends, the middle and 2 seeded others
+    assert {0, 125, 249} <= checked and len(checked) == 5
 
 
 @pytest.mark.slow
