@@ -39,3 +39,8 @@ def add_seed(p: argparse.ArgumentParser, help: str = "seed of the random inputs 
 
 def add_force(p: argparse.ArgumentParser, help: str = "overwrite an existing output") -> None:
     p.add_argument("--force", action="store_true", help=help)
+
+
+def add_model_class(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-class", metavar="pkg.mod:Class", help="your own U-Net class instead of fxpass's")
+    p.add_argument("--model-kwargs", metavar="JSON", help="keyword arguments for --model-class")

@@ -30,6 +30,7 @@ def add_parser(sub, common) -> None:
                    help="ATOL is a fraction of max|reference| (default: by the model's precision)")
     p.add_argument("--plot", metavar="FILE.png", help="plot ONNX Runtime's error against timestep, every t_index")
     p.add_argument("--all-steps", action="store_true", help="compare at every t_index of the schedule")
+    shared.add_model_class(p)
     shared.add_seed(p)
     shared.add_trust(p)
     p.set_defaults(func=run)
@@ -72,9 +73,10 @@ def run(args) -> int:
     golden = load_golden(args.golden) if args.golden else None
     model = None
     if "torch" in targets:
-        from ..checkpoint import load_model
+        from ..pipeline import load
 
-        model = load_model(args.model, cfg, trust_pickle=args.trust_pickle)
+        model = load(args.model, config=cfg, model_class=args.model_class, model_kwargs=args.model_kwargs,
+                     trust_pickle=args.trust_pickle)
     every = (args.plot or args.all_steps) and info.mode == "table"
     report = check_targets(info, targets=targets, model=model, model_label=str(args.model), golden=golden,
                            tolerance=tol, seed=args.seed,

@@ -17,8 +17,7 @@ def add_parser(sub, common) -> None:
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
     p.add_argument("--opset", type=int, default=21)
     p.add_argument("--dynamic-batch", action="store_true", help="make the batch dimension symbolic")
-    p.add_argument("--model-class", metavar="pkg.mod:Class", help="your own U-Net class instead of fxpass's")
-    p.add_argument("--model-kwargs", metavar="JSON", help="keyword arguments for --model-class")
+    shared.add_model_class(p)
     p.add_argument("--simplifier", choices=("onnxslim", "none"), default="onnxslim")
     p.add_argument("--group-norm", choices=("auto", "keep"), default="auto",
                    help="auto: GroupNorms over 2M elements per sample become LayerNormalization on a grouped "

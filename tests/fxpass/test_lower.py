@@ -215,9 +215,12 @@ def test_cli_model_class_with_kwargs(tiny_files, tmp_path):
     ckpt = tmp_path / "user.pt"
     save_checkpoint(UserUNet(ch=8 * 2, new_order=True, steps=100), ckpt)
     out = tmp_path / "user.onnx"
-    code = main(["lower", str(ckpt), "--config", str(cfg), "-o", str(out), "--model-class",
-                 "user_models:UserUNet", "--model-kwargs", '{"new_order": true, "steps": 100}'])
+    user = ["--model-class", "user_models:UserUNet", "--model-kwargs", '{"new_order": true, "steps": 100}']
+    code = main(["lower", str(ckpt), "--config", str(cfg), "-o", str(out), *user])
     assert code == 0 and out.exists()
+    # the user can re-check what they lowered, at every t_index, with the same flags
+    assert main(["check", str(out), "--model", str(ckpt), "--all-steps", *user]) == 0
+    assert main(["check", str(out), "--model", str(ckpt), "--tolerance", "1e-12,0", *user]) == 1
 
 
 @pytest.mark.parametrize(
