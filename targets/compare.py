@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,19 +24,34 @@ class PairResult:
     max_abs: float
     max_rel_to_scale: float  # max|diff| / max|reference| (divided by the conditioning factor where given)
     per_iteration: list[dict] = field(default_factory=list)
+    #: the first NaN/Inf seen, e.g. "onnxrt-cpu output out has NaN at iteration 3" (then passed is False
+    #: and the worst errors are inf); None when every number was finite
+    nonfinite: str | None = None
 
 
 def parse_tolerance(text: str) -> tuple[float, float]:
-    """``fp32`` / ``fp16`` or ``ATOL,RTOL`` (ATOL relative to max|reference|)."""
+    """``fp32`` / ``fp16`` or ``ATOL,RTOL`` (ATOL relative to max|reference|): ATOL finite and > 0,
+    RTOL finite and >= 0 (a NaN bound compares false with everything, an infinite or zero one would
+    pass anything or nothing)."""
     if text in TOLERANCES:
         return TOLERANCES[text]
     try:
         atol, rtol = (float(p) for p in text.split(","))
     except ValueError:
         raise ValueError(f"tolerance '{text}': expected fp32, fp16 or ATOL,RTOL") from None
-    if atol < 0 or rtol < 0:
-        raise ValueError(f"tolerance '{text}': must not be negative")
+    if not math.isfinite(atol) or atol <= 0:
+        raise ValueError(f"tolerance '{text}': ATOL must be a finite number > 0 (got {atol:g})")
+    if not math.isfinite(rtol) or rtol < 0:
+        raise ValueError(f"tolerance '{text}': RTOL must be a finite number >= 0 (got {rtol:g})")
     return atol, rtol
+
+
+def nonfinite_kind(values: np.ndarray) -> str | None:
+    """``"NaN"``, ``"Inf"``, ``"NaN and Inf"`` or None for an array of finite numbers."""
+    if np.isfinite(values).all():
+        return None
+    nan, inf = bool(np.isnan(values).any()), bool(np.isinf(values).any())
+    return "NaN and Inf" if nan and inf else ("NaN" if nan else "Inf")
 
 
 @contextmanager
@@ -66,6 +82,9 @@ def compare(results, *, reference: str, atol_scale: float, rtol: float = 0.0, me
     ``max|diff| <= atol_scale * max|ref|`` is what passes); ``rtol`` is elementwise.
     ``conditioning(iteration, output) -> float`` (default 1) multiplies that bound for outputs that
     amplify float32 error by a known factor (a step graph's ``pred_xstart``: sqrt(1/alpha_bar - 1)).
+    A NaN or Inf in the reference's or the runner's output fails the pair and says so: the entry gets
+    ``"nonfinite"`` (e.g. "onnxrt-cpu output out has NaN"), its errors and the worst ones are inf, and
+    ``PairResult.nonfinite`` names the first such output and iteration.
     """
     ref_runs = next(runs for name, runs in results.items() if name == reference)
     pairs = []
@@ -75,26 +94,43 @@ def compare(results, *, reference: str, atol_scale: float, rtol: float = 0.0, me
         per_iter = []
         passed = True
         worst_abs = worst_rel = 0.0
+        first_nonfinite = None
         for i, (ref_run, run) in enumerate(zip(ref_runs, runs)):
             for out_name, ref_value in ref_run.items():
                 ref_arr = np.asarray(ref_value, dtype=np.float64)
-                scale = float(np.abs(ref_arr).max()) or 1.0
+                out_arr = np.asarray(run[out_name], dtype=np.float64)
+                nonfinite = next(
+                    (f"{who} output {out_name} has {kind}"
+                     for who, arr in ((reference, ref_arr), (name, out_arr)) if (kind := nonfinite_kind(arr))),
+                    None,
+                )
+                finite_ref = np.abs(ref_arr[np.isfinite(ref_arr)])
+                scale = (float(finite_ref.max()) if finite_ref.size else 0.0) or 1.0
                 factor = max(1.0, float(conditioning(i, out_name))) if conditioning else 1.0
-                func = CompareFunc.simple(atol=atol_scale * factor * scale, rtol=rtol if rtol else 0.0,
-                                          check_error_stat="max")
-                with polygraphy_severity(verbose, errors=False):  # a mismatch is reported in the PairResult
-                    outcome = func(ref_run, run)[out_name]
-                diff = float(np.abs(ref_arr - np.asarray(run[out_name], dtype=np.float64)).max())
-                ok = bool(outcome) and np.isfinite(diff)
+                if nonfinite is None:
+                    func = CompareFunc.simple(atol=atol_scale * factor * scale, rtol=rtol if rtol else 0.0,
+                                              check_error_stat="max")
+                    with polygraphy_severity(verbose, errors=False):  # a mismatch is reported in the PairResult
+                        outcome = func(ref_run, run)[out_name]
+                    diff = float(np.abs(ref_arr - out_arr).max()) if ref_arr.size else 0.0
+                    ok = bool(outcome) and math.isfinite(diff)
+                else:  # NaN never compares: it would read as a zero error (max(0, nan) is 0)
+                    diff, ok = math.inf, False
+                    if first_nonfinite is None:
+                        first_nonfinite = f"{nonfinite} at iteration {i}"
+                if not math.isfinite(diff):
+                    diff = math.inf
                 passed &= ok
                 worst_abs = max(worst_abs, diff)
                 worst_rel = max(worst_rel, diff / (scale * factor))
                 entry = {"iteration": i, "output": out_name, "max_abs": diff, "rel_to_scale": diff / scale,
                          "passed": ok}
+                if nonfinite is not None:
+                    entry["nonfinite"] = nonfinite
                 if factor != 1.0:
                     entry["conditioning"] = factor
                 if meta is not None and i < len(meta):
                     entry.update(meta[i])
                 per_iter.append(entry)
-        pairs.append(PairResult(reference, name, passed, worst_abs, worst_rel, per_iter))
+        pairs.append(PairResult(reference, name, passed, worst_abs, worst_rel, per_iter, first_nonfinite))
     return pairs
