@@ -5,7 +5,12 @@ value it has on the example inputs (computed as the trace runs: fake tensors for
 real data only where a decision reads it), so Python that needs a concrete value (rank loops,
 ``len``, ``.item()`` branches, star-unpacking of shapes) is decided on the example, while tensor operations, shape arithmetic, ``math.*`` calls and ``assert`` statements stay
 in the graph as nodes.  A branch decided on a traced value becomes a guard: a ``torch._assert`` node
-on the condition that held, with the user's source line in its message.
+on the condition that held, with the user's source line in its message and, in ``node.meta["fxpass_guard"]``,
+where it was and what capture decided there.  That includes decisions Python makes without an ``if``:
+``int()`` / ``range()`` / ``float()`` of a traced value, and ``len(tensor)`` or iterating over a tensor
+(both read its first dimension, often the batch).  Every node records the user's line in
+``node.meta["fxpass_source"]``; a node whose value capture could only compute on real data carries
+``node.meta["fxpass_real"]``.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from torch.fx.proxy import Attribute
 from torch.fx._symbolic_trace import _maybe_revert_all_patches
 from torch.fx.node import Node, map_aggregate
 
-from .errors import FxpassError
+from .errors import FxpassError, first_line
 
 __all__ = ["ConcreteTracer", "capture", "GUARD_PREFIX", "ASSERT_PREFIX"]
 
@@ -46,11 +51,21 @@ _MATH_FUNCTIONS = (
 )
 
 
+_IS_USER_FILE: dict[str, bool] = {}
+
+
+def _is_user_file(co_filename: str) -> bool:
+    known = _IS_USER_FILE.get(co_filename)
+    if known is None:
+        filename = os.path.abspath(co_filename)
+        known = _IS_USER_FILE[co_filename] = not filename.startswith(_TORCH_DIR) and filename != _THIS_FILE
+    return known
+
+
 def _user_frame(frame):
     """The nearest frame outside torch and this file (the user's model code)."""
     while frame is not None:
-        filename = os.path.abspath(frame.f_code.co_filename)
-        if not filename.startswith(_TORCH_DIR) and filename != _THIS_FILE:
+        if _is_user_file(frame.f_code.co_filename):
             return frame
         frame = frame.f_back
     return None
@@ -113,26 +128,33 @@ class ConcreteProxy(Proxy):
                 raise FxpassError(f"{where}: assert fails on the example inputs")
             self.tracer.create_proxy("call_function", torch._assert, (self, f"{ASSERT_PREFIX}: {where}"), {})
             return True
-        self.tracer.add_guard(self, value, frame)
+        self.tracer.add_guard(self, value, frame, f"the condition was {value} on the example")
         return value
 
     def __len__(self) -> int:
         value = self.value
+        if isinstance(value, torch.Tensor):  # len(tensor) reads its first dimension: a decision, guarded
+            return self.tracer.guard_length(self, _user_frame(inspect.currentframe().f_back))
         return len(self.data_value if value is _NEEDS_REAL else value)
 
+    def __iter__(self):
+        # by the example value (torch.fx's own __iter__ trusts the unpacking count without checking it)
+        return self.tracer.iter(self)
+
     def __index__(self) -> int:
-        value = operator.index(self.data_value)
-        self.tracer.add_guard(self == value, True, _user_frame(inspect.currentframe().f_back))
-        return value
+        return self._specialise(operator.index, inspect.currentframe().f_back)
 
     def __int__(self) -> int:
-        value = int(self.data_value)
-        self.tracer.add_guard(self == value, True, _user_frame(inspect.currentframe().f_back))
-        return value
+        return self._specialise(int, inspect.currentframe().f_back)
 
     def __float__(self) -> float:
-        value = float(self.data_value)
-        self.tracer.add_guard(self == value, True, _user_frame(inspect.currentframe().f_back))
+        return self._specialise(float, inspect.currentframe().f_back)
+
+    def _specialise(self, convert, caller):
+        """A Python number from a traced value (``int(n)``, ``range(n)``): the example's, guarded."""
+        value = convert(self.data_value)
+        how = "used as an integer (range(), an index)" if convert is operator.index else f"{convert.__name__}()"
+        self.tracer.add_guard(self == value, True, _user_frame(caller), f"{how} gave {value!r} on the example")
         return value
 
 
@@ -248,13 +270,19 @@ class ConcreteTracer(Tracer):
             with _maybe_revert_all_patches(), torch.no_grad(), self._fake_mode:
                 return self._run(node, self._fake_arg)
         except Exception:
-            # data-dependent (``.item()``) or not fake-able: compute it for real
+            # data-dependent (``.item()``, a boolean mask) or not fake-able: compute it for real; its
+            # recorded value (a shape included) may then depend on the data
+            node.meta["fxpass_real"] = True
             return self.real_value(node)
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         node = proxy.node
         self._order.setdefault(node, len(self._order))
+        if "fxpass_source" not in node.meta:
+            frame = _user_frame(inspect.currentframe().f_back)
+            if frame is not None:
+                node.meta["fxpass_source"] = (frame.f_code.co_filename, frame.f_lineno)
         if node not in self._values:
             try:
                 value = self._evaluate(node)
@@ -263,7 +291,7 @@ class ConcreteTracer(Tracer):
             except Exception as exc:
                 frame = _user_frame(inspect.currentframe().f_back)
                 raise FxpassError(
-                    f"{_where(frame)}: fails on the example inputs ({type(exc).__name__}: {_first_line(exc)})"
+                    f"{_where(frame)}: fails on the example inputs ({type(exc).__name__}: {first_line(exc)})"
                 ) from exc
             self._values[node] = value
         return proxy
@@ -272,17 +300,35 @@ class ConcreteTracer(Tracer):
         return ConcreteProxy(node, self)
 
     # ---- control flow ------------------------------------------------------------------
-    def add_guard(self, proxy: Proxy, value: bool, frame) -> None:
+    def add_guard(self, proxy: Proxy, value: bool, frame, decision: str = "") -> None:
+        """A ``torch._assert`` node on ``proxy`` (or ``not proxy`` when ``value`` is false).
+
+        ``node.meta["fxpass_guard"]`` keeps the user's line and what capture decided there, so that
+        a guard that cannot be removed is reported as the decision it would freeze.
+        """
         where = _where(frame)
         condition = proxy if value else self.create_proxy("call_function", operator.not_, (proxy,), {})
         guard = self.create_proxy("call_function", torch._assert, (condition, f"{GUARD_PREFIX}: {where}"), {})
+        guard.node.meta["fxpass_guard"] = {"where": where, "decision": decision or f"decided {value} on the example"}
         self.guards.append(guard.node)
+
+    def guard_length(self, obj: Proxy, frame) -> int:
+        """``len`` of a traced tensor (its first dimension), guarded: the batch size, often."""
+        length = len(self.value_of(obj.node))
+        size = self.create_proxy("call_method", "size", (obj, 0), {})
+        self.add_guard(size == length, True, frame, f"len() of a tensor gave {length} on the example")
+        return length
 
     def to_bool(self, obj: Proxy) -> bool:  # only reached for plain Proxy objects
         return bool(self.python_value(obj.node))
 
     def iter(self, obj: Proxy):
-        return iter([obj[i] for i in range(len(self.value_of(obj.node)))])
+        value = self.value_of(obj.node)
+        if isinstance(value, torch.Tensor):  # iterating over a tensor unrolls its first dimension
+            length = self.guard_length(obj, _user_frame(inspect.currentframe().f_back))
+        else:
+            length = len(value)
+        return iter([obj[i] for i in range(length)])
 
     def keys(self, obj: Proxy):
         return list(self.value_of(obj.node).keys())
@@ -304,11 +350,6 @@ class ConcreteTracer(Tracer):
 
         placeholders = [self.create_proxy("placeholder", name, (), {}) for name in names]
         return specialised, [self.root, *placeholders]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 @contextlib.contextmanager
@@ -405,7 +446,7 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[Any] | Mapping[str,
         if frame is not None:
             src = linecache.getline(frame.f_code.co_filename, frame_line).strip()
             where = f"{frame.f_code.co_filename}:{frame_line}: `{src}`"
-        raise FxpassError(f"{where}: capture cannot handle this ({type(exc).__name__}: {_first_line(exc)})") from exc
+        raise FxpassError(f"{where}: capture cannot handle this ({type(exc).__name__}: {first_line(exc)})") from exc
     finally:
         model.train(was_training)
 

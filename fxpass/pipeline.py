@@ -135,7 +135,7 @@ def lower_with_report(
     from . import __version__
     from .capture import capture
     from .fileio import check_writable_target
-    from .passes import rewrite
+    from .passes import check_no_guards_left, rewrite
 
     _validate(precision, group_norm, opset)
     if output is not None:
@@ -161,12 +161,10 @@ def lower_with_report(
         gm = capture(model, example_inputs)
     report["fx_nodes_captured"] = len(gm.graph.nodes)
     with run.stage("passes"):
-        gm = rewrite(gm, timesteps=seen[0] if mode == "fixed" else seen)
+        gm = rewrite(gm, timesteps=seen[0] if mode == "fixed" else seen, dynamic_batch=dynamic_batch)
     report["fx_nodes_rewritten"] = len(gm.graph.nodes)
     report["fx_rewrites"] = dict(gm.meta.get("fxpass_rewrites", {}))
-    leftover = [n.name for n in gm.graph.nodes if n.op == "call_function" and n.target is torch._assert]
-    if leftover:
-        raise FxpassError(f"lower: asserts/guards left after the passes (data-dependent): {', '.join(leftover[:3])}")
+    check_no_guards_left(gm)  # a decision on input data (or on the batch size, when dynamic) refuses here
 
     meta = metadata.ModelMeta("step" if step_graph else mode, tuple(kept), tuple(seen),
                               config.to_dict() if config is not None else None, precision)
@@ -256,23 +254,24 @@ def _write(lowered: Lowered, output: Path, report_path: Path | None, stages: dic
 
 
 def load(checkpoint: str | Path, *, config: ModelConfig, model_class: str | None = None,
-         model_kwargs: str | None = None, trust_pickle: bool = False) -> torch.nn.Module:
+         model_kwargs: str | None = None, trust_pickle: bool = False, allow_nonfinite: bool = False) -> torch.nn.Module:
     """The load stage: fxpass's U-Net for ``config`` or ``model_class`` (``pkg.mod:Class``), weights from
-    ``checkpoint``, float32, eval mode."""
+    ``checkpoint``, float32, eval mode; weights with NaN/Inf are refused unless ``allow_nonfinite``."""
     if model_class:
         from .user_model import load_user_model
 
-        return load_user_model(model_class, model_kwargs, Path(checkpoint), trust_pickle)
+        return load_user_model(model_class, model_kwargs, Path(checkpoint), trust_pickle,
+                               allow_nonfinite=allow_nonfinite)
     if model_kwargs:
         raise FxpassError("--model-kwargs needs --model-class")
     from .checkpoint import load_model
 
-    return load_model(checkpoint, config, trust_pickle=trust_pickle)
+    return load_model(checkpoint, config, trust_pickle=trust_pickle, allow_nonfinite=allow_nonfinite)
 
 
 def lower_checkpoint(checkpoint: str | Path, output: str | Path | None = None, *, config: ModelConfig,
                      model_class: str | None = None, model_kwargs: str | None = None, trust_pickle: bool = False,
-                     progress: Progress | None = None, **options) -> Lowered:
+                     allow_nonfinite: bool = False, progress: Progress | None = None, **options) -> Lowered:
     """The whole pipeline from a checkpoint file: load, then :func:`lower_with_report` (what the CLI runs)."""
     from .fileio import check_writable_target
 
@@ -282,7 +281,7 @@ def lower_checkpoint(checkpoint: str | Path, output: str | Path | None = None, *
     run = _Run(progress)
     with run.stage("load"):
         model = load(checkpoint, config=config, model_class=model_class, model_kwargs=model_kwargs,
-                     trust_pickle=trust_pickle)
+                     trust_pickle=trust_pickle, allow_nonfinite=allow_nonfinite)
     return lower_with_report(model, config=config, output=output, progress=progress, stages=run.stages,
                              started=started, report_extra={"model": str(checkpoint)}, **options)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,12 +12,26 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..errors import FxpassError
-from ._util import UNKNOWN, finish, is_assert, record, require_graph_module, static_values
+from ._util import (
+    UNKNOWN,
+    batch_dependence,
+    dynamic_batch_of,
+    finish,
+    is_assert,
+    record,
+    require_graph_module,
+    source_of,
+    static_values,
+)
 
 TIMESTEP_NAMES = ("timesteps", "timestep", "t", "time", "ts", "time_step", "sigma")
 INDEX_INPUT = "t_index"
 
 _STATIC_ATTRS = ("dtype", "device")
+
+#: a table row must equal the cone evaluated for its entry alone within rtol and atol·max|table|
+ROW_RTOL = 1e-5
+ROW_ATOL = 1e-6
 
 
 def _find_timestep_input(gm: GraphModule, name: str | None) -> Node | None:
@@ -43,8 +58,25 @@ def _input_nodes(node: Node) -> list[Node]:
     return list(node.all_input_nodes)
 
 
+_SHAPE_ATTRS = ("shape", "ndim")
+_SHAPE_METHODS = ("size", "dim", "ndimension", "numel", "nelement")
+
+
+def _reads_t_shape(node: Node, t_node: Node) -> bool:
+    """``timesteps.shape`` / ``.size()`` / ``.numel()``: the batch of timesteps, not their values
+    (``t_index`` has the same shape, not the same dtype)."""
+    if not node.args or node.args[0] is not t_node:
+        return False
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) == 2 and node.args[1] in _SHAPE_ATTRS
+    return node.op == "call_method" and node.target in _SHAPE_METHODS
+
+
 def timestep_cone(gm: GraphModule, t_node: Node) -> tuple[list[Node], set[Node]]:
-    """(cone in graph order, nodes that need only constants) for the timestep input ``t_node``."""
+    """(cone in graph order, nodes that need only constants) for the timestep input ``t_node``.
+
+    Reads of the timestep input's shape are not in the cone (they are the batch size, which a table
+    row cannot carry): what uses them stays in the graph, reading ``t_index``'s shape instead."""
     depends_t: set[Node] = set()
     depends_other: set[Node] = set()
     constant: set[Node] = set()
@@ -54,7 +86,7 @@ def timestep_cone(gm: GraphModule, t_node: Node) -> tuple[list[Node], set[Node]]
         if node is t_node:
             depends_t.add(node)
             continue
-        if node.op == "placeholder":
+        if node.op == "placeholder" or _reads_t_shape(node, t_node):
             depends_other.add(node)
             continue
         if _is_static_attr(node):  # x.dtype / x.device: known without reading x
@@ -121,6 +153,11 @@ def _guard_message(node: Node) -> str:
     return str(node.args[1]) if len(node.args) > 1 else node.format_node()
 
 
+def _guard_where(node: Node) -> str:
+    guard = node.meta.get("fxpass_guard")
+    return guard["where"] if guard else _guard_message(node)
+
+
 def _closure(nodes: list[Node], cone_set: set[Node]) -> list[Node]:
     """The cone nodes that ``nodes`` depend on, in graph order."""
     needed: set[Node] = set()
@@ -147,6 +184,7 @@ def fold_timesteps(
     *,
     timestep_input: str | None = None,
     example_inputs=None,
+    dynamic_batch: bool | None = None,
 ) -> PassResult:
     """Fold every node computed only from the timestep input and constants.
 
@@ -155,6 +193,10 @@ def fold_timesteps(
     MLP, ResBlock projections, ``1 + scale``).  ``timesteps`` an int folds to constants (broadcast over
     the batch); a sequence builds a table per cone output and gathers its rows with a new int64 input
     ``t_index`` (index into ``timesteps``).  Guards on the timestep are checked for every entry.
+    Every table row is checked against the cone evaluated for its entry alone (rtol ``ROW_RTOL``,
+    atol ``ROW_ATOL``·max|row|): a cone that mixes the entries of its batch gets the per-entry rows at a
+    static batch of one and is refused otherwise (see ``_tabulate``).  ``dynamic_batch`` (default: what
+    ``fxpass.rewrite`` recorded): the batch is free, so a guard on it is refused rather than folded.
 
     Before::                                    After (table mode)::
 
@@ -185,6 +227,16 @@ def fold_timesteps(
         t_dtype = torch.float32
 
     evaluator = _ConeEvaluator(gm, t_node, cone, constant, static)
+    batch = t_example.shape[0] if isinstance(t_example, torch.Tensor) and t_example.ndim else 1
+    dynamic = dynamic_batch_of(gm, dynamic_batch)
+    if dynamic and guards:
+        # a guard on the timesteps' batch size (``timesteps.shape[0] == 1``) would be folded away here
+        conditions = [g.args[0] for g in guards if isinstance(g.args[0], Node)]
+        decided = batch_dependence(gm, example_inputs, nodes=conditions)
+        for g in guards:
+            if g.args[0] in decided:
+                raise FxpassError(f"fold_timesteps: {_guard_where(g)}: a decision on the batch size "
+                                  f"({decided[g.args[0]]}); a dynamic-batch model cannot fold it")
 
     # guards: entry by entry (a guard may read only the first element, as the .item() check does)
     if guards:
@@ -196,7 +248,8 @@ def fold_timesteps(
                     where = f"t_index {index}, timestep {entry}" if table_mode else f"timestep {entry}"
                     raise FxpassError(f"fold_timesteps: {where} breaks {_guard_message(g)}")
 
-    values = _tabulate(evaluator, cone, frontier, entries, t_dtype, table_mode)
+    values = _tabulate(evaluator, cone_set, frontier, entries, t_dtype, table_mode,
+                       exact_batch=batch == 1 and not dynamic)
 
     graph = gm.graph
     if table_mode:
@@ -217,13 +270,27 @@ def fold_timesteps(
         if not node.users:
             graph.erase_node(node)
     graph.eliminate_dead_code()  # e.g. timesteps.device, read by the folded arange
+    for reader in [u for u in t_node.users if _reads_t_shape(u, t_node)]:
+        if table_mode:  # t_index has the timesteps' shape
+            reader.replace_input_with(t_node, index_node)
+            continue
+        if dynamic:
+            where = source_of(reader) or reader.format_node()
+            raise FxpassError(f"fold_timesteps: {where}: reads the timesteps' shape (the batch size), which a "
+                              "fixed-timestep model with a dynamic batch no longer has; use table mode")
+        shape = static.get(reader, UNKNOWN)
+        if shape is UNKNOWN:
+            raise FxpassError(f"fold_timesteps: cannot tell {reader.format_node()} without example inputs")
+        for user in list(reader.users):
+            user.args = torch.fx.node.map_arg(user.args, lambda a: shape if a is reader else a)
+            user.kwargs = torch.fx.node.map_arg(user.kwargs, lambda a: shape if a is reader else a)
+        graph.erase_node(reader)
     if not t_node.users:
         graph.erase_node(t_node)
     else:
         raise FxpassError(f"fold_timesteps: input '{t_node.target}' is still used outside its cone")
 
     inputs = dict(gm.meta.get("fxpass_example_inputs") or {})
-    batch = t_example.shape[0] if isinstance(t_example, torch.Tensor) and t_example.ndim else 1
     inputs.pop(t_node.target, None)
     if table_mode:
         ordered = {}
@@ -246,38 +313,131 @@ def _position(node: Node) -> int:
     return -1
 
 
-def _tabulate(evaluator: _ConeEvaluator, cone, frontier, entries, t_dtype, table_mode):
-    value_nodes = [n for n in cone if not is_assert(n)]
-    if not table_mode:
+def _tabulate(evaluator: _ConeEvaluator, cone_set: set[Node], frontier, entries, t_dtype, table_mode, *,
+              exact_batch: bool):
+    """The value of each cone output, one row per entry (table mode) or for the one timestep.
+
+    A row must be what the cone gives for its entry alone (how the eager model sees a sample).  The
+    whole schedule is evaluated at once, and every row is checked against a per-entry evaluation
+    (``torch.func.vmap`` over single-entry batches; a plain loop where vmap cannot run the cone).
+    A cone that mixes entries along the batch (``emb - emb.mean(0)``, ``emb.flip(0)``) fails that
+    check: at a static batch of one the per-entry rows are the right table and are used; at a larger
+    or dynamic batch the eager model mixes its samples, which no table reproduces: an error.
+    """
+    value_nodes = _closure(frontier, cone_set)
+    if not table_mode:  # one entry: the rows of a batch of it are the same timestep
         env = evaluator.run(torch.tensor(entries, dtype=t_dtype), value_nodes)
-        return [_as_tensor(env[n], n) for n in frontier]
-    batched = evaluator.run(torch.tensor(entries, dtype=t_dtype), value_nodes)
-    tables = [_as_tensor(batched[n], n) for n in frontier]
-    rowwise = all(t.ndim >= 1 and t.shape[0] == len(entries) for t in tables)
-    if rowwise:
-        # the batched evaluation must equal the entry-by-entry one (checked on the ends of the schedule)
-        for i in {0, len(entries) - 1}:
-            single = evaluator.run(torch.tensor([entries[i]], dtype=t_dtype), value_nodes)
-            for table, n in zip(tables, frontier):
-                row = _as_tensor(single[n], n)
-                if row.shape[0] != 1 or not torch.allclose(table[i : i + 1], row, rtol=1e-6, atol=1e-7):
-                    rowwise = False
-                    break
-            if not rowwise:
-                break
-    if rowwise:
+        single = [_as_tensor(env[n], n) for n in frontier]
+        if not exact_batch:  # the constants are broadcast over the batch: they must not depend on it
+            pair_env = evaluator.run(torch.tensor(entries * 2, dtype=t_dtype), value_nodes)
+            pair = [_as_tensor(pair_env[n], n) for n in frontier]
+            expanded = [row.expand(2, *row.shape[1:]) if row.ndim and row.shape[0] == 1 else row for row in single]
+            mismatch = _first_mismatch(frontier, pair, expanded, entries * 2, "batch row")
+            if mismatch is not None:
+                raise FxpassError(f"fold_timesteps: {mismatch}; the timestep path mixes the entries of its batch, "
+                                  "so a constant folded at one timestep is wrong at a batch larger than one")
+        return single
+    batched_env = evaluator.run(torch.tensor(entries, dtype=t_dtype), value_nodes)
+    tables = [_as_tensor(batched_env[n], n) for n in frontier]
+    rows = _per_entry(evaluator, value_nodes, frontier, entries, t_dtype, vectorised=True)
+    mismatch = _first_mismatch(frontier, tables, rows, entries)
+    if mismatch is None:
         return tables
-    rows: list[list[torch.Tensor]] = [[] for _ in frontier]
-    for entry in entries:
-        single = evaluator.run(torch.tensor([entry], dtype=t_dtype), value_nodes)
-        for k, n in enumerate(frontier):
-            row = _as_tensor(single[n], n)
-            if row.ndim == 0 or row.shape[0] != 1:
+    # the ground truth, entry by entry, every cone node (to name the first one that mixes entries)
+    all_rows = _per_entry(evaluator, value_nodes, value_nodes, entries, t_dtype, vectorised=False, strict=False)
+    by_node = dict(zip(value_nodes, all_rows))
+    rows = [by_node[n] for n in frontier]
+    for n, row in zip(frontier, rows):
+        if row is None:
+            raise FxpassError(
+                f"fold_timesteps: {n.format_node()} does not keep the timestep batch dimension; cannot tabulate"
+            )
+    if _first_mismatch(frontier, tables, rows, entries) is None or exact_batch:
+        return rows
+    comparable = [(n, batched_env[n], r) for n, r in zip(value_nodes, all_rows)
+                  if r is not None and isinstance(batched_env[n], torch.Tensor)]
+    mismatch = _first_mismatch([c[0] for c in comparable], [c[1] for c in comparable], [c[2] for c in comparable],
+                               entries)
+    raise FxpassError(f"fold_timesteps: {mismatch}; the timestep path mixes the entries of its batch, so at a "
+                      "batch larger than one (or a dynamic batch) no table of rows reproduces the model")
+
+
+def _per_entry(evaluator: _ConeEvaluator, value_nodes, frontier, entries, t_dtype, *, vectorised: bool,
+               strict: bool = True):
+    """Each cone output for each entry alone, stacked: ``vmap`` of the single-entry evaluation, or a loop.
+    ``strict=False`` (loop only): ``None`` for an output that is no tensor with a batch dimension of one."""
+
+    def one(t: torch.Tensor):
+        env = evaluator.run(t.reshape(1), value_nodes)
+        if not strict:
+            return tuple(env[n] if isinstance(env[n], torch.Tensor) else None for n in frontier)
+        return tuple(_as_tensor(env[n], n) for n in frontier)
+
+    timesteps = torch.tensor(entries, dtype=t_dtype)
+    if vectorised:
+        try:
+            with warnings.catch_warnings():  # vmap's "no batching rule, falling back to a loop" notes
+                warnings.simplefilter("ignore")
+                outputs = torch.func.vmap(one)(timesteps)
+        except Exception:  # an operation vmap cannot batch: the plain loop below
+            return _per_entry(evaluator, value_nodes, frontier, entries, t_dtype, vectorised=False)
+        stacked = []
+        for n, out in zip(frontier, outputs):
+            if out.ndim < 2 or out.shape[1] != 1:
+                raise FxpassError(
+                    f"fold_timesteps: {n.format_node()} does not keep the timestep batch dimension; cannot tabulate"
+                )
+            stacked.append(out.squeeze(1))
+        return stacked
+    rows: list[list[torch.Tensor] | None] = [[] for _ in frontier]
+    for t in timesteps:
+        for k, (n, row) in enumerate(zip(frontier, one(t))):
+            if rows[k] is None:
+                continue
+            if row is None or row.ndim == 0 or row.shape[0] != 1:
+                if not strict:
+                    rows[k] = None
+                    continue
                 raise FxpassError(
                     f"fold_timesteps: {n.format_node()} does not keep the timestep batch dimension; cannot tabulate"
                 )
             rows[k].append(row)
-    return [torch.cat(r, dim=0) for r in rows]
+    return [torch.cat(r, dim=0) if r is not None else None for r in rows]
+
+
+def _first_mismatch(frontier, tables, rows, entries, label: str = "t_index") -> str | None:
+    """None when every table row equals its per-entry row (within ROW_RTOL, ROW_ATOL·scale); else where not."""
+    for n, table, row in zip(frontier, tables, rows):
+        try:
+            _check_rows(n, table, row, entries, "its timestep", label)
+        except FxpassError as exc:
+            return str(exc).removeprefix("fold_timesteps: ")
+    return None
+
+
+def _check_rows(node: Node, table: torch.Tensor, rows: torch.Tensor, entries, what: str, label: str = "row") -> None:
+    where = source_of(node) or node.format_node()
+    if table.shape != rows.shape:
+        raise FxpassError(f"fold_timesteps: {where}: for a batch of {len(entries)} timesteps it has shape "
+                          f"{tuple(table.shape)}, not one row per timestep {tuple(rows.shape)}")
+    if not table.is_floating_point():
+        bad = (table != rows).reshape(len(table), -1).any(dim=1) if table.ndim else (table != rows).reshape(1)
+    else:
+        scale = float(rows.abs().max()) if rows.numel() else 0.0
+        diff = (table.double() - rows.double()).abs()
+        bound = ROW_ATOL * (scale or 1.0) + ROW_RTOL * rows.double().abs()
+        bad = ~(diff <= bound)
+        bad = bad.reshape(len(table), -1).any(dim=1) if table.ndim else bad.reshape(1)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        if table.is_floating_point():
+            worst = float((table[i].double() - rows[i].double()).abs().max())
+            size = float(rows[i].abs().max()) or 1.0
+            off = f" (off by {worst / size:.3g} of the row's max)"
+        else:
+            off = ""
+        raise FxpassError(f"fold_timesteps: {where}: {label} {i} (timestep {entries[i]}) of the batched timestep "
+                          f"path differs from {what} evaluated alone{off}")
 
 
 def _as_tensor(value, node: Node) -> torch.Tensor:
@@ -289,10 +449,12 @@ def _as_tensor(value, node: Node) -> torch.Tensor:
 class FoldTimesteps(PassBase):
     """``fold_timesteps`` with its settings, for torch.fx's ``PassManager``."""
 
-    def __init__(self, timesteps, *, timestep_input: str | None = None):
+    def __init__(self, timesteps, *, timestep_input: str | None = None, dynamic_batch: bool | None = None):
         super().__init__()
         self.timesteps = timesteps
         self.timestep_input = timestep_input
+        self.dynamic_batch = dynamic_batch
 
     def call(self, graph_module: GraphModule) -> PassResult:
-        return fold_timesteps(graph_module, self.timesteps, timestep_input=self.timestep_input)
+        return fold_timesteps(graph_module, self.timesteps, timestep_input=self.timestep_input,
+                              dynamic_batch=self.dynamic_batch)

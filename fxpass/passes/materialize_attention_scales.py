@@ -16,6 +16,8 @@ from ._util import (
     MOVEMENT_FUNCTIONS,
     MOVEMENT_METHODS,
     UNKNOWN,
+    batch_dependence,
+    dynamic_batch_of,
     finish,
     record,
     require_graph_module,
@@ -134,14 +136,17 @@ def _channels(value) -> set[int]:
     return found
 
 
-def materialize_attention_scales(gm: GraphModule, example_inputs=None) -> PassResult:
+def materialize_attention_scales(gm: GraphModule, example_inputs=None, *,
+                                 dynamic_batch: bool | None = None) -> PassResult:
     """Evaluate scale arithmetic (``1 / math.sqrt(math.sqrt(ch))`` from shapes) to constants, then
     fold each ``q * scale`` / ``k * scale`` into the rows of the qkv projection that feed it.
 
     Precondition: example inputs are known (shapes come from fake propagation).  A multiply is folded
     when its tensor reaches a Conv/Linear projection through data movement only (reshape, split,
     chunk, view, getitem, ...) and no other consumer reads the channels it scales; otherwise it stays
-    as a multiply by a constant.  The projection is copied before its weights change.
+    as a multiply by a constant.  The projection is copied before its weights change.  A scale that
+    reads input data is never evaluated; with ``dynamic_batch`` (default: what ``fxpass.rewrite``
+    recorded) neither is one that reads the batch size.
 
     Before::                                           After::
 
@@ -152,6 +157,11 @@ def materialize_attention_scales(gm: GraphModule, example_inputs=None) -> PassRe
     """
     gm = require_graph_module(gm, "materialize_attention_scales")
     values = static_values(gm, example_inputs)
+    batch: dict = {}
+    if dynamic_batch_of(gm, dynamic_batch):
+        scales = [node.args[found[1]] for node in gm.graph.nodes if (found := _scalar_mul(node, values))]
+        scales = [n for n in scales if isinstance(n, Node)]
+        batch = batch_dependence(gm, example_inputs, nodes=scales) if scales else {}
     materialized = folded = 0
     copied: dict[str, nn.Module] = {}
     for node in list(gm.graph.nodes):
@@ -160,6 +170,8 @@ def materialize_attention_scales(gm: GraphModule, example_inputs=None) -> PassRe
             continue
         tensor, scale_pos = found
         scale_arg = node.args[scale_pos]
+        if isinstance(scale_arg, Node) and scale_arg in batch:
+            continue  # e.g. 1 / x.shape[0]: a number only at the captured batch
         scale = values[scale_arg] if isinstance(scale_arg, Node) else scale_arg
         if isinstance(scale_arg, Node):
             new_args = list(node.args)

@@ -242,3 +242,128 @@ class NoisyUNet(UserUNet):
     def forward(self, x, timesteps, y=None, gt=None, **kwargs):
         out = super().forward(x, timesteps, y, gt, **kwargs)
         return out + th.randn_like(out)
+
+
+# ---- hostile models of issue #17: decisions that a lowering must not freeze -------------------------
+class _TimedConv(nn.Module):
+    """conv(x) scaled by a timestep embedding: the body the models below share (table mode lowers it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.mlp = nn.Linear(8, 4)
+
+    def body(self, x, timesteps):
+        e = self.mlp(sinusoid(timesteps, 8))
+        return self.conv(x) * (1 + e[:, :, None, None])
+
+
+class MeanGate(_TimedConv):
+    """Doubles its output when the input's mean is above 0.1: a branch on input data, in several spellings."""
+
+    def __init__(self, spelling="tensor"):
+        super().__init__()
+        self.spelling = spelling
+
+    def forward(self, x, timesteps):
+        h = self.body(x, timesteps)
+        if self.spelling == "tensor":
+            if x.mean() > 0.1:
+                h = h * 2.0
+        elif self.spelling == "item":
+            if x.mean().item() > 0.1:
+                h = h * 2.0
+        elif self.spelling == "any":
+            if th.any(x.mean(dim=(1, 2, 3)) > 0.1):
+                h = h * 2.0
+        elif self.spelling == "bool":
+            big = bool(x.mean() > 0.1)
+            h = h * 2.0 if big else h
+        elif self.spelling == "not":
+            if not x.mean() <= 0.1:
+                h = h * 2.0
+        return h
+
+
+class BatchBranch(_TimedConv):
+    """Takes another path for a single image: a Python decision on the batch size."""
+
+    def forward(self, x, timesteps):
+        h = self.body(x, timesteps)
+        if x.shape[0] == 1:
+            return h * 2.0
+        return h * 3.0
+
+
+class BatchSizeGate(_TimedConv):
+    """The same decision through ``x.size(0)``, false at a batch of one."""
+
+    def forward(self, x, timesteps):
+        h = self.body(x, timesteps)
+        if x.size(0) > 1:
+            h = h - h.mean(0, keepdim=True)
+        return h
+
+
+class BatchLoop(_TimedConv):
+    """Runs the convolution image by image: a loop over ``range(x.shape[0])``."""
+
+    def forward(self, x, timesteps):
+        rows = [self.conv(x[i : i + 1]) for i in range(x.shape[0])]
+        e = self.mlp(sinusoid(timesteps, 8))
+        return th.cat(rows, dim=0) * (1 + e[:, :, None, None])
+
+
+class BatchNumel(_TimedConv):
+    """Normalises by ``int(h.numel())``: a Python number that counts the batch."""
+
+    def forward(self, x, timesteps):
+        h = self.body(x, timesteps)
+        return h - h.sum() / int(h.numel())
+
+
+class BatchLen(_TimedConv):
+    """Averages over ``len(x)`` images, one per iteration of ``for image in x``."""
+
+    def forward(self, x, timesteps):
+        h = self.body(x, timesteps)
+        total = 0
+        for image in h:
+            total = total + image
+        return h - total / len(x)
+
+
+class ShapeFacts(_TimedConv):
+    """Facts that hold at every batch size: they must still go under a dynamic batch."""
+
+    def forward(self, x, timesteps):
+        assert timesteps.shape == (x.shape[0],)
+        assert x.shape[0] >= 1
+        if x.dtype != th.float32:
+            x = x.float()
+        h = self.body(x, timesteps)
+        b, c, *spatial = h.shape
+        return (h.reshape(b, c, -1) * (1.0 / sqrt(c))).reshape(b, c, *spatial)
+
+
+class MixedTime(_TimedConv):
+    """A timestep path that mixes the entries of its batch (the table rows must not)."""
+
+    def __init__(self, how="center"):
+        super().__init__()
+        self.how = how
+
+    def forward(self, x, timesteps):
+        emb = sinusoid(timesteps, 8)
+        if self.how == "center":
+            emb = emb - emb.mean(0, keepdim=True) + emb
+        elif self.how == "flip":
+            emb = (emb + emb.flip(0)) * 0.5
+        elif self.how == "sum":
+            emb = emb.sum(0, keepdim=True) + emb
+        elif self.how == "middle":  # the first and last entries stay as they are; the ones between mix
+            i = th.arange(emb.shape[0], device=emb.device)
+            inner = (i > 0) & (i < emb.shape[0] - 1)
+            emb = th.where(inner[:, None], emb - emb.mean(0, keepdim=True), emb)
+        e = self.mlp(emb)
+        return self.conv(x) * (1 + e[:, :, None, None])
