@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .config import CAMUS, ModelConfig, build_model
-from .errors import FxpassError
+from .errors import FxpassError, first_line
 from .fileio import atomic_write_bytes
 
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "ema")
@@ -55,19 +55,14 @@ def _read_checkpoint(path: Path, trust_pickle: bool):
                 f"{path}: refused: loading this pickle would import and run code{what}; "
                 "fxpass loads weights only. If you trust the file, pass --trust-pickle"
             ) from None
-        raise FxpassError(f"{path}: not a readable checkpoint ({_first_line(exc)})") from None
+        raise FxpassError(f"{path}: not a readable checkpoint ({first_line(exc)})") from None
     except (EOFError, RuntimeError, ValueError, OSError, zipfile.BadZipFile, KeyError, AttributeError,
             ImportError, TypeError, IndexError, UnicodeDecodeError, MemoryError) as exc:
-        reason = _first_line(exc)
+        reason = first_line(exc)
         if ("central directory" in reason or isinstance(exc, EOFError) or "truncated" in reason
                 or "unexpected EOF" in reason):
             raise FxpassError(f"{path}: truncated or corrupt checkpoint ({reason})") from None
         raise FxpassError(f"{path}: not a readable checkpoint ({reason})") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def extract_state_dict(obj, path: Path | str = "checkpoint") -> "OrderedDict[str, torch.Tensor]":
@@ -168,13 +163,28 @@ def _show(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def first_nonfinite(tensors) -> tuple[str, str] | None:
+    """(name, "NaN" / "Inf" / "NaN and Inf") of the first floating-point tensor of ``(name, tensor)``
+    pairs that holds a non-finite value, or None."""
+    for name, value in tensors:
+        if not isinstance(value, torch.Tensor) or not (value.is_floating_point() or value.is_complex()):
+            continue
+        if bool(torch.isfinite(value).all()):
+            continue
+        nan, inf = bool(torch.isnan(value).any()), bool(torch.isinf(value).any())
+        return name, "NaN and Inf" if nan and inf else ("NaN" if nan else "Inf")
+    return None
+
+
 def load_model(path: str | os.PathLike, config: ModelConfig | str | os.PathLike | None = None,
-               *, trust_pickle: bool = False) -> nn.Module:
+               *, trust_pickle: bool = False, allow_nonfinite: bool = False) -> nn.Module:
     """Load a guided-diffusion / RePaint checkpoint into fxpass's U-Net, float32, eval mode.
 
     ``config`` is a :class:`ModelConfig`, a YAML path, or ``None`` for the built-in CAMUS default.
     Checkpoints are read with ``torch.load(weights_only=True)``; a pickled module is refused unless
-    ``trust_pickle`` (then the module itself is returned, in eval mode).
+    ``trust_pickle`` (then the module itself is returned, in eval mode).  A tensor with NaN or Inf
+    values is refused, naming the first, unless ``allow_nonfinite`` (a model built from it can only
+    produce non-finite outputs, which no check compares).
     """
     from .config import load_config
 
@@ -182,6 +192,8 @@ def load_model(path: str | os.PathLike, config: ModelConfig | str | os.PathLike 
     path = Path(path)
     obj = _read_checkpoint(path, trust_pickle)
     if trust_pickle and isinstance(obj, nn.Module):
+        if not allow_nonfinite:
+            _refuse_nonfinite(obj.state_dict().items(), path)
         return obj.float().eval()
     state = extract_state_dict(obj, path)
     model = build_model(cfg)
@@ -191,8 +203,17 @@ def load_model(path: str | os.PathLike, config: ModelConfig | str | os.PathLike 
     bad = [k for k, v in state.items() if not v.is_floating_point()]
     if bad:
         raise FxpassError(f"{path}: tensor {bad[0]} has dtype {state[bad[0]].dtype}, expected floating point")
+    if not allow_nonfinite:
+        _refuse_nonfinite(state.items(), path)
     model.load_state_dict(state, strict=True)
     return model.float().eval()
+
+
+def _refuse_nonfinite(tensors, path) -> None:
+    found = first_nonfinite(tensors)
+    if found is not None:
+        name, kind = found
+        raise FxpassError(f"{path}: tensor {name} has {kind} values (pass --allow-nonfinite to load it anyway)")
 
 
 def init_model(cfg: ModelConfig = CAMUS, seed: int = 0) -> nn.Module:

@@ -10,11 +10,12 @@ from pathlib import Path
 from .errors import FxpassError
 
 
-def load_user_model(spec: str, kwargs_json: str | None, checkpoint: Path, trust_pickle: bool):
+def load_user_model(spec: str, kwargs_json: str | None, checkpoint: Path, trust_pickle: bool, *,
+                    allow_nonfinite: bool = False):
     """Instantiate ``pkg.mod:Class(**kwargs)`` and load ``checkpoint`` into it (strict)."""
     import torch
 
-    from .checkpoint import _read_checkpoint, extract_state_dict
+    from .checkpoint import _read_checkpoint, _refuse_nonfinite, extract_state_dict
 
     if ":" not in spec:
         raise FxpassError(f"--model-class {spec}: expected pkg.module:ClassName")
@@ -40,6 +41,8 @@ def load_user_model(spec: str, kwargs_json: str | None, checkpoint: Path, trust_
         raise FxpassError(f"--model-class {spec}: constructor failed ({type(exc).__name__}: {exc})") from None
     obj = _read_checkpoint(checkpoint, trust_pickle)
     state = extract_state_dict(obj, checkpoint)
+    if not allow_nonfinite:
+        _refuse_nonfinite(state.items(), checkpoint)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         parts = []

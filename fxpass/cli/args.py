@@ -29,8 +29,12 @@ def add_config(p: argparse.ArgumentParser, help: str = "RePaint/guided-diffusion
     p.add_argument("--config", metavar="FILE", help=help)
 
 
-def add_trust(p: argparse.ArgumentParser) -> None:
+def add_trust(p: argparse.ArgumentParser, nonfinite: bool = True) -> None:
+    """How far a checkpoint is trusted: pickled modules (``--trust-pickle``) and NaN/Inf weights."""
     p.add_argument("--trust-pickle", action="store_true", help="allow checkpoints that are full pickled modules")
+    if nonfinite:
+        p.add_argument("--allow-nonfinite", action="store_true",
+                       help="load a checkpoint whose weights hold NaN or Inf (refused by default)")
 
 
 def add_seed(p: argparse.ArgumentParser, help: str = "seed of the random inputs (default 0)") -> None:

@@ -76,7 +76,7 @@ def run(args) -> int:
         from ..pipeline import load
 
         model = load(args.model, config=cfg, model_class=args.model_class, model_kwargs=args.model_kwargs,
-                     trust_pickle=args.trust_pickle)
+                     trust_pickle=args.trust_pickle, allow_nonfinite=args.allow_nonfinite)
     every = (args.plot or args.all_steps) and info.mode == "table"
     report = check_targets(info, targets=targets, model=model, model_label=str(args.model), golden=golden,
                            tolerance=tol, seed=args.seed,

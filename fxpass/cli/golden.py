@@ -62,7 +62,7 @@ def run(args) -> int:
     cfg = resolve_config(args.config, info.config if info else None, source=f"{args.onnx}: metadata")
     t_indices = parse_t_indices(args.t_index)
     model_path = Path(args.model)
-    model = load_model(model_path, cfg, trust_pickle=args.trust_pickle)
+    model = load_model(model_path, cfg, trust_pickle=args.trust_pickle, allow_nonfinite=args.allow_nonfinite)
     t0 = time.perf_counter()
     golden = make_golden(model, cfg, name=out.name, checkpoint=model_path, info=info, seed=args.seed,
                          t_indices=t_indices, output_dir=str(out))

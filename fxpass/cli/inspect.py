@@ -13,7 +13,7 @@ def add_parser(sub, common) -> None:
     p = sub.add_parser("inspect", parents=[common], help="show a checkpoint's config, parameters, dtypes, size")
     p.add_argument("model", metavar="MODEL.pt")
     shared.add_config(p)
-    shared.add_trust(p)
+    shared.add_trust(p, nonfinite=False)
     p.set_defaults(func=run)
 
 
@@ -22,12 +22,12 @@ def run(args) -> int:
 
     from rich.table import Table
 
-    from ..checkpoint import load_model
+    from ..checkpoint import first_nonfinite, load_model
     from ..config import load_config
 
     cfg = load_config(args.config)
     t0 = time.perf_counter()
-    model = load_model(args.model, cfg, trust_pickle=args.trust_pickle)
+    model = load_model(args.model, cfg, trust_pickle=args.trust_pickle, allow_nonfinite=True)  # shown below
     seconds = time.perf_counter() - t0
     params = list(model.parameters())
     n = sum(p.numel() for p in params)
@@ -41,6 +41,8 @@ def run(args) -> int:
     table.add_row("size in memory", f"{size / 2**20:.1f} MiB")
     table.add_row("file size", f"{Path(args.model).stat().st_size / 2**20:.1f} MiB")
     table.add_row("load time", f"{seconds:.2f} s")
+    bad = first_nonfinite(model.state_dict().items())
+    table.add_row("non-finite weights", "none" if bad is None else f"tensor {bad[0]} has {bad[1]} values")
     for key, value in cfg.to_dict().items():
         table.add_row(f"  {key}", repr(value))
     console().print(table)

@@ -46,7 +46,8 @@ def run(args) -> int:
     cfg = load_config(args.config)
     lowered = lower_checkpoint(
         args.model, args.output, config=cfg, model_class=args.model_class, model_kwargs=args.model_kwargs,
-        trust_pickle=args.trust_pickle, timesteps=args.timesteps, precision=args.precision, opset=args.opset,
+        trust_pickle=args.trust_pickle, allow_nonfinite=args.allow_nonfinite, timesteps=args.timesteps,
+        precision=args.precision, opset=args.opset,
         dynamic_batch=args.dynamic_batch, simplifier=None if args.simplifier == "none" else args.simplifier,
         group_norm=args.group_norm, step_graph=args.step_graph, report_path=args.report, force=args.force,
         progress=progress,
