@@ -241,9 +241,9 @@ def init_model(cfg: ModelConfig = CAMUS, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, exclusive: bool = False) -> None:
     """Write ``model``'s float32 state dict atomically (a plain state dict, as guided-diffusion saves)."""
     state = OrderedDict((k, v.detach().float().contiguous()) for k, v in model.state_dict().items())
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    atomic_write_bytes(Path(path), lambda fh: fh.write(buffer.getvalue()))
+    atomic_write_bytes(Path(path), lambda fh: fh.write(buffer.getvalue()), exclusive=exclusive)

@@ -6,7 +6,6 @@ import contextlib
 import io
 import logging
 import warnings
-from typing import Any
 
 import onnx
 import torch

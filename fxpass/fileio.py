@@ -1,9 +1,17 @@
-"""Files in and out, torch-free (``fxpass sample`` must not import torch).
+"""Files in and out, torch-free (``fxpass sample`` must not import torch): fxpass's output policy.
 
 Inputs: :func:`check_input_file` (a regular, readable file: not a directory, pipe or device).
-Outputs: :func:`check_writable_target` before long work; :func:`atomic_write_bytes` and
-:func:`write_dir_atomically` write to a temporary beside the target and rename it into place, so a
-failed run never leaves a half-written output.
+
+Outputs, the same rules for every command: :func:`plan_outputs` checks them all before any long work
+(the directory exists and is writable; not the same file as any input, symlinks and hard links
+resolved; not the same as another output; an existing one needs ``--force``).  :class:`Transaction`
+then writes them together or not at all: each is staged as an unnamed temporary file in its own
+directory as ``.NAME.fxpass-PID-*.tmp`` and all are renamed into place only at commit; a failure or
+an interrupt (SIGINT, and SIGTERM once :func:`fxpass.cli.main` turns it into an exception) removes
+what this run staged and leaves existing files as they were.  A SIGKILL cannot be caught: its
+temporaries are removed by the next fxpass run that writes into that directory
+(:func:`sweep_stale_temps`).  :func:`atomic_write_bytes` is a one-file
+transaction; :func:`write_dir_atomically` does the same for a directory.
 """
 
 from __future__ import annotations
@@ -12,7 +20,6 @@ import os
 import shutil
 import signal
 import stat
-import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +60,52 @@ def check_writable_target(path: str | os.PathLike) -> Path:
     return path
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """True when ``a`` and ``b`` name one file: the same resolved path, or (both existing) one inode."""
+    try:
+        if a.resolve() == b.resolve():
+            return True
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def plan_outputs(outputs: dict[str, str | os.PathLike | None], *, inputs=(), force: bool = False,
+                 directories: tuple[str, ...] = ()) -> dict[str, Path]:
+    """Check every output before work starts; returns ``{option: Path}`` for the given ones.
+
+    ``outputs`` maps an option name (for messages, e.g. ``"-o"``) to a path or None; ``inputs`` are
+    the run's input paths (None entries ignored); options in ``directories`` are output directories.
+    """
+    planned: dict[str, Path] = {}
+    sources = [Path(p) for p in inputs if p is not None]
+    for option, value in outputs.items():
+        if value is None:
+            continue
+        path = Path(value)
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.is_dir():
+            why = "is not a directory" if parent.exists() else "does not exist"
+            raise FxpassError(f"{path}: directory {parent} {why}")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise FxpassError(f"{path}: directory {parent} is not writable")
+        for source in sources:
+            if _same_file(path, source) or (option in directories and source.resolve().is_relative_to(path.resolve())):
+                raise FxpassError(f"{path}: {option} is the input file {source}; refusing to overwrite an input")
+        for other, taken in planned.items():
+            if _same_file(path, taken):
+                raise FxpassError(f"{path}: {option} is the same file as {other}")
+        if option in directories:
+            if path.exists() and not path.is_dir():
+                raise FxpassError(f"{path}: exists and is not a directory")
+        elif path.is_dir():
+            raise FxpassError(f"{path}: is a directory")
+        if (path.exists() or path.is_symlink()) and not force:
+            raise FxpassError(f"{path}: already exists (pass --force to overwrite)")
+        planned[option] = path
+    return planned
+
+
 def _umask_mode(bits: int) -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -91,41 +144,129 @@ class _HeldSignals:
                 signal.raise_signal(sig)
 
 
+TEMP_MARK = ".fxpass-"
+
+
+def _temp_name(final: Path) -> Path:
+    return final.parent / f".{final.name}{TEMP_MARK}{os.getpid()}-{os.urandom(3).hex()}.tmp"
+
+
+def sweep_stale_temps(directory: Path) -> list[Path]:
+    """Remove temporaries that an fxpass run killed with SIGKILL left in ``directory`` (their process is
+    gone); returns what was removed.  Called before every write, so such leftovers live only until
+    the next run."""
+    removed = []
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(".") and name.endswith(".tmp") and TEMP_MARK in name):
+            continue
+        try:
+            pid = int(name.rsplit(TEMP_MARK, 1)[1].split("-")[0])
+        except ValueError:
+            continue
+        if pid == os.getpid() or _alive(pid):
+            continue
+        try:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            removed.append(entry)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+class Transaction:
+    """Outputs written together or not at all (see the module docstring).
+
+    ``with Transaction() as tx: tx.add_bytes(path, write)`` …; the files appear when the block ends
+    without an exception, each renamed from a temporary beside it.
+    """
+
+    def __init__(self):
+        self._staged: list[tuple[Path, Path]] = []  # (final, temporary)
+
+    def __enter__(self) -> "Transaction":
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def add_bytes(self, path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+        """Stage ``path``: ``write(fh)`` fills its temporary."""
+        path = check_writable_target(path)
+        sweep_stale_temps(path.parent)
+        held = _HeldSignals()
+        tmp = _temp_name(path)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _umask_mode(0o666))
+        except OSError as exc:
+            held.release()
+            raise FxpassError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        self._staged.append((path, tmp))
+        try:
+            held.release()
+            with os.fdopen(fd, "wb") as fh:
+                write(fh)
+        except OSError as exc:
+            self.abort()
+            raise FxpassError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        except BaseException:
+            self.abort()
+            raise
+
+    def commit(self, *, exclusive: bool = False) -> None:
+        """Rename every staged file into place (``exclusive``: only where the path does not exist yet)."""
+        final = None
+        try:
+            for final, tmp in self._staged:
+                if exclusive:
+                    os.link(tmp, final)  # fails if the path appeared meanwhile
+                    os.unlink(tmp)
+                else:
+                    os.replace(tmp, final)
+        except FileExistsError:
+            self.abort()
+            raise FxpassError(f"{final}: already exists (pass --force to overwrite)") from None
+        except OSError as exc:
+            self.abort()
+            raise FxpassError(f"{final}: cannot write ({exc.strerror or exc})") from None
+        except BaseException:
+            self.abort()
+            raise
+        self._staged = []
+
+    def abort(self) -> None:
+        for _, tmp in self._staged:
+            tmp.unlink(missing_ok=True)
+        self._staged = []
+
+
 def atomic_write_bytes(path: str | os.PathLike, write: Callable[[BinaryIO], object], *,
                        exclusive: bool = False) -> None:
-    """Call ``write(fh)`` on a temp file beside ``path``, then rename it into place.
+    """Write one file as a :class:`Transaction`: on any failure or interrupt ``path`` is left as it was.
 
-    On any failure or interrupt (SIGINT; SIGTERM once :func:`fxpass.cli.main` turns it into an
-    exception) the temp file is removed and ``path`` is left as it was.  ``exclusive``: the file is
-    created only if ``path`` does not exist at that moment (of two runs racing for one new path, one
-    fails with "already exists").  A SIGKILL can leave a ``.NAME.*.tmp`` file beside ``path``.
+    ``exclusive``: created only if ``path`` does not exist at that moment (of two runs racing for one
+    new path, one fails with "already exists").
     """
-    path = check_writable_target(path)
-    held = _HeldSignals()
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        held.release()
-        raise FxpassError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    try:
-        held.release()
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.chmod(tmp, _umask_mode(0o666))  # mkstemp makes 0600; give the usual umask-based mode
-        if exclusive:
-            os.link(tmp, path)  # fails if path appeared meanwhile
-            os.unlink(tmp)
-        else:
-            os.replace(tmp, path)
-    except FileExistsError:
-        Path(tmp).unlink(missing_ok=True)
-        raise FxpassError(f"{path}: already exists (pass --force to overwrite)") from None
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise FxpassError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    tx = Transaction()
+    tx.add_bytes(path, write)
+    tx.commit(exclusive=exclusive)
 
 
 def write_dir_atomically(out: Path, fill: Callable[[Path], None], force: bool) -> None:
@@ -139,7 +280,9 @@ def write_dir_atomically(out: Path, fill: Callable[[Path], None], force: bool) -
         raise FxpassError(f"{out}: exists and is not a directory")
     held = _HeldSignals()
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+        sweep_stale_temps(parent)
+        tmp = _temp_name(out)
+        tmp.mkdir()
     except OSError as exc:
         held.release()
         raise FxpassError(f"{out}: cannot write ({exc.strerror or exc})") from None
@@ -149,7 +292,7 @@ def write_dir_atomically(out: Path, fill: Callable[[Path], None], force: bool) -
         fill(tmp)
         os.chmod(tmp, _umask_mode(0o777))
         if out.exists():
-            old = parent / f".{out.name}.{os.getpid()}.old"
+            old = parent / f".{out.name}{TEMP_MARK}{os.getpid()}-old.tmp"
             os.replace(out, old)
         os.replace(tmp, out)
     except OSError as exc:

@@ -120,6 +120,7 @@ def lower_with_report(
     output: str | Path | None = None,
     report_path: str | Path | None = None,
     force: bool = False,
+    inputs: Sequence[str | Path | None] = (),
     report_extra: dict[str, Any] | None = None,
     progress: Progress | None = None,
     stages: dict[str, float] | None = None,
@@ -127,21 +128,21 @@ def lower_with_report(
 ) -> Lowered:
     """Run the pipeline from capture on; see :func:`lower` for the options.
 
-    ``output``/``report_path``: the write stage writes the ONNX file and the JSON report there, after
-    a passing check; a failing check raises (exit code 1) and writes nothing unless ``force``, which
-    writes and returns a :class:`Lowered` whose ``passed`` is False.  Without ``output`` a failing
+    ``output``/``report_path``: the write stage writes the ONNX file and the JSON report there, together
+    (both or neither), after a passing check; a failing check raises (exit code 1) and writes nothing
+    unless ``force``, which writes and returns a :class:`Lowered` whose ``passed`` is False.  Both are
+    checked before any work by :func:`fxpass.fileio.plan_outputs`: neither may be one of ``inputs``
+    and an existing file is replaced only with ``force``.  Without ``output`` a failing
     check raises too.  ``stages`` carries times of earlier stages (load) into the report.
     """
     from . import __version__
     from .capture import capture
-    from .fileio import check_writable_target
+    from .fileio import plan_outputs
     from .passes import check_no_guards_left, rewrite
 
     _validate(precision, group_norm, opset)
-    if output is not None:
-        output = check_writable_target(output)
-    if report_path is not None:
-        report_path = check_writable_target(report_path)
+    planned = plan_outputs({"-o": output, "--report": report_path}, inputs=inputs, force=force)
+    output, report_path = planned.get("-o"), planned.get("--report")
     mode, kept, seen = _schedule(config, timesteps)
     if step_graph and (config is None or mode != "table"):
         raise FxpassError("--step-graph needs a config and the respaced schedule (table mode)")
@@ -238,19 +239,29 @@ def _to_fp16(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
 
 def _write(lowered: Lowered, output: Path, report_path: Path | None, stages: dict[str, float]) -> None:
-    import surgery
+    """The ONNX file and the report as one transaction (a model over 2 GiB is written first, with its
+    external data file, and removed again if the report cannot be written)."""
+    from surgery.modelio import save_model, serialized
 
-    from .fileio import atomic_write_bytes
+    from .fileio import Transaction
 
     t0 = time.perf_counter()
-    surgery.save_model(lowered.model, output)
-    stages["write"] = time.perf_counter() - t0
+    data = serialized(lowered.model)
     lowered.report["output"] = str(output)
-    lowered.report["file_bytes"] = output.stat().st_size
-    lowered.report["stages_s"] = dict(stages)
-    if report_path is not None:
-        text = json.dumps(lowered.report, indent=2, sort_keys=True, default=str)
-        atomic_write_bytes(report_path, lambda fh: fh.write(text.encode()))
+    with Transaction() as tx:
+        if data is not None:
+            tx.add_bytes(output, lambda fh: fh.write(data))
+            lowered.report["file_bytes"] = len(data)
+        stages["write"] = time.perf_counter() - t0
+        lowered.report["stages_s"] = dict(stages)
+        if report_path is not None:
+            if data is None:
+                lowered.report["file_bytes"] = None  # written below, with external data
+            text = json.dumps(lowered.report, indent=2, sort_keys=True, default=str)
+            tx.add_bytes(report_path, lambda fh: fh.write(text.encode()))
+    if data is None:
+        save_model(lowered.model, output)
+        lowered.report["file_bytes"] = output.stat().st_size
 
 
 def load(checkpoint: str | Path, *, config: ModelConfig, model_class: str | None = None,
@@ -273,10 +284,11 @@ def lower_checkpoint(checkpoint: str | Path, output: str | Path | None = None, *
                      model_class: str | None = None, model_kwargs: str | None = None, trust_pickle: bool = False,
                      allow_nonfinite: bool = False, progress: Progress | None = None, **options) -> Lowered:
     """The whole pipeline from a checkpoint file: load, then :func:`lower_with_report` (what the CLI runs)."""
-    from .fileio import check_writable_target
+    from .fileio import plan_outputs
 
-    if output is not None:
-        check_writable_target(output)
+    options["inputs"] = [checkpoint, *options.get("inputs", ())]
+    plan_outputs({"-o": output, "--report": options.get("report_path")}, force=options.get("force", False),
+                 inputs=options["inputs"])  # before loading: a refused output costs nothing
     started = time.perf_counter()
     run = _Run(progress)
     with run.stage("load"):

@@ -32,6 +32,7 @@ def add_parser(sub, common) -> None:
     p.add_argument("--all-steps", action="store_true", help="compare at every t_index of the schedule")
     shared.add_model_class(p)
     shared.add_seed(p)
+    shared.add_force(p, "overwrite an existing --plot file")
     shared.add_trust(p)
     p.set_defaults(func=run)
 
@@ -58,7 +59,7 @@ def _targets(args) -> list[str]:
 
 def run(args) -> int:
     from ..config import resolve_config
-    from ..fileio import check_writable_target
+    from ..fileio import plan_outputs
     from ..golden import load_golden
     from ..metadata import read_file
     from ..verify import check_targets, parse_tolerance
@@ -66,8 +67,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     info = read_file(args.onnx, require=("table", "fixed"))
     targets = _targets(args)
-    if args.plot:
-        check_writable_target(args.plot)
+    plan_outputs({"--plot": args.plot}, inputs=[args.onnx, args.model, args.config, args.golden], force=args.force)
     cfg = resolve_config(args.config, info.config, source=f"{info.path}: metadata")
     tol = parse_tolerance(args.tolerance) if args.tolerance else None
     golden = load_golden(args.golden) if args.golden else None

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
-
-from ..errors import FxpassError
 from . import args as shared
 from .output import console
 
@@ -22,16 +19,13 @@ def add_parser(sub, common) -> None:
 def run(args) -> int:
     from ..checkpoint import init_model, save_checkpoint
     from ..config import load_config
-    from ..fileio import check_writable_target
+    from ..fileio import plan_outputs
 
     cfg = load_config(args.config)
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise FxpassError(f"{out}: already exists (pass --force to overwrite)")
-    check_writable_target(out)  # before building the model, not after
+    out = plan_outputs({"OUT": args.out}, inputs=[args.config], force=args.force)["OUT"]  # before building
     t0 = time.perf_counter()
     model = init_model(cfg, seed=args.seed)
-    save_checkpoint(model, out)
+    save_checkpoint(model, out, exclusive=not args.force)  # of two runs racing for a new path, one wins
     n = sum(p.numel() for p in model.parameters())
     console().print(
         f"wrote {out}: seeded random U-Net (seed {args.seed}), {n:,} parameters, "

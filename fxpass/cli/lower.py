@@ -26,7 +26,7 @@ def add_parser(sub, common) -> None:
                    help="export one whole denoising step (U-Net + posterior update, coefficients gathered by "
                         "t_index): inputs x, t_index, noise; outputs x_prev, pred_xstart")
     p.add_argument("--report", metavar="FILE.json", help="write the summary numbers as JSON")
-    shared.add_force(p, "write even when the ORT check fails (exit 1)")
+    shared.add_force(p, "overwrite existing outputs; write even when the ORT check fails (exit 1)")
     shared.add_trust(p)
     p.set_defaults(func=run)
 
@@ -50,7 +50,7 @@ def run(args) -> int:
         precision=args.precision, opset=args.opset,
         dynamic_batch=args.dynamic_batch, simplifier=None if args.simplifier == "none" else args.simplifier,
         group_norm=args.group_norm, step_graph=args.step_graph, report_path=args.report, force=args.force,
-        progress=progress,
+        inputs=[args.config], progress=progress,
     )
     _summary(lowered, args)
     return 0 if lowered.passed else 1

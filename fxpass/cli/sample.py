@@ -27,11 +27,11 @@ def _progress_bar():
 
 def run(args) -> int:
     from ..denoisers import OnnxDenoiser
-    from ..fileio import atomic_write_bytes, check_input_file, check_writable_target
+    from ..fileio import atomic_write_bytes, check_input_file, plan_outputs
     from ..images import encode_png, load_image, load_mask
     from ..sampler import GeneratorNoise, count_model_calls, descent_schedule, jump_schedule, sample_loop
 
-    out = check_writable_target(args.out)
+    out = plan_outputs({"-o": args.out}, inputs=[args.model, args.image, args.mask], force=args.force)["-o"]
     if not args.ddpm:
         if args.image is None or args.mask is None:
             raise FxpassError("sample: --image IMG.png and --mask MASK.png are required (or --ddpm for plain generation)")
@@ -85,4 +85,5 @@ def add_parser(sub, common) -> None:
                    help="passes over each jump section (default 10; 1 = no resampling)")
     p.add_argument("--ddpm", action="store_true",
                    help="plain generation over the respaced schedule: no resampling, no image or mask")
+    shared.add_force(p, "overwrite an existing output")
     p.set_defaults(func=run)

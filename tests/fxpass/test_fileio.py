@@ -62,16 +62,16 @@ def test_exclusive_write_fails_when_the_path_appears_meanwhile(tmp_path):
 
 def test_sigint_while_the_temp_file_is_created_leaves_nothing(tmp_path, monkeypatch):
     import signal
-    import tempfile
 
-    real = tempfile.mkstemp
+    real = os.open
 
-    def interrupted(*args, **kwargs):
-        made = real(*args, **kwargs)
-        os.kill(os.getpid(), signal.SIGINT)  # lands while the temp file is being created
+    def interrupted(path, *args, **kwargs):
+        made = real(path, *args, **kwargs)
+        if str(path).endswith(".tmp"):
+            os.kill(os.getpid(), signal.SIGINT)  # lands while the temp file is being created
         return made
 
-    monkeypatch.setattr(tempfile, "mkstemp", interrupted)
+    monkeypatch.setattr(os, "open", interrupted)
     with pytest.raises(KeyboardInterrupt):
         atomic_write_bytes(tmp_path / "out.bin", lambda fh: fh.write(b"data"))
     assert list(tmp_path.iterdir()) == []
@@ -98,3 +98,39 @@ def test_sigterm_during_a_write_leaves_no_partial_file(tmp_path):
     result = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "terminated", result.stderr
     assert out.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["out.onnx"]
+
+
+def test_temporaries_of_a_killed_run_are_swept_by_the_next(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".out.bin.fxpass-{int(dead.stdout)}-abc123.tmp"
+    stale.write_bytes(b"left by SIGKILL")
+    mine = tmp_path / f".other.fxpass-{os.getpid()}-abc123.tmp"  # a live process's: kept
+    mine.write_bytes(b"in use")
+    atomic_write_bytes(tmp_path / "out.bin", lambda fh: fh.write(b"new"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, "out.bin"])
+
+
+def test_plan_outputs_refuses_inputs_links_duplicates_and_existing(tmp_path):
+    from fxpass.fileio import plan_outputs
+
+    ck = tmp_path / "ck.pt"
+    ck.write_bytes(b"weights")
+    link = tmp_path / "link.pt"
+    link.symlink_to(ck)
+    hard = tmp_path / "hard.pt"
+    os.link(ck, hard)
+    for out in (ck, link, hard, tmp_path / "." / "ck.pt"):
+        with pytest.raises(FxpassError, match="is the input file"):
+            plan_outputs({"-o": out}, inputs=[ck])
+    with pytest.raises(FxpassError, match="is the same file as -o"):
+        plan_outputs({"-o": tmp_path / "a.onnx", "--report": tmp_path / "a.onnx"})
+    existing = tmp_path / "old.onnx"
+    existing.write_bytes(b"")
+    with pytest.raises(FxpassError, match="already exists"):
+        plan_outputs({"-o": existing})
+    assert plan_outputs({"-o": existing, "--report": None}, force=True) == {"-o": existing}
+    with pytest.raises(FxpassError, match="is the input file"):
+        plan_outputs({"-o": tmp_path}, inputs=[ck], directories=("-o",), force=True)

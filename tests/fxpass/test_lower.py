@@ -196,14 +196,16 @@ def test_cli_refuses_a_model_that_differs_and_keeps_existing_output(tiny_files, 
     from user_models import NoisyUNet
 
     save_checkpoint(NoisyUNet(), ckpt)
+    new = tmp_path / "new.onnx"
+    user = ["--config", str(cfg), "--model-class", "user_models:NoisyUNet", "--timesteps", "5"]
+    assert main(["lower", str(ckpt), "-o", str(new), *user]) == 1
+    assert "not written" in capsys.readouterr().err and not new.exists()
     out = tmp_path / "out.onnx"
     out.write_bytes(b"previous")
-    args = ["lower", str(ckpt), "--config", str(cfg), "-o", str(out),
-            "--model-class", "user_models:NoisyUNet", "--timesteps", "5"]
-    assert main(args) == 1
-    assert "not written" in capsys.readouterr().err
+    assert main(["lower", str(ckpt), "-o", str(out), *user]) == 2  # refused before any work
+    assert "already exists (pass --force to overwrite)" in capsys.readouterr().err
     assert out.read_bytes() == b"previous"
-    assert main(args + ["--force"]) == 1  # written, still reported as a failure
+    assert main(["lower", str(ckpt), "-o", str(out), *user, "--force"]) == 1  # written, still a failure
     assert onnx.load(out).graph.input[0].name == "x"
 
 
