@@ -28,7 +28,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .diffusion import Diffusion, Model, base_betas  # noqa: F401  base_betas: re-exported for fxpass.reference (to move)
+from .diffusion import Diffusion, Model
 
 Progress = Callable[[int, int], None]
 
