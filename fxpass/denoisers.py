@@ -1,7 +1,9 @@
-"""Denoisers the sampler loops can call: an fxpass table-mode model on a runtime (ONNX Runtime here).
+"""Denoisers the sampler loops (and the fidelity metrics) call: ``model(x, t_index) -> output``.
 
-No torch on this path: ``fxpass sample`` imports only NumPy, Pillow, rich and the runtime.  The
-schedule comes from the model's metadata, read by :func:`fxpass.metadata.parse`.
+:class:`OnnxDenoiser` runs an fxpass table-mode model on ONNX Runtime, with its schedule from the
+model's metadata (:func:`fxpass.metadata.parse`); no torch on that path (``fxpass sample`` imports
+only NumPy, Pillow, rich and the runtime).  :class:`TorchDenoiser` runs the eager PyTorch model (the
+reference), torch imported only when it is built.
 """
 
 from __future__ import annotations
@@ -96,3 +98,28 @@ class OnnxDenoiser:
             raise FxpassError(f"{self.path}: output out has shape {list(out.shape)}, expected {list(want)} "
                               f"(learn_sigma={self.diffusion.learn_sigma})")
         return out
+
+
+class TorchDenoiser:
+    """The eager model as a denoiser: ``t_index`` mapped to the model's timesteps, float32, no grad."""
+
+    def __init__(self, model, diffusion: Diffusion, model_timesteps, *, batch: int = 64):
+        import torch
+
+        self.model = model.eval()
+        self.diffusion = diffusion
+        self.timesteps = torch.as_tensor(list(model_timesteps))
+        self.batch = batch
+        self.calls = 0
+
+    def __call__(self, x: np.ndarray, t_index: np.ndarray) -> np.ndarray:
+        import torch
+
+        outs = []
+        with torch.no_grad():
+            for start in range(0, x.shape[0], self.batch):
+                xb = torch.from_numpy(np.ascontiguousarray(x[start:start + self.batch], dtype=np.float32))
+                tb = self.timesteps[torch.as_tensor(np.asarray(t_index[start:start + self.batch], dtype=np.int64))]
+                outs.append(self.model(xb, tb).float().numpy())
+                self.calls += 1
+        return np.concatenate(outs)

@@ -75,3 +75,20 @@ def encode_png(x: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)), mode="RGB").save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def load_image_dir(directory: str | Path, size: int, count: int | None = None) -> tuple[np.ndarray, list[Path]]:
+    """The first ``count`` images of ``directory`` (sorted by name; all when None) as float32
+    [N, 3, size, size] in [-1, 1], and their paths; one-line errors naming the directory or file."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise FxpassError(f"{d}: no such directory of images")
+    paths = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if not paths:
+        raise FxpassError(f"{d}: holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    if count is not None:
+        paths = paths[:count]
+    return np.concatenate([load_image(p, size) for p in paths]), paths

@@ -28,3 +28,32 @@ def plot_errors(path: Path, rows: list, info, tol: tuple[float, float]) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     atomic_write_bytes(path, lambda fh: fh.write(buffer.getvalue()))
+
+
+def plot_eps_mse(path: Path, data: dict, title: str) -> None:
+    """eps-MSE per runtime (top) and its ratio to the reference (bottom) against the timestep, as a PNG."""
+    from matplotlib.figure import Figure
+
+    rows = data["rows"]
+    t = [r["timestep"] for r in rows]
+    fig = Figure(figsize=(8, 6), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    for name in rows[0]["eps_mse"]:
+        top.plot(t, [r["eps_mse"][name] for r in rows], marker=".", linewidth=1, label=name)
+    top.set_yscale("log")
+    top.set_ylabel("eps-MSE vs the true noise")
+    top.legend()
+    for name in rows[0]["ratio"]:
+        bottom.plot(t, [r["ratio"][name] for r in rows], marker=".", linewidth=1, label=f"{name} / reference")
+    if data.get("budget") is not None:
+        bottom.axhline(1 + data["budget"], color="tab:red", linestyle="--", linewidth=1, label="budget")
+    bottom.axhline(1.0, color="gray", linewidth=0.8)
+    bottom.set_xlabel("timestep")
+    bottom.set_ylabel("eps-MSE ratio")
+    bottom.legend()
+    for ax in (top, bottom):
+        ax.grid(True, which="both", alpha=0.3)
+    top.set_title(f"{title}: {data['images']} held-out images, every schedule step")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    atomic_write_bytes(path, lambda fh: fh.write(buffer.getvalue()))

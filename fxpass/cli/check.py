@@ -30,6 +30,13 @@ def add_parser(sub, common) -> None:
                    help="ATOL is a fraction of max|reference| (default: by the model's precision)")
     p.add_argument("--plot", metavar="FILE.png", help="plot ONNX Runtime's error against timestep, every t_index")
     p.add_argument("--all-steps", action="store_true", help="compare at every t_index of the schedule")
+    p.add_argument("--data", metavar="DIR", help="held-out images: eps-MSE against the true noise at every schedule "
+                   "step, ONNX Runtime against the eager model (the task metric for reduced precision)")
+    p.add_argument("--data-count", type=shared.positive, default=32, metavar="N",
+                   help="use the first N images of --data (default 32)")
+    p.add_argument("--eps-budget", type=float, metavar="FRACTION",
+                   help="with --data: fail where eps-MSE exceeds the eager model's by more than this (e.g. 0.05)")
+    p.add_argument("--report", metavar="FILE.json", help="write the comparison figures as JSON")
     shared.add_model_class(p)
     shared.add_seed(p)
     shared.add_force(p, "overwrite an existing --plot file")
@@ -67,9 +74,19 @@ def run(args) -> int:
     t0 = time.perf_counter()
     info = read_file(args.onnx, require=("table", "fixed"))
     targets = _targets(args)
-    plan_outputs({"--plot": args.plot}, inputs=[args.onnx, args.model, args.config, args.golden], force=args.force)
+    plan_outputs({"--plot": args.plot, "--report": args.report},
+                 inputs=[args.onnx, args.model, args.config, args.golden, args.data], force=args.force)
+    if args.data and "torch" not in targets:
+        raise FxpassError("--data compares with the eager model: it needs --model MODEL.pt")
+    if args.eps_budget is not None and (not args.data or not 0 < args.eps_budget < 10):
+        raise FxpassError("--eps-budget: a fraction such as 0.05, with --data")
     cfg = resolve_config(args.config, info.config, source=f"{info.path}: metadata")
     tol = parse_tolerance(args.tolerance) if args.tolerance else None
+    images = None
+    if args.data:  # read before any long work: a bad directory fails at once
+        from ..images import load_image_dir
+
+        images = load_image_dir(args.data, info.inputs["x"][1][-1], args.data_count)
     golden = load_golden(args.golden) if args.golden else None
     model = None
     if "torch" in targets:
@@ -77,23 +94,69 @@ def run(args) -> int:
 
         model = load(args.model, config=cfg, model_class=args.model_class, model_kwargs=args.model_kwargs,
                      trust_pickle=args.trust_pickle, allow_nonfinite=args.allow_nonfinite)
-    every = (args.plot or args.all_steps) and info.mode == "table"
+    every = ((args.plot and not args.data) or args.all_steps) and info.mode == "table"
     report = check_targets(info, targets=targets, model=model, model_label=str(args.model), golden=golden,
                            tolerance=tol, seed=args.seed,
                            t_indices=list(range(len(info.timesteps))) if every else None,
                            fp16_build=info.precision == "fp16" or args.tolerance == "fp16",
                            progress=console(stderr=True).print)
-    if args.plot:
+    data = None
+    if args.data:
+        from ..fidelity import check_data
+
+        data = check_data(info, model, args.data, seed=args.seed, budget=args.eps_budget, images=images)
+    if args.plot and data is not None:
+        from ..plots import plot_eps_mse
+
+        plot_eps_mse(args.plot, data, info.path.name)
+    elif args.plot:
         from ..plots import plot_errors
         from ..verify import default_tolerance
 
         plot_errors(args.plot, [r for r in report.torch_rows if r.target.startswith("onnxrt")], info,
                     tol or default_tolerance(info.precision))
-    _print(report, info, args, time.perf_counter() - t0)
-    return report.exit_code
+    _print(report, info, args, time.perf_counter() - t0, data)
+    if args.report:
+        _write_report(args.report, report, data)
+    code = report.exit_code
+    return 1 if data is not None and data["failed"] else code
 
 
-def _print(report, info, args, seconds: float) -> None:
+def _write_report(path, report, data) -> None:
+    import dataclasses
+    import json
+
+    from ..fileio import atomic_write_bytes
+
+    payload = {"rows": [dataclasses.asdict(r) for r in report.rows], "data": data, "exit_code": report.exit_code}
+    text = json.dumps(payload, indent=2, default=float) + "\n"
+    atomic_write_bytes(path, lambda fh: fh.write(text.encode()))
+
+
+def _print_data(out, data) -> None:
+    from rich import box
+    from rich.table import Table
+
+    rows = data["rows"]
+    names = list(rows[0]["eps_mse"])
+    table = Table(title=f"eps-MSE on {data['images']} images of {data['data']} (seed {data['seed']})",
+                  title_justify="left", box=box.SIMPLE_HEAD)
+    for column in ["t_index", "timestep", *names, *(f"{n} / ref" for n in rows[0]["ratio"])]:
+        table.add_column(column, justify="right")
+    shown = sorted({*range(0, len(rows), max(1, len(rows) // 10)), len(rows) - 1})
+    for k in shown:
+        r = rows[k]
+        table.add_row(str(r["t_index"]), str(r["timestep"]), *(f"{r['eps_mse'][n]:.4g}" for n in names),
+                      *(f"{v:.4f}" for v in r["ratio"].values()))
+    out.print(table)
+    for name, worst in data["summary"]["worst_ratio"].items():
+        out.print(f"{name}: eps-MSE ratio to torch-fp32 furthest from 1 at t_index {worst['t_index']} "
+                  f"(timestep {worst['timestep']}): {worst['ratio']:.4f}", soft_wrap=True)
+    for line in data["failed"]:
+        out.print(f"FAIL {line}", soft_wrap=True)
+
+
+def _print(report, info, args, seconds: float, data=None) -> None:
     from rich import box
     from rich.markup import escape
     from rich.table import Table
@@ -117,6 +180,8 @@ def _print(report, info, args, seconds: float) -> None:
         else:
             table.add_row(row.reference, row.target, "", "", "", row.status)
     out.print(table)
+    if data is not None:
+        _print_data(out, data)
     for row in rows:
         if row.status == "FAIL" and row.detail:
             out.print(f"{row.target} vs {row.reference}: FAIL, {row.detail}", soft_wrap=True)
@@ -129,5 +194,6 @@ def _print(report, info, args, seconds: float) -> None:
             out.print(f"{row.target}: {row.status}: {row.detail}", soft_wrap=True)
     if args.plot:
         out.print(f"wrote {args.plot}", soft_wrap=True)
-    status = "FAIL" if report.failed else ("incomplete (unavailable targets)" if report.unavailable else "pass")
+    failed = report.failed or bool(data and data["failed"])
+    status = "FAIL" if failed else ("incomplete (unavailable targets)" if report.unavailable else "pass")
     out.print(f"check: {status} ({seconds:.1f} s)")
