@@ -190,8 +190,10 @@ def _check(cfg: ModelConfig, source: str) -> None:
         raise _bad(source, "diffusion_steps", cfg.diffusion_steps, "must be positive")
     if cfg.noise_schedule not in ("linear", "cosine"):
         raise _bad(source, "noise_schedule", cfg.noise_schedule, "must be 'linear' or 'cosine'")
-    from .schedule import respaced
+    from .diffusion import respaced
+    from .limits import check_config_fits
 
+    check_config_fits(cfg, source)  # before anything is built: a schedule or a model that cannot fit
     try:
         respaced(cfg.diffusion_steps, cfg.timestep_respacing)
     except ValueError as exc:

@@ -27,6 +27,17 @@ def ort_reason(exc: BaseException) -> str:
     return text[:200]
 
 
+def _check_external_data(path: Path) -> None:
+    """The same rule ``fxpass check`` applies: external data only in regular files inside the model's folder."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf and onnx raise several types for unreadable files
+        raise FxpassError(f"{path}: not a readable ONNX model ({first_line(exc, 200)})") from None
+    metadata.check_external_data(model, path)
+
+
 class OnnxDenoiser:
     """An fxpass table-mode ONNX model on ONNX Runtime (CPU), as the sampler's ``model`` callable.
 
@@ -41,6 +52,7 @@ class OnnxDenoiser:
         from .fileio import check_model_file
 
         self.path = path = check_model_file(path)
+        _check_external_data(path)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads:
@@ -62,6 +74,9 @@ class OnnxDenoiser:
         self.diffusion = Diffusion.from_config(self.config)
         self.timesteps = list(meta.timesteps)
         self.image_size = int(self.config["image_size"])
+        from .limits import check_input_fits
+
+        check_input_fits((1, 3, self.image_size, self.image_size), f"metadata {metadata.CONFIG} image_size", str(path))
         self._check_signature()
         self.calls = 0
 

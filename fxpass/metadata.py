@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import FxpassError
+from .limits import MAX_SCHEDULE  # the longest schedule a metadata entry may declare
 
 PREFIX = "fxpass."
 VERSION = "fxpass.version"
@@ -34,8 +35,6 @@ KEYS = (VERSION, MODE, TIMESTEPS, MODEL_TIMESTEPS, CONFIG, PRECISION)
 
 MODES = ("table", "fixed", "step")
 PRECISIONS = ("fp32", "fp16")
-#: the longest schedule a metadata entry may declare (guided-diffusion uses at most a few thousand)
-MAX_SCHEDULE = 100_000
 
 
 @dataclass(frozen=True)
@@ -276,6 +275,10 @@ def read_file(path, *, require: tuple[str, ...] = ()) -> OnnxInfo:
         inputs[inp.name] = (_ONNX_DTYPES.get(tt.elem_type, str(tt.elem_type)), shape)
     if "x" not in inputs:
         raise FxpassError(f"{path}: has no input named x (inputs: {', '.join(inputs)})")
+    from .limits import check_input_fits
+
+    for name, (_, shape) in inputs.items():
+        check_input_fits(shape, f"input {name}", str(path))
     if meta.mode in ("table", "step") and "t_index" not in inputs:
         raise FxpassError(f"{path}: {meta.mode}-mode model without a t_index input")
     return OnnxInfo(path, meta, inputs)
