@@ -58,7 +58,7 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def check_data(info, model, data_dir, *, count: int | None = 32, seed: int = 0, budget: float | None = None,
-               images: tuple[np.ndarray, list] | None = None,
+               images: np.ndarray | None = None,
                progress: Callable[[int, int], None] | None = None) -> dict:
     """``fxpass check --data``: the eager model (reference ``torch-fp32``) and ONNX Runtime on the held-out
     images of ``data_dir``, eps-MSE at every ``t_index``.  ``budget`` (e.g. 0.05): the run fails where
@@ -70,7 +70,7 @@ def check_data(info, model, data_dir, *, count: int | None = 32, seed: int = 0, 
     if info.mode != "table":
         raise FxpassError(f"{info.path}: --data needs a table-mode model (every schedule step in one graph)")
     onnx_model = OnnxDenoiser(info.path)
-    x0, paths = images if images is not None else load_image_dir(data_dir, onnx_model.image_size, count)
+    x0 = images if images is not None else load_image_dir(data_dir, onnx_model.image_size, count)
     diffusion = onnx_model.diffusion
     denoisers = {"torch-fp32": TorchDenoiser(model, diffusion, info.model_timesteps),
                  f"onnxrt-{info.precision}": onnx_model}
@@ -82,5 +82,5 @@ def check_data(info, model, data_dir, *, count: int | None = 32, seed: int = 0, 
             if worst["ratio"] > 1.0 + budget or not np.isfinite(worst["ratio"]):
                 failed.append(f"{name}: eps-MSE {worst['ratio']:.4g}× the reference's at t_index {worst['t_index']} "
                               f"(budget {1 + budget:g}×)")
-    return {"images": len(paths), "data": str(data_dir), "seed": seed, "rows": rows, "summary": summary,
+    return {"images": int(x0.shape[0]), "data": str(data_dir), "seed": seed, "rows": rows, "summary": summary,
             "budget": budget, "failed": failed}

@@ -80,15 +80,31 @@ def encode_png(x: np.ndarray) -> bytes:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def load_image_dir(directory: str | Path, size: int, count: int | None = None) -> tuple[np.ndarray, list[Path]]:
-    """The first ``count`` images of ``directory`` (sorted by name; all when None) as float32
-    [N, 3, size, size] in [-1, 1], and their paths; one-line errors naming the directory or file."""
+def image_files(directory: str | Path, count: int | None = None) -> list[Path]:
+    """The first ``count`` (default all) image files of ``directory``, sorted by name; one-line errors."""
     d = Path(directory)
+    if not d.exists():
+        raise FxpassError(f"{d}: no such directory")
     if not d.is_dir():
-        raise FxpassError(f"{d}: no such directory of images")
-    paths = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-    if not paths:
-        raise FxpassError(f"{d}: holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise FxpassError(f"{d}: not a directory, expected a directory of images")
+    try:
+        names = sorted(p for p in d.iterdir()
+                       if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
+    except OSError as exc:
+        raise FxpassError(f"{d}: cannot list ({exc.strerror or exc})") from None
+    if not names:
+        raise FxpassError(f"{d}: no images ({', '.join(IMAGE_SUFFIXES)}) in this directory")
     if count is not None:
-        paths = paths[:count]
-    return np.concatenate([load_image(p, size) for p in paths]), paths
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+            raise FxpassError(f"count must be a positive integer, got {count!r}")
+        if count > len(names):
+            raise FxpassError(f"{d}: {len(names)} image{'s' if len(names) != 1 else ''} in this directory, "
+                              f"{count} asked for")
+        names = names[:count]
+    return names
+
+
+def load_image_dir(directory: str | Path, size: int, count: int | None = None) -> np.ndarray:
+    """The first ``count`` images of ``directory`` (sorted by name), each exactly size x size, as
+    float32 [N, 3, size, size] in [-1, 1] (grayscale repeated); an error names the first bad file."""
+    return np.concatenate([load_image(p, size) for p in image_files(directory, count)])

@@ -11,9 +11,9 @@ import sys
 
 from .. import __version__
 from ..errors import FxpassError, first_line
-from . import check, golden, init, inspect, lower, sample
+from . import check, evaluate, golden, init, inspect, lower, sample
 
-COMMANDS = (init, inspect, lower, check, golden, sample)
+COMMANDS = (init, inspect, lower, check, golden, sample, evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"fxpass {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", metavar="{init,inspect,lower,check,golden,sample}")
+    names = ",".join(command.__name__.rsplit(".", 1)[-1] for command in COMMANDS)
+    sub = parser.add_subparsers(dest="command", metavar="{" + names + "}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
     for command in COMMANDS:

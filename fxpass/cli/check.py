@@ -13,6 +13,9 @@ from ..errors import FxpassError
 from . import args as shared
 from .output import console
 
+#: images of --data used by default (eps-MSE at every step of the schedule for each)
+DATA_COUNT = 32
+
 
 def add_parser(sub, common) -> None:
     p = sub.add_parser("check", parents=[common],
@@ -32,8 +35,8 @@ def add_parser(sub, common) -> None:
     p.add_argument("--all-steps", action="store_true", help="compare at every t_index of the schedule")
     p.add_argument("--data", metavar="DIR", help="held-out images: eps-MSE against the true noise at every schedule "
                    "step, ONNX Runtime against the eager model (the task metric for reduced precision)")
-    p.add_argument("--data-count", type=shared.positive, default=32, metavar="N",
-                   help="use the first N images of --data (default 32)")
+    p.add_argument("--data-count", type=shared.positive, metavar="N",
+                   help=f"use the first N images of --data (default: all, at most {DATA_COUNT})")
     p.add_argument("--eps-budget", type=float, metavar="FRACTION",
                    help="with --data: fail where eps-MSE exceeds the eager model's by more than this (e.g. 0.05)")
     p.add_argument("--report", metavar="FILE.json", help="write the comparison figures as JSON")
@@ -84,9 +87,10 @@ def run(args) -> int:
     tol = parse_tolerance(args.tolerance) if args.tolerance else None
     images = None
     if args.data:  # read before any long work: a bad directory fails at once
-        from ..images import load_image_dir
+        from ..images import image_files, load_image_dir
 
-        images = load_image_dir(args.data, info.inputs["x"][1][-1], args.data_count)
+        count = args.data_count or min(len(image_files(args.data)), DATA_COUNT)
+        images = load_image_dir(args.data, info.inputs["x"][1][-1], count)
     golden = load_golden(args.golden) if args.golden else None
     model = None
     if "torch" in targets:

@@ -52,7 +52,7 @@ def test_the_reference_model_is_in_the_repo_and_loads(reference):
 
 def _eps_rows(model, onnx_path, count=IMAGES):
     onnx_model = OnnxDenoiser(onnx_path)
-    x0, _ = load_image_dir(HELDOUT_DIR, 32, count)
+    x0 = load_image_dir(HELDOUT_DIR, 32, count)
     torch_model = TorchDenoiser(model, onnx_model.diffusion, onnx_model.meta.model_timesteps)
     return eps_mse_along_t({"eager": torch_model, "onnx": onnx_model}, x0, onnx_model.diffusion, reference="eager",
                            seed=0)
@@ -104,4 +104,4 @@ def test_check_data_errors_are_one_line(lowered, tmp_path, capsys):
     empty.mkdir()
     code = main(["check", str(lowered["fp32"]), "--model", str(CHECKPOINT), "--data", str(empty)])
     err = capsys.readouterr().err
-    assert code == 2 and err == f"fxpass: error: {empty}: holds no images (.png, .jpg, .jpeg, .bmp, .tif, .tiff, .webp)\n"
+    assert code == 2 and err == f"fxpass: error: {empty}: no images (.png, .jpg, .jpeg, .bmp, .tif, .tiff, .webp) in this directory\n"
