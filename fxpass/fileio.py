@@ -22,6 +22,7 @@ import signal
 import stat
 import threading
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -219,37 +220,38 @@ class Transaction:
             held.release()
             raise FxpassError(f"{path}: cannot write ({exc.strerror or exc})") from None
         self._staged.append((path, tmp))
-        try:
+        with self._undone_on_failure(lambda: path):
             held.release()
             with os.fdopen(fd, "wb") as fh:
                 write(fh)
-        except OSError as exc:
-            self.abort()
-            raise FxpassError(f"{path}: cannot write ({exc.strerror or exc})") from None
-        except BaseException:
-            self.abort()
-            raise
 
     def commit(self, *, exclusive: bool = False) -> None:
         """Rename every staged file into place (``exclusive``: only where the path does not exist yet)."""
-        final = None
-        try:
+        current = [None]
+        with self._undone_on_failure(lambda: current[0]):
             for final, tmp in self._staged:
+                current[0] = final
                 if exclusive:
                     os.link(tmp, final)  # fails if the path appeared meanwhile
                     os.unlink(tmp)
                 else:
                     os.replace(tmp, final)
+        self._staged = []
+
+    @contextmanager
+    def _undone_on_failure(self, where: Callable[[], Path | None]):
+        """Any failure or interrupt inside removes everything staged; OS errors become one line naming the file."""
+        try:
+            yield
         except FileExistsError:
             self.abort()
-            raise FxpassError(f"{final}: already exists (pass --force to overwrite)") from None
+            raise FxpassError(f"{where()}: already exists (pass --force to overwrite)") from None
         except OSError as exc:
             self.abort()
-            raise FxpassError(f"{final}: cannot write ({exc.strerror or exc})") from None
+            raise FxpassError(f"{where()}: cannot write ({exc.strerror or exc})") from None
         except BaseException:
             self.abort()
             raise
-        self._staged = []
 
     def abort(self) -> None:
         for _, tmp in self._staged:

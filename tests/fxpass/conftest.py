@@ -172,3 +172,33 @@ def tiny_golden(tmp_path_factory, tiny_ckpt, tiny_onnx) -> Path:
     path = tmp_path_factory.mktemp("tiny-golden") / "tiny-seed0"
     assert main(["golden", str(tiny_ckpt), "-o", str(path), "--onnx", str(tiny_onnx), "--t-index", "0", "9"]) == 0
     return path
+
+
+@pytest.fixture(scope="session")
+def digits_onnx(tmp_path_factory):
+    """``digits_onnx(precision="fp32") -> Path``: the trained reference (fxpass/reference) lowered in
+    table mode, once per precision per session (about 8 s each, one thread)."""
+    made: dict[str, Path] = {}
+
+    def get(precision: str = "fp32") -> Path:
+        if precision not in made:
+            import torch
+
+            from fxpass.checkpoint import load_model
+            from fxpass.config import load_config
+            from fxpass.pipeline import lower
+            from fxpass.reference import CHECKPOINT, CONFIG
+
+            cfg = load_config(CONFIG)
+            before = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                proto = lower(load_model(CHECKPOINT, cfg), config=cfg, precision=precision)
+            finally:
+                torch.set_num_threads(before)
+            path = tmp_path_factory.mktemp("digits") / f"digits-{precision}.onnx"
+            onnx.save(proto, str(path))
+            made[precision] = path
+        return made[precision]
+
+    return get

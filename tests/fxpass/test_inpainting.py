@@ -32,7 +32,7 @@ from fxpass.inpainting import (
     masked_ssim,
     unknown_fraction,
 )
-from fxpass.reference import CHECKPOINT, CONFIG, HELDOUT_DIR
+from fxpass.reference import HELDOUT_DIR
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,28 +51,6 @@ def _heldout_dir(tmp_path: Path, count: int) -> Path:
     for p in sorted(HELDOUT_DIR.glob("*.png"))[:count]:
         shutil.copy(p, d / p.name)
     return d
-
-
-@pytest.fixture(scope="module")
-def digits_onnx(tmp_path_factory) -> Path:
-    """The trained digits reference lowered in table mode (fp32), as ``fxpass lower`` writes it."""
-    import onnx
-    import torch
-
-    from fxpass.checkpoint import load_model
-    from fxpass.config import load_config
-    from fxpass.pipeline import lower
-
-    cfg = load_config(CONFIG)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        proto = lower(load_model(CHECKPOINT, cfg), config=cfg)
-    finally:
-        torch.set_num_threads(before)
-    path = tmp_path_factory.mktemp("digits-onnx") / "digits.onnx"
-    onnx.save(proto, str(path))
-    return path
 
 
 # ---- masks ---------------------------------------------------------------------------------
@@ -233,7 +211,7 @@ def test_cli_wrong_image_size_names_the_file(tmp_path, capsys, digits_onnx):
     d = _heldout_dir(tmp_path, 2)
     _png(d / "zz-small.png", np.zeros((16, 16, 3)))
     out = tmp_path / "report.json"
-    rc, _, err = _evaluate_cli(capsys, digits_onnx, "--data", d, "-o", out)
+    rc, _, err = _evaluate_cli(capsys, digits_onnx(), "--data", d, "-o", out)
     assert rc != 0 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "zz-small.png: image is 16x16 pixels, the model takes 32x32" in err
     assert not out.exists()
@@ -248,7 +226,7 @@ def test_cli_rejects_unknown_mask_kind_and_bad_numbers(tmp_path, capsys):
 
 
 def test_cli_t_T_beyond_the_schedule(tmp_path, capsys, digits_onnx):
-    rc, _, err = _evaluate_cli(capsys, digits_onnx, "--data", _heldout_dir(tmp_path, 1), "--t-T", "51")
+    rc, _, err = _evaluate_cli(capsys, digits_onnx(), "--data", _heldout_dir(tmp_path, 1), "--t-T", "51")
     assert rc != 0 and "--t-T 51 is more than the model's 50 respaced steps" in err
 
 
@@ -258,7 +236,7 @@ def test_evaluate_path_does_not_import_torch(tmp_path, digits_onnx):
     code = (
         "import sys\n"
         "from fxpass.cli import main\n"
-        f"rc = main(['evaluate', {str(digits_onnx)!r}, '--data', {str(data)!r}, '-o', {str(out)!r},"
+        f"rc = main(['evaluate', {str(digits_onnx())!r}, '--data', {str(data)!r}, '-o', {str(out)!r},"
         " '--masks', 'box,strokes', '--t-T', '4', '--jump-length', '2', '--jump-n-sample', '2'])\n"
         "assert rc == 0, rc\n"
         "assert 'onnxruntime' in sys.modules and 'skimage.metrics' in sys.modules\n"
@@ -285,7 +263,7 @@ def test_repaint_beats_trivial_fills_on_the_digits_reference(digits_onnx):
     about 7 s on one thread."""
     from fxpass.denoisers import OnnxDenoiser
 
-    model = OnnxDenoiser(digits_onnx, threads=1)
+    model = OnnxDenoiser(digits_onnx(), threads=1)
     images = load_image_dir(HELDOUT_DIR, model.image_size, 4)
     masks = fixed_masks(model.image_size, MASK_KINDS, seed=0)
     calls = []

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-import onnx
 import pytest
 
 from fxpass.checkpoint import load_model
@@ -18,7 +16,6 @@ from fxpass.config import load_config
 from fxpass.denoisers import OnnxDenoiser, TorchDenoiser
 from fxpass.fidelity import eps_mse_along_t, summarize
 from fxpass.images import load_image_dir
-from fxpass.pipeline import lower
 from fxpass.reference import CHECKPOINT, CONFIG, HELDOUT_DIR
 
 IMAGES = 8
@@ -28,17 +25,6 @@ IMAGES = 8
 def reference():
     cfg = load_config(CONFIG)
     return cfg, load_model(CHECKPOINT, cfg)
-
-
-@pytest.fixture(scope="module")
-def lowered(tmp_path_factory, reference):
-    cfg, model = reference
-    paths = {}
-    for precision in ("fp32", "fp16"):
-        path = tmp_path_factory.mktemp("ref") / f"digits-{precision}.onnx"
-        onnx.save(lower(model, config=cfg, precision=precision), str(path))
-        paths[precision] = path
-    return paths
 
 
 def test_the_reference_model_is_in_the_repo_and_loads(reference):
@@ -58,9 +44,9 @@ def _eps_rows(model, onnx_path, count=IMAGES):
                            seed=0)
 
 
-def test_it_learned_and_fp32_onnx_eps_mse_equals_eager_at_every_step(reference, lowered):
+def test_it_learned_and_fp32_onnx_eps_mse_equals_eager_at_every_step(reference, digits_onnx):
     _, model = reference
-    rows = _eps_rows(model, lowered["fp32"])
+    rows = _eps_rows(model, digits_onnx("fp32"))
     assert len(rows) == 50
     # it learned: eps_hat = 0 scores 1; the model scores below 0.12 everywhere, below 0.02 from t_index 1
     assert all(r["eps_mse"]["eager"] < 0.12 for r in rows)
@@ -70,18 +56,18 @@ def test_it_learned_and_fp32_onnx_eps_mse_equals_eager_at_every_step(reference, 
 
 
 @pytest.mark.slow
-def test_fp16_onnx_eps_mse_ratio_along_t(reference, lowered):
+def test_fp16_onnx_eps_mse_ratio_along_t(reference, digits_onnx):
     """Measured: ratio within 0.99997..1.0002 over 64 images, 0.99969..1.00028 over these 8 (worst |r - 1|
     3.1e-4); the bound, 2e-3, is six times that."""
     _, model = reference
-    rows = _eps_rows(model, lowered["fp16"])
+    rows = _eps_rows(model, digits_onnx("fp16"))
     worst = max(abs(r["ratio"]["onnx"] - 1.0) for r in rows)
     assert worst <= 2e-3, summarize(rows)
 
 
-def test_check_data_reports_and_gates_on_an_eps_budget(reference, lowered, tmp_path, capsys):
+def test_check_data_reports_and_gates_on_an_eps_budget(reference, digits_onnx, tmp_path, capsys):
     report = tmp_path / "r.json"
-    code = main(["check", str(lowered["fp32"]), "--model", str(CHECKPOINT), "--data", str(HELDOUT_DIR),
+    code = main(["check", str(digits_onnx("fp32")), "--model", str(CHECKPOINT), "--data", str(HELDOUT_DIR),
                  "--data-count", "8", "--eps-budget", "0.01", "--report", str(report)])
     out = capsys.readouterr().out
     assert code == 0, out
@@ -92,16 +78,16 @@ def test_check_data_reports_and_gates_on_an_eps_budget(reference, lowered, tmp_p
 
 
 @pytest.mark.slow
-def test_check_data_fails_outside_the_budget(lowered, capsys):
-    code = main(["check", str(lowered["fp16"]), "--model", str(CHECKPOINT), "--data", str(HELDOUT_DIR),
+def test_check_data_fails_outside_the_budget(digits_onnx, capsys):
+    code = main(["check", str(digits_onnx("fp16")), "--model", str(CHECKPOINT), "--data", str(HELDOUT_DIR),
                  "--data-count", "4", "--eps-budget", "1e-9"])
     out = capsys.readouterr().out
     assert code == 1 and "FAIL onnxrt-fp16: eps-MSE" in out and "check: FAIL" in out
 
 
-def test_check_data_errors_are_one_line(lowered, tmp_path, capsys):
+def test_check_data_errors_are_one_line(digits_onnx, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    code = main(["check", str(lowered["fp32"]), "--model", str(CHECKPOINT), "--data", str(empty)])
+    code = main(["check", str(digits_onnx("fp32")), "--model", str(CHECKPOINT), "--data", str(empty)])
     err = capsys.readouterr().err
     assert code == 2 and err == f"fxpass: error: {empty}: no images (.png, .jpg, .jpeg, .bmp, .tif, .tiff, .webp) in this directory\n"
