@@ -30,6 +30,8 @@ DEFAULT_CHANNEL_MULT = {
     32: (1, 2, 2, 2),
 }
 NUM_CLASSES = 1000
+#: the largest image side a user class's config may declare (its input's memory is checked again when built)
+MAX_USER_IMAGE_SIZE = 8192
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,9 @@ class ModelConfig:
     timestep_respacing: str = "250"
     noise_schedule: str = "linear"
     rescale_timesteps: bool = False
+    #: "" for fxpass's own U-Net; ``pkg.mod:Class`` for a user's class (``--model-class``), whose config
+    #: is checked only for what fxpass uses (size, schedule), not for fxpass's architecture rules
+    model_class: str = ""
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -79,7 +84,10 @@ class ModelConfig:
         return NUM_CLASSES if self.class_cond else None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        if not values["model_class"]:
+            del values["model_class"]  # fxpass's own U-Net: the keys every earlier version wrote
+        return values
 
     def replace(self, **changes) -> "ModelConfig":
         return from_dict({**self.to_dict(), **changes})
@@ -97,14 +105,17 @@ def _bad(source: str, key: str, value: Any, why: str) -> FxpassError:
     return FxpassError(f"{source}: {key}: {why} (got {value!r})")
 
 
-def from_dict(values: dict[str, Any], source: str = "config", *, complete: bool = False) -> ModelConfig:
+def from_dict(values: dict[str, Any], source: str = "config", *, complete: bool = False,
+              architecture: bool = True) -> ModelConfig:
     """Validate a mapping of config keys; sampler keys are ignored, unknown keys are an error.
 
     ``complete``: every key must be present (a config fxpass wrote itself, e.g. in ONNX metadata).
+    ``architecture=False``: the config of a user's own class (``--model-class``): only what fxpass
+    itself uses is checked (image size, schedule), not fxpass's U-Net's architecture rules.
     """
     known = {f.name for f in fields(ModelConfig)}
     if complete:
-        missing = sorted(known - set(values))
+        missing = sorted(known - set(values) - {"model_class"})
         if missing:
             raise FxpassError(f"{source}: missing key '{missing[0]}'")
     kwargs: dict[str, Any] = {}
@@ -135,9 +146,61 @@ def from_dict(values: dict[str, Any], source: str = "config", *, complete: bool 
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
             raise _bad(source, "dropout", d, "must be a number in [0, 1)")
         kwargs["dropout"] = float(d)
+    if "model_class" in kwargs and not isinstance(kwargs["model_class"], str):
+        raise _bad(source, "model_class", kwargs["model_class"], "must be a string such as 'pkg.mod:Class'")
     cfg = ModelConfig(**kwargs)
-    _check(cfg, source)
+    _check(cfg, source) if architecture and not cfg.model_class else _check_schedule(cfg, source)
     return cfg
+
+
+def _check_schedule(cfg: ModelConfig, source: str) -> None:
+    """What fxpass uses of a user class's config: the image size and the diffusion schedule."""
+    if cfg.image_size <= 0 or cfg.image_size > MAX_USER_IMAGE_SIZE:
+        raise _bad(source, "image_size", cfg.image_size, f"must be in 1..{MAX_USER_IMAGE_SIZE}")
+    if cfg.diffusion_steps < 1:
+        raise _bad(source, "diffusion_steps", cfg.diffusion_steps, "must be positive")
+    if cfg.noise_schedule not in ("linear", "cosine"):
+        raise _bad(source, "noise_schedule", cfg.noise_schedule, "must be 'linear' or 'cosine'")
+    from .diffusion import respaced
+    from .limits import MAX_DIFFUSION_STEPS, MAX_SCHEDULE, schedule_length
+
+    if cfg.diffusion_steps > MAX_DIFFUSION_STEPS:
+        raise _bad(source, "diffusion_steps", cfg.diffusion_steps, f"at most {MAX_DIFFUSION_STEPS:,}")
+    try:
+        respaced(cfg.diffusion_steps, cfg.timestep_respacing)
+    except ValueError as exc:
+        raise _bad(source, "timestep_respacing", cfg.timestep_respacing, str(exc)) from None
+    if schedule_length(cfg.diffusion_steps, cfg.timestep_respacing) > MAX_SCHEDULE:
+        raise _bad(source, "timestep_respacing", cfg.timestep_respacing, f"keeps more than {MAX_SCHEDULE:,} steps")
+
+
+def user_class_config(path: str | Path | None, *, diffusion_steps: int | None = None,
+                      timestep_respacing: str | None = None, image_size: int | None = None,
+                      spec: str = "--model-class", model_class: str = "") -> ModelConfig:
+    """The config of a user's own class: ``--config FILE`` and/or the schedule flags, checked only for
+    what fxpass uses.  ``image_size`` 0 in the result: take it from the model's ``image_size``."""
+    values: dict[str, Any] = {}
+    source = "config"
+    if path:
+        values = dict(_read_yaml(path))
+        source = str(path)
+    elif diffusion_steps is None:
+        raise FxpassError(f"{spec}: fxpass needs the diffusion schedule of your model: pass --config FILE, "
+                          "or --diffusion-steps N [--timestep-respacing S] (and --image-size N unless the "
+                          "model has an image_size attribute)")
+    if diffusion_steps is not None:
+        values["diffusion_steps"] = diffusion_steps
+        values.setdefault("timestep_respacing", "")
+    if timestep_respacing is not None:
+        values["timestep_respacing"] = timestep_respacing
+    if image_size is not None:
+        values["image_size"] = image_size
+    values["model_class"] = model_class or values.get("model_class") or "user"
+    unsized = "image_size" not in values
+    if unsized:
+        values["image_size"] = 1
+    cfg = from_dict(values, source=source, architecture=False)
+    return dataclasses.replace(cfg, image_size=0) if unsized else cfg
 
 
 def _check(cfg: ModelConfig, source: str) -> None:
@@ -204,6 +267,10 @@ def load_config(path: str | Path | None) -> ModelConfig:
     """Read a RePaint / guided-diffusion YAML file; ``None`` gives the built-in CAMUS default."""
     if path is None:
         return CAMUS
+    return from_dict(_read_yaml(path), source=str(path))
+
+
+def _read_yaml(path: str | Path) -> dict:
     import yaml
 
     p = Path(path)
@@ -218,7 +285,7 @@ def load_config(path: str | Path | None) -> ModelConfig:
         raise FxpassError(f"{p}: config file is empty")
     if not isinstance(data, dict):
         raise FxpassError(f"{p}: expected a mapping of config keys, got {type(data).__name__}")
-    return from_dict(data, source=str(p))
+    return data
 
 
 def build_model(cfg: ModelConfig, *, fp16: bool = False):
@@ -252,10 +319,12 @@ def build_model(cfg: ModelConfig, *, fp16: bool = False):
     return model.eval()
 
 
-def resolve_config(path: str | Path | None, carried: dict[str, Any] | None = None, source: str = "model") -> ModelConfig:
-    """``--config`` if given, else the config a lowered model carries in its metadata, else built-in CAMUS."""
+def resolve_config(path: str | Path | None, carried: dict[str, Any] | None = None, source: str = "model", *,
+                   architecture: bool = True) -> ModelConfig:
+    """``--config`` if given, else the config a lowered model carries in its metadata, else built-in CAMUS.
+    ``architecture=False``: for a user's own class (only the size and schedule are checked)."""
     if path:
-        return load_config(path)
+        return load_config(path) if architecture else user_class_config(path)
     if carried is not None:
-        return from_dict(carried, source=f"{source} config", complete=True)
+        return from_dict(carried, source=f"{source} config", complete=True, architecture=architecture)
     return CAMUS

@@ -83,6 +83,22 @@ def model_timesteps(diffusion_steps: int, kept: Sequence[int], rescale_timesteps
     return list(kept)
 
 
+#: what a continuous-timestep model (Palette / SR3 style) is fed for timestep t: "index" is t itself
+TIMESTEP_VALUES = ("index", "alpha_bar", "sqrt_alpha_bar")
+
+
+def noise_levels(config: Any, kept: Sequence[int], kind: str) -> list[float]:
+    """The noise level a continuous-timestep model sees at each kept timestep: ᾱ_t ("alpha_bar",
+    Palette's ``gammas``) or sqrt(ᾱ_t) ("sqrt_alpha_bar", SR3's ``noise_level``), from the config's
+    noise schedule over its full diffusion chain."""
+    if kind not in TIMESTEP_VALUES[1:]:
+        raise FxpassError(f"--timestep-values {kind}: expected one of {', '.join(TIMESTEP_VALUES)}")
+    betas = base_betas(str(_get(config, "noise_schedule", "linear")), int(_get(config, "diffusion_steps")))
+    alpha_bar = np.cumprod(1.0 - betas)
+    values = alpha_bar if kind == "alpha_bar" else np.sqrt(alpha_bar)
+    return [float(values[int(t)]) for t in kept]
+
+
 def schedule_for(config: Any, timesteps: str | int | Sequence[int] | None = "respaced") -> tuple[str, list, list]:
     """(mode, original timesteps, model timesteps) of a config for a ``--timesteps`` value.
 

@@ -63,8 +63,8 @@ def encode(meta: ModelMeta) -> dict[str, str]:
         TIMESTEPS: _json(list(meta.timesteps)),
         PRECISION: meta.precision,
     }
-    if meta.mode != "fixed":
-        props[MODEL_TIMESTEPS] = _json(list(meta.model_timesteps))
+    if meta.mode != "fixed" or list(meta.model_timesteps) != list(meta.timesteps):
+        props[MODEL_TIMESTEPS] = _json(list(meta.model_timesteps))  # fixed mode: only where the model saw other values
     if meta.config is not None:
         props[CONFIG] = _json(meta.config)
     return props

@@ -125,6 +125,9 @@ def lower_with_report(
     progress: Progress | None = None,
     stages: dict[str, float] | None = None,
     started: float | None = None,
+    timestep_input: str | None = None,
+    model_inputs: Sequence[str] | dict[str, tuple] = (),
+    timestep_values: str = "index",
 ) -> Lowered:
     """Run the pipeline from capture on; see :func:`lower` for the options.
 
@@ -134,6 +137,10 @@ def lower_with_report(
     checked before any work by :func:`fxpass.fileio.plan_outputs`: neither may be one of ``inputs``
     and an existing file is replaced only with ``force``.  Without ``output`` a failing
     check raises too.  ``stages`` carries times of earlier stages (load) into the report.
+
+    Without ``example_inputs`` they are inferred from the model's ``forward`` signature
+    (:mod:`fxpass.signature`): ``timestep_input`` names the timestep parameter where its name is not a
+    known one, ``model_inputs`` gives shapes of other inputs (``["low_res=1,3,16,16"]``).
     """
     from . import __version__
     from .capture import capture
@@ -143,23 +150,49 @@ def lower_with_report(
     _validate(precision, group_norm, opset)
     planned = plan_outputs({"-o": output, "--report": report_path}, inputs=inputs, force=force)
     output, report_path = planned.get("-o"), planned.get("--report")
+    config = _sized(config, model)
     mode, kept, seen = _schedule(config, timesteps)
+    if timestep_values != "index":  # a continuous-timestep model sees the noise level of each timestep
+        from .diffusion import noise_levels
+
+        if config is None:
+            raise FxpassError(f"--timestep-values {timestep_values}: needs the config's noise schedule")
+        seen = noise_levels(config, kept, timestep_values)
     if step_graph and (config is None or mode != "table"):
         raise FxpassError("--step-graph needs a config and the respaced schedule (table mode)")
+    signature_plan = None
     if example_inputs is None:
+        from .signature import plan, wrap
+
         if config is None:
             raise FxpassError("lower: give example_inputs or a config")
-        example_inputs = example_inputs_for(config, seen[-1])
+        signature_plan = plan(model, image_size=config.image_size, timestep_input=timestep_input, inputs=model_inputs)
+        model = wrap(model, signature_plan)
+        example_inputs = signature_plan.example_inputs(seen[-1])
 
     run = _Run(progress, stages)
     started = time.perf_counter() if started is None else started
     report: dict[str, Any] = {"fxpass_version": __version__, "opset": opset, "precision": precision, "mode": mode,
                               **(report_extra or {})}
+    if timestep_values != "index":
+        report["timestep_values"] = timestep_values
     if config is not None:
         report["config"] = config.to_dict()
+    if signature_plan is not None and not signature_plan.standard:
+        report["signature"] = {"x": signature_plan.x_name, "timestep": signature_plan.t_name,
+                               "timestep_dtype": str(signature_plan.t_dtype).removeprefix("torch."),
+                               "inputs": {k: list(v.shape) for k, v in example_inputs.items()}}
     model = model.eval()
     with run.stage("capture"):
-        gm = capture(model, example_inputs)
+        try:
+            gm = capture(model, example_inputs)
+        except FxpassError as exc:
+            left = signature_plan.omitted if signature_plan is not None else ()
+            if not left:
+                raise
+            raise FxpassError(f"{exc}; forward ran with {', '.join(left)} left at its default: if the model "
+                              f"needs it, give its shape with --input {left[0]}=SHAPE") from None
+    _refuse_half(gm, model)
     report["fx_nodes_captured"] = len(gm.graph.nodes)
     with run.stage("passes"):
         gm = rewrite(gm, timesteps=seen[0] if mode == "fixed" else seen, dynamic_batch=dynamic_batch)
@@ -209,6 +242,34 @@ def lower_with_report(
         with run.stage("write"):
             _write(lowered, output, report_path, run.stages)
     return lowered
+
+
+def _refuse_half(gm, model) -> None:
+    """fxpass lowers in float32 (``--precision fp16`` converts afterwards): a model that still computes
+    in float16 after its float32 conversion (a cast fxpass could not undo) is refused, never lowered as a mix."""
+    from .passes._util import source_of
+
+    halves = (torch.float16, torch.bfloat16)
+    node = next((n for n in gm.graph.nodes if n.meta.get("fxpass_dtype") in halves), None)
+    if node is not None:
+        where = source_of(node) or node.name
+        raise FxpassError(f"{where}: {type(model).__name__} still computes in {node.meta['fxpass_dtype']} after "
+                          "its conversion to float32; construct it with use_fp16 false (--model-kwargs) or make "
+                          "its dtype attribute float32")
+
+
+def _sized(config: ModelConfig | None, model) -> ModelConfig | None:
+    """A user class's config without an image size (``image_size`` 0, see
+    :func:`fxpass.config.user_class_config`) takes the model's ``image_size`` attribute."""
+    if config is None or config.image_size != 0:
+        return config
+    import dataclasses
+
+    size = getattr(model, "image_size", None)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise FxpassError(f"{type(model).__name__}: image size unknown (the model has no image_size attribute); "
+                          "pass --image-size N or --config FILE")
+    return dataclasses.replace(config, image_size=size)
 
 
 def _export(gm, config, meta: metadata.ModelMeta, *, opset: int, dynamic_batch: bool, step_graph: bool):
@@ -265,16 +326,20 @@ def _write(lowered: Lowered, output: Path, report_path: Path | None, stages: dic
 
 
 def load(checkpoint: str | Path, *, config: ModelConfig, model_class: str | None = None,
-         model_kwargs: str | None = None, trust_pickle: bool = False, allow_nonfinite: bool = False) -> torch.nn.Module:
-    """The load stage: fxpass's U-Net for ``config`` or ``model_class`` (``pkg.mod:Class``), weights from
-    ``checkpoint``, float32, eval mode; weights with NaN/Inf are refused unless ``allow_nonfinite``."""
-    if model_class:
+         model_kwargs: str | None = None, trust_pickle: bool = False, allow_nonfinite: bool = False,
+         model_factory: str | None = None) -> torch.nn.Module:
+    """The load stage: fxpass's U-Net for ``config``, ``model_class`` (``pkg.mod:Class``) or what
+    ``model_factory`` (``pkg.mod:function``) returns, weights from ``checkpoint``, float32, eval mode;
+    weights with NaN/Inf are refused unless ``allow_nonfinite``."""
+    if model_class and model_factory:
+        raise FxpassError("give --model-class or --model-factory, not both")
+    if model_class or model_factory:
         from .user_model import load_user_model
 
-        return load_user_model(model_class, model_kwargs, Path(checkpoint), trust_pickle,
-                               allow_nonfinite=allow_nonfinite)
+        return load_user_model(model_class or model_factory, model_kwargs, Path(checkpoint), trust_pickle,
+                               allow_nonfinite=allow_nonfinite, factory=bool(model_factory))
     if model_kwargs:
-        raise FxpassError("--model-kwargs needs --model-class")
+        raise FxpassError("--model-kwargs needs --model-class or --model-factory")
     from .checkpoint import load_model
 
     return load_model(checkpoint, config, trust_pickle=trust_pickle, allow_nonfinite=allow_nonfinite)
@@ -282,7 +347,8 @@ def load(checkpoint: str | Path, *, config: ModelConfig, model_class: str | None
 
 def lower_checkpoint(checkpoint: str | Path, output: str | Path | None = None, *, config: ModelConfig,
                      model_class: str | None = None, model_kwargs: str | None = None, trust_pickle: bool = False,
-                     allow_nonfinite: bool = False, progress: Progress | None = None, **options) -> Lowered:
+                     allow_nonfinite: bool = False, progress: Progress | None = None,
+                     model_factory: str | None = None, **options) -> Lowered:
     """The whole pipeline from a checkpoint file: load, then :func:`lower_with_report` (what the CLI runs)."""
     from .fileio import plan_outputs
 
@@ -293,7 +359,7 @@ def lower_checkpoint(checkpoint: str | Path, output: str | Path | None = None, *
     run = _Run(progress)
     with run.stage("load"):
         model = load(checkpoint, config=config, model_class=model_class, model_kwargs=model_kwargs,
-                     trust_pickle=trust_pickle, allow_nonfinite=allow_nonfinite)
+                     trust_pickle=trust_pickle, allow_nonfinite=allow_nonfinite, model_factory=model_factory)
     return lower_with_report(model, config=config, output=output, progress=progress, stages=run.stages,
                              started=started, report_extra={"model": str(checkpoint)}, **options)
 
@@ -312,6 +378,8 @@ def lower(
     group_norm: str = "auto",
     surgery_options: dict[str, dict[str, Any]] | None = None,
     verify: bool = True,
+    timestep_input: str | None = None,
+    inputs: Sequence[str] | dict[str, tuple] = (),
 ) -> onnx.ModelProto:
     """Lower a guided-diffusion / RePaint U-Net (ours or a user's class) to an ONNX ModelProto.
 
@@ -325,9 +393,14 @@ def lower(
     ``surgery_options`` reach the surgery passes by name, e.g. ``{"expand_group_norm": {"min_elements":
     2**20}}`` (see ``surgery.passes``).  ``verify`` (default True) checks ONNX Runtime against the eager model, as ``fxpass lower`` does,
     and raises :class:`FxpassError` when they differ; ``verify=False`` opts out.
+
+    Any guided-diffusion-family model: without ``example_inputs``, its inputs are inferred from its
+    ``forward`` signature, first convolution and ``config`` (:mod:`fxpass.signature`); ``timestep_input``
+    names a timestep parameter fxpass does not know, ``inputs`` gives other inputs' shapes
+    (``["low_res=1,3,16,16"]``).  A user class's config: :func:`fxpass.config.user_class_config`.
     """
     return lower_with_report(
         model, example_inputs, config=config, timesteps=timesteps, precision=precision, opset=opset,
         dynamic_batch=dynamic_batch, simplifier=simplifier, step_graph=step_graph, group_norm=group_norm,
-        surgery_options=surgery_options, verify=verify,
+        surgery_options=surgery_options, verify=verify, timestep_input=timestep_input, model_inputs=inputs,
     ).model

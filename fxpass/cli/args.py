@@ -47,4 +47,25 @@ def add_force(p: argparse.ArgumentParser, help: str = "overwrite an existing out
 
 def add_model_class(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-class", metavar="pkg.mod:Class", help="your own U-Net class instead of fxpass's")
-    p.add_argument("--model-kwargs", metavar="JSON", help="keyword arguments for --model-class")
+    p.add_argument("--model-factory", metavar="pkg.mod:function",
+                   help="a function called with --model-kwargs that returns your nn.Module (instead of --model-class)")
+    p.add_argument("--model-kwargs", metavar="JSON",
+                   help="keyword arguments for --model-class / --model-factory; nested objects become attribute "
+                        "objects (e.g. {\"conf\": {\"diffusion_steps\": 4000}})")
+    p.add_argument("--timestep-input", metavar="NAME",
+                   help="the forward parameter that takes the timestep / noise level, where its name is not "
+                        "one fxpass knows (timesteps, t, time, noise_level, gammas, sigma, ...)")
+    p.add_argument("--input", action="append", default=[], metavar="NAME=SHAPE[:dtype]", dest="inputs",
+                   help="shape of another forward input, e.g. low_res=1,3,16,16 (repeatable; x=... overrides "
+                        "the inferred x)")
+
+
+def add_user_schedule(p: argparse.ArgumentParser) -> None:
+    """For --model-class without --config: the schedule and size fxpass needs."""
+    p.add_argument("--diffusion-steps", type=positive, metavar="N", help="with --model-class: the model's diffusion steps")
+    p.add_argument("--timestep-respacing", metavar="S", help="with --model-class: respacing, e.g. 250 or ddim50")
+    p.add_argument("--timestep-values", choices=("index", "alpha_bar", "sqrt_alpha_bar"), default="index",
+                   help="what the model is fed for timestep t: t itself (default), or a continuous model's noise "
+                        "level: alpha_bar (Palette's gammas) or sqrt_alpha_bar (SR3's noise_level)")
+    p.add_argument("--image-size", type=positive, metavar="N",
+                   help="with --model-class: image size (default: the model's image_size attribute)")

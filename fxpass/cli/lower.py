@@ -18,6 +18,7 @@ def add_parser(sub, common) -> None:
     p.add_argument("--opset", type=int, default=21)
     p.add_argument("--dynamic-batch", action="store_true", help="make the batch dimension symbolic")
     shared.add_model_class(p)
+    shared.add_user_schedule(p)
     p.add_argument("--simplifier", choices=("onnxslim", "none"), default="onnxslim")
     p.add_argument("--group-norm", choices=("auto", "keep"), default="auto",
                    help="auto: GroupNorms over 2M elements per sample become LayerNormalization on a grouped "
@@ -32,7 +33,8 @@ def add_parser(sub, common) -> None:
 
 
 def run(args) -> int:
-    from ..config import load_config
+    from ..config import load_config, user_class_config
+    from ..errors import FxpassError
     from ..export import check_opset
     from ..pipeline import lower_checkpoint
 
@@ -43,14 +45,27 @@ def run(args) -> int:
             err.print(f"✓ {stage:<9} {state}")
 
     check_opset(args.opset)
-    cfg = load_config(args.config)
+    schedule = (args.diffusion_steps, args.timestep_respacing, args.image_size)
+    user = args.model_class or args.model_factory
+    if user:
+        flag = "--model-class" if args.model_class else "--model-factory"
+        cfg = user_class_config(args.config, diffusion_steps=args.diffusion_steps,
+                                timestep_respacing=args.timestep_respacing, image_size=args.image_size,
+                                spec=f"{flag} {user}", model_class=user)
+    elif any(v is not None for v in schedule) or args.timestep_input or args.inputs or args.timestep_values != "index":
+        raise FxpassError("--diffusion-steps, --timestep-respacing, --image-size, --timestep-input, --timestep-values "
+                          "and --input describe your own class: they need --model-class (or --model-factory)")
+    else:
+        cfg = load_config(args.config)
     lowered = lower_checkpoint(
         args.model, args.output, config=cfg, model_class=args.model_class, model_kwargs=args.model_kwargs,
-        trust_pickle=args.trust_pickle, allow_nonfinite=args.allow_nonfinite, timesteps=args.timesteps,
+        model_factory=args.model_factory, trust_pickle=args.trust_pickle, allow_nonfinite=args.allow_nonfinite,
+        timesteps=args.timesteps,
         precision=args.precision, opset=args.opset,
         dynamic_batch=args.dynamic_batch, simplifier=None if args.simplifier == "none" else args.simplifier,
         group_norm=args.group_norm, step_graph=args.step_graph, report_path=args.report, force=args.force,
-        inputs=[args.config], progress=progress,
+        inputs=[args.config], progress=progress, timestep_input=args.timestep_input, model_inputs=args.inputs,
+        timestep_values=args.timestep_values,
     )
     _summary(lowered, args)
     return 0 if lowered.passed else 1

@@ -285,10 +285,20 @@ def fold_timesteps(
             user.args = torch.fx.node.map_arg(user.args, lambda a: shape if a is reader else a)
             user.kwargs = torch.fx.node.map_arg(user.kwargs, lambda a: shape if a is reader else a)
         graph.erase_node(reader)
+    for reader in [u for u in t_node.users if _is_static_attr(u) and u.args[0] is t_node]:
+        # timesteps.dtype / .device in an assert or a guard: the folded input's, known statically
+        value = static.get(reader, UNKNOWN)
+        if value is UNKNOWN or not isinstance(value, (torch.dtype, torch.device)):
+            continue
+        for user in list(reader.users):
+            user.args = torch.fx.node.map_arg(user.args, lambda a: value if a is reader else a)
+            user.kwargs = torch.fx.node.map_arg(user.kwargs, lambda a: value if a is reader else a)
+        graph.erase_node(reader)
     if not t_node.users:
         graph.erase_node(t_node)
     else:
-        raise FxpassError(f"fold_timesteps: input '{t_node.target}' is still used outside its cone")
+        users = ", ".join(source_of(u) or u.format_node() for u in list(t_node.users)[:2])
+        raise FxpassError(f"fold_timesteps: input '{t_node.target}' is still used outside its cone ({users})")
 
     inputs = dict(gm.meta.get("fxpass_example_inputs") or {})
     inputs.pop(t_node.target, None)

@@ -133,3 +133,18 @@ def test_class_conditional_keeps_the_label_path():
     with torch.no_grad():
         torch.testing.assert_close(gm(x, torch.tensor([2, 2]), y), model(x, torch.tensor([250, 250]), y),
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_static_reads_of_the_timestep_outside_the_cone_are_resolved():
+    """``assert x.device == timesteps.device`` (a 3-D model's asserts) reads only a static attribute of
+    the timestep: it is resolved to the folded input's device, not left holding the timestep input."""
+    from user_models import Volume3DNet
+
+    torch.manual_seed(0)
+    model = Volume3DNet().eval()
+    x = torch.randn(1, 1, 8, 8, 8)
+    gm = capture(model, (x, torch.tensor([999])))
+    gm = fold_timesteps(gm, SCHEDULE).graph_module
+    assert _placeholders(gm) == ["x", "t_index"]
+    for k, t in enumerate(SCHEDULE):
+        torch.testing.assert_close(gm(x, torch.tensor([k])), model(x, torch.tensor([t])), atol=1e-6, rtol=1e-5)

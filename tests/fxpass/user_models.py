@@ -367,3 +367,142 @@ class MixedTime(_TimedConv):
             emb = th.where(inner[:, None], emb - emb.mean(0, keepdim=True), emb)
         e = self.mlp(emb)
         return self.conv(x) * (1 + e[:, :, None, None])
+
+
+# ---- the guided-diffusion family's other shapes of forward (issue #13) ------------------------------
+class _TinyBody(nn.Module):
+    """A conv, a time MLP with scale-shift norm, an output conv: the parts every variant below shares."""
+
+    def __init__(self, cin, ch=8, cout=3, dims=2, num_classes=None):
+        super().__init__()
+        conv = nn.Conv3d if dims == 3 else nn.Conv2d
+        self.ch = ch
+        self.inp = conv(cin, ch, 3, padding=1)
+        self.time_embed = nn.Sequential(nn.Linear(ch, 2 * ch), nn.SiLU(), nn.Linear(2 * ch, 2 * ch))
+        if num_classes:
+            self.label_emb = nn.Embedding(num_classes, 2 * ch)
+        self.norm = Norm32(4, ch)
+        self.out = conv(ch, cout, 3, padding=1)
+
+    def body(self, h, ts, y=None):
+        emb = self.time_embed(sinusoid(ts, self.ch))
+        if y is not None:
+            emb = emb + self.label_emb(y)
+        h = self.inp(h)
+        while len(emb.shape) < len(h.shape):
+            emb = emb[..., None]
+        scale, shift = th.chunk(emb, 2, dim=1)
+        return self.out(F.silu(self.norm(h) * (1 + scale) + shift))
+
+
+class SuperResNet(_TinyBody):
+    """guided-diffusion's SuperResModel shape: ``low_res`` upsampled and concatenated to ``x``."""
+
+    def __init__(self, in_channels=3, image_size=16):
+        super().__init__(2 * in_channels)
+        self.image_size = image_size
+
+    def forward(self, x, timesteps, low_res=None, **kwargs):
+        _, _, new_height, new_width = x.shape
+        upsampled = F.interpolate(low_res, (new_height, new_width), mode="bilinear")
+        x = th.cat([x, upsampled], dim=1)
+        return self.body(x, timesteps)
+
+
+class FiveChannelNet(_TinyBody):
+    """An ``x`` with five channels (e.g. an image plus mask and known-region channels)."""
+
+    def __init__(self):
+        super().__init__(5, cout=5)
+
+    def forward(self, x, t):
+        return self.body(x, t)
+
+
+class NoiseLevelNet(_TinyBody):
+    """Palette / SR3 style: the noisy image and the condition stacked, a continuous noise level."""
+
+    def __init__(self):
+        super().__init__(6)
+
+    def forward(self, y_cond_and_noisy, gammas):
+        return self.body(y_cond_and_noisy, gammas.view(-1) * 1000.0)
+
+
+class ConfNet(_TinyBody):
+    """RePaint's way: the constructor takes a ``conf`` object; the ``.item()`` range check reads it."""
+
+    def __init__(self, conf):
+        super().__init__(3, ch=conf.num_channels)
+        self.conf = conf
+
+    def forward(self, x, timesteps, y=None, gt=None, **kwargs):
+        if timesteps[0].item() > self.conf.diffusion_steps:
+            raise RuntimeError("timestep out of range")
+        return self.body(x, timesteps)
+
+
+class TenClassNet(_TinyBody):
+    """Class-conditional with its own class count (ten), known only from ``label_emb``."""
+
+    def __init__(self):
+        super().__init__(3, num_classes=10)
+
+    def forward(self, x, timesteps, y=None):
+        assert y is not None, "this model is class-conditional"
+        return self.body(x, timesteps, y)
+
+
+class Volume3DNet(_TinyBody):
+    """``dims=3``: a 5-D ``x``, with device asserts on its inputs."""
+
+    def __init__(self):
+        super().__init__(1, cout=1, dims=3)
+
+    def forward(self, x, timesteps):
+        assert x.device == timesteps.device, "x and timesteps on different devices"
+        assert timesteps.dim() == 1
+        return self.body(x, timesteps)
+
+
+class UnknownTimeNet(_TinyBody):
+    """A timestep parameter with a name fxpass does not know (``step_value``)."""
+
+    def __init__(self):
+        super().__init__(3)
+
+    def forward(self, x, step_value):
+        return self.body(x, step_value)
+
+
+class ForwardBuiltNet(_TinyBody):
+    """Builds a module inside forward (fresh random weights on every call)."""
+
+    def __init__(self):
+        super().__init__(3)
+
+    def forward(self, x, timesteps):
+        h = self.body(x, timesteps)
+        proj = nn.Conv2d(h.size(1), 3, 1).to(device=x.device)
+        return proj(h)
+
+
+def make_conf_net(num_channels=8, diffusion_steps=100):
+    """A factory, the way some codebases build their model (``--model-factory``)."""
+    return ConfNet(_conf(num_channels, diffusion_steps))
+
+
+def _conf(num_channels, diffusion_steps):
+    conf = Conf(diffusion_steps)
+    conf.num_channels = num_channels
+    return conf
+
+
+class HalfCastNet(_TinyBody):
+    """Casts to float16 by itself (no use_fp16 flag fxpass could switch off)."""
+
+    def __init__(self):
+        super().__init__(3)
+
+    def forward(self, x, timesteps):
+        return self.body(x, timesteps).half().float()
