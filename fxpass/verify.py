@@ -19,7 +19,7 @@ import numpy as np
 from .errors import FxpassError, first_line
 
 REFERENCE_NAME = "torch-fp32"
-TARGETS = ("torch", "ort", "trt")
+TARGETS = ("torch", "ort", "trt", "openvino", "openvino-bf16")
 EXIT_FAILED = 1
 EXIT_UNAVAILABLE = 3
 #: the gate's full-network comparison: the ends, the middle and this many seeded schedule positions
@@ -141,10 +141,33 @@ def reference_runner(model, *, mode: str, model_timesteps: Sequence, image_size:
 
     extra = [(s.name, s.dtype, s.shape) for s in specs if s.name not in ("x", "t_index")]
     if mode == "fixed":
-        return TorchReferenceRunner(model, fixed_timestep=model_timesteps[0], image_size=image_size, name=name,
-                                    extra_inputs=extra)
-    return TorchReferenceRunner(model, timesteps=list(model_timesteps), image_size=image_size, name=name,
-                                extra_inputs=extra)
+        runner = TorchReferenceRunner(model, fixed_timestep=model_timesteps[0], image_size=image_size, name=name,
+                                      extra_inputs=extra)
+    else:
+        runner = TorchReferenceRunner(model, timesteps=list(model_timesteps), image_size=image_size, name=name,
+                                      extra_inputs=extra)
+    return _x_as_in_graph(runner, specs)
+
+
+def _x_as_in_graph(runner, specs: Sequence[InputSpec]):
+    """The runner declares ``x`` as the graph has it (any channel count and rank: a 5-channel or a 3-D
+    model), not as fxpass's own 3-channel U-Net takes it."""
+    x = next((s for s in specs if s.name == "x"), None)
+    if x is None or len(x.shape) < 2:
+        return runner
+    declared = runner.get_input_metadata_impl
+
+    def get_input_metadata_impl():
+        from polygraphy.common import TensorMetadata
+
+        meta = TensorMetadata()
+        for key, value in declared().items():
+            shape = (-1, *x.shape[1:]) if key == "x" else value.shape
+            meta.add(key, value.dtype, shape)
+        return meta
+
+    runner.get_input_metadata_impl = get_input_metadata_impl
+    return runner
 
 
 def _summary(pair, ort_runs, tolerance: tuple[float, float]) -> dict[str, Any]:
@@ -261,7 +284,8 @@ def parse_targets(text: str | None) -> list[str]:
     items = [t.strip().lower() for t in (text or "").split(",") if t.strip()]
     if not items:
         raise FxpassError(f"--targets {text!r}: give one or more of {', '.join(TARGETS)}")
-    aliases = {"onnxrt": "ort", "onnxruntime": "ort", "tensorrt": "trt", "pytorch": "torch"}
+    aliases = {"onnxrt": "ort", "onnxruntime": "ort", "tensorrt": "trt", "pytorch": "torch", "ov": "openvino",
+               "openvino-f32": "openvino", "openvino-fp32": "openvino", "ov-bf16": "openvino-bf16"}
     out: list[str] = []
     for item in items:
         item = aliases.get(item, item)
@@ -304,6 +328,16 @@ def build_runners(targets: Sequence[str], path: Path, *, fp16: bool) -> tuple[li
             settings = TrtSettings(fp16=fp16, tf32=fp16, timing_cache=_timing_cache_path())
             _timing_cache_path().parent.mkdir(parents=True, exist_ok=True)
             runners.append(trt_runner(str(path), settings))
+    precisions = [p for t, p in (("openvino", "f32"), ("openvino-bf16", "bf16")) if t in targets]
+    if precisions:
+        from targets.openvino import openvino_runner, openvino_unavailable_reason, runner_name
+
+        for precision in precisions:
+            reason = openvino_unavailable_reason(precision)
+            if reason:
+                unavailable[runner_name(precision)] = reason
+            else:  # runner.tolerance: what its outputs should be compared at (bf16 looser than f32)
+                runners.append(openvino_runner(str(path), precision=precision))
     return runners, unavailable
 
 
@@ -327,10 +361,31 @@ def run_each(runners: list, feeds: list[dict]):
     return merged, errors
 
 
+def runner_tolerances(runners, tolerance: tuple[float, float] | None,
+                      default: tuple[float, float]) -> dict[str, tuple[float, float]]:
+    """The tolerance each runner's rows are checked at: ``tolerance`` (``--tolerance``) when given, else
+    the looser of ``default`` and the runner's own ``tolerance`` (OpenVINO bf16's), else ``default``."""
+    out = {}
+    for runner in runners:
+        own = getattr(runner, "tolerance", None)
+        out[runner.name] = tolerance or (tuple(max(a, b) for a, b in zip(default, own)) if own else default)
+    return out
+
+
 def compare_rows(results, reference: str, tol: tuple[float, float], labels: list[dict],
-                 ref_label: str | None = None) -> list[Row]:
+                 ref_label: str | None = None, tolerances: dict[str, tuple[float, float]] | None = None) -> list[Row]:
+    """Rows of every runner against ``reference`` at ``tol``, or at ``tolerances[name]`` where given."""
+    from polygraphy.comparator import RunResults
+
     from targets.compare import compare
 
+    if tolerances:  # one comparison per runner, each at its own tolerance, in the results' order
+        rows = []
+        for name, runs in results.items():
+            if name != reference:
+                pair = RunResults([(reference, results[reference]), (name, runs)])
+                rows += compare_rows(pair, reference, tolerances.get(name, tol), labels, ref_label)
+        return rows
     rows = []
     for pair in compare(results, reference=reference, atol_scale=tol[0], rtol=tol[1], meta=labels):
         detail = getattr(pair, "nonfinite", None) or ""
@@ -390,8 +445,9 @@ def check_targets(info, *, targets: Sequence[str], model=None, model_label: str 
         if REFERENCE_NAME in errors:
             raise FxpassError(f"{model_label}: the PyTorch reference failed on {info.path.name}'s inputs "
                               f"({errors[REFERENCE_NAME]})")
-        torch_rows = compare_rows(results, REFERENCE_NAME, tolerance or default_tolerance(info.precision),
-                                  feeds.labels)
+        tol = tolerance or default_tolerance(info.precision)
+        torch_rows = compare_rows(results, REFERENCE_NAME, tol, feeds.labels,
+                                  tolerances=runner_tolerances(runners, tolerance, tol))
         rows += torch_rows
         rows += [Row(REFERENCE_NAME, name, "error", why) for name, why in errors.items()]
     if golden is not None:
@@ -406,7 +462,8 @@ def check_targets(info, *, targets: Sequence[str], model=None, model_label: str 
         results, errors = run_each(runners, golden.feeds)
         for name, iterations in results.items():
             combined[name] = iterations
-        rows += compare_rows(combined, "golden", tolerance or golden.tolerance(info.precision), labels)
+        tol = tolerance or golden.tolerance(info.precision)
+        rows += compare_rows(combined, "golden", tol, labels, tolerances=runner_tolerances(runners, tolerance, tol))
         rows += [Row("golden", name, "error", why) for name, why in errors.items()]
     for name, reason in unavailable.items():
         rows.append(Row("—", name, "unavailable", reason))

@@ -27,7 +27,8 @@ def add_parser(sub, common) -> None:
     p.add_argument("--model", metavar="MODEL.pt", help="the checkpoint it was lowered from (the torch reference)")
     shared.add_config(p, "YAML config (default: the ONNX model's fxpass.config metadata, else built-in CAMUS)")
     p.add_argument("--targets", metavar="LIST",
-                   help="comma-separated of torch, ort, trt (default: torch,ort; ort alone with only --golden)")
+                   help="comma-separated of torch, ort, trt, openvino (OpenVINO CPU, f32), openvino-bf16 "
+                        "(OpenVINO CPU, bf16 inference precision) (default: torch,ort; ort alone with only --golden)")
     p.add_argument("--golden", metavar="DIR", help="also compare against a golden set written by fxpass golden")
     p.add_argument("--tolerance", metavar="fp32|fp16|ATOL,RTOL",
                    help="ATOL is a fraction of max|reference| (default: by the model's precision)")
@@ -83,7 +84,8 @@ def run(args) -> int:
         raise FxpassError("--data compares with the eager model: it needs --model MODEL.pt")
     if args.eps_budget is not None and (not args.data or not 0 < args.eps_budget < 10):
         raise FxpassError("--eps-budget: a fraction such as 0.05, with --data")
-    cfg = resolve_config(args.config, info.config, source=f"{info.path}: metadata")
+    cfg = resolve_config(args.config, info.config, source=f"{info.path}: metadata",
+                         architecture=not (args.model_class or args.model_factory))
     tol = parse_tolerance(args.tolerance) if args.tolerance else None
     images = None
     if args.data:  # read before any long work: a bad directory fails at once
@@ -97,7 +99,12 @@ def run(args) -> int:
         from ..pipeline import load
 
         model = load(args.model, config=cfg, model_class=args.model_class, model_kwargs=args.model_kwargs,
-                     trust_pickle=args.trust_pickle, allow_nonfinite=args.allow_nonfinite)
+                     trust_pickle=args.trust_pickle, allow_nonfinite=args.allow_nonfinite,
+                     model_factory=args.model_factory)
+        if args.model_class or args.model_factory:  # called as it was lowered: the graph's inputs, then --input / --timestep-input
+            from ..signature import plan_for_graph, wrap
+
+            model = wrap(model, plan_for_graph(model, info, timestep_input=args.timestep_input, inputs=args.inputs))
     every = ((args.plot and not args.data) or args.all_steps) and info.mode == "table"
     report = check_targets(info, targets=targets, model=model, model_label=str(args.model), golden=golden,
                            tolerance=tol, seed=args.seed,
