@@ -1,0 +1,242 @@
+"""fxpass.formats (issue #16): ORT format, ExecuTorch .pte and Core ML .mlpackage on a tiny config.
+
+Each format's tests skip with the reason when its dependency (the ``mobile`` extra) is missing;
+Core ML predictions skip off macOS.  The .pte lowering and palettization take ~30 s each: slow.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import fxpass
+from fxpass.checkpoint import init_model
+from fxpass.config import CAMUS
+from fxpass.errors import FxpassError
+from fxpass.formats import FORMATS, format_unavailable_reason
+from fxpass.schedule import respaced
+
+TINY = CAMUS.replace(image_size=32, num_channels=32, num_res_blocks=1, attention_resolutions="16",
+                     diffusion_steps=100, timestep_respacing="10")
+SCHEDULE = respaced(100, "10")
+T_INDEX = [0, 4, 9]
+
+
+def _needs(fmt: str):
+    reason = format_unavailable_reason(fmt)
+    return pytest.mark.skipif(reason is not None, reason=reason or "")
+
+
+def _rel(out, ref) -> float:
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    assert np.isfinite(out).all()
+    return float(np.abs(out - ref).max() / np.abs(ref).max())
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return init_model(TINY, seed=0).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    onnx.save_model(fxpass.lower(tiny_model, config=TINY), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_graph(tiny_model):
+    """What fxpass.capture + fxpass.passes.rewrite make of the tiny model: inputs x, t_index."""
+    from fxpass.capture import capture
+    from fxpass.passes import rewrite
+    from fxpass.pipeline import example_inputs_for
+
+    gm = rewrite(capture(tiny_model, example_inputs_for(TINY, SCHEDULE[-1])), timesteps=SCHEDULE)
+    inputs = dict(gm.meta["fxpass_example_inputs"])
+    assert list(inputs) == ["x", "t_index"]
+    return gm, inputs
+
+
+def _eager(model, x: torch.Tensor, t_index: int) -> np.ndarray:
+    with torch.no_grad():
+        return model(x, torch.tensor([SCHEDULE[t_index]])).numpy()
+
+
+# --- availability -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt,module", [("ort", "onnxruntime"), ("pte", "executorch"), ("mlpackage", "coremltools")])
+def test_missing_dependency_is_named_with_the_extra(monkeypatch, tmp_path, fmt, module):
+    import importlib.util
+
+    from fxpass.formats import _deps
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(_deps.importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+    reason = format_unavailable_reason(fmt)
+    assert reason == f"--format {fmt} needs {module} (pip install 'fxpass[mobile]')"
+    call = {"ort": lambda: fxpass.formats.to_ort(tmp_path / "m.onnx", tmp_path / "m.ort"),
+            "pte": lambda: fxpass.formats.to_pte(torch.nn.Identity(), [torch.zeros(1)], tmp_path / "m.pte"),
+            "mlpackage": lambda: fxpass.formats.to_mlpackage(torch.nn.Identity(), [torch.zeros(1)],
+                                                             tmp_path / "m.mlpackage")}[fmt]
+    with pytest.raises(FxpassError, match=r"needs .*pip install 'fxpass\[mobile\]'"):
+        call()
+    assert not list(tmp_path.iterdir())
+
+
+def test_unknown_format_is_refused():
+    assert FORMATS == ("ort", "pte", "mlpackage")
+    with pytest.raises(FxpassError, match="expected one of ort, pte, mlpackage"):
+        format_unavailable_reason("tflite")
+
+
+# --- ORT format -----------------------------------------------------------------------------------------
+
+@_needs("ort")
+def test_ort_format_equals_the_onnx(tiny_onnx, tmp_path):
+    import onnxruntime as ort
+
+    from fxpass.formats import to_ort
+
+    out = tmp_path / "tiny.ort"
+    report = to_ort(tiny_onnx, out)
+    assert out.read_bytes()[4:8] == b"ORTM"  # the ORT format's flatbuffer identifier
+    assert report["bytes"] == out.stat().st_size and report["check"]["passed"]
+    assert report["check"]["t_index"] == T_INDEX
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny.ort"]  # nothing left beside it
+    onnx_sess = ort.InferenceSession(str(tiny_onnx), providers=["CPUExecutionProvider"])
+    ort_sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in ort_sess.get_inputs()] == ["x", "t_index"]
+    assert ort_sess.get_modelmeta().custom_metadata_map["fxpass.mode"] == "table"  # metadata carried over
+    for t_index in T_INDEX:
+        x = np.random.default_rng(100 + t_index).standard_normal((1, 3, 32, 32), dtype=np.float32)
+        feeds = {"x": x, "t_index": np.array([t_index])}
+        assert _rel(ort_sess.run(None, feeds)[0], onnx_sess.run(None, feeds)[0]) <= 1e-5
+
+
+@_needs("ort")
+def test_ort_format_from_a_proto_runtime_style(tiny_onnx, tmp_path):
+    from fxpass.formats import to_ort
+
+    report = to_ort(onnx.load(str(tiny_onnx)), tmp_path / "tiny.ort", optimization_style="Runtime")
+    assert report["optimization_style"] == "Runtime" and report["check"]["max_rel_to_scale"] <= 1e-5
+    with pytest.raises(FxpassError, match="optimization style"):
+        to_ort(tiny_onnx, tmp_path / "x.ort", optimization_style="Eager")
+
+
+@pytest.mark.slow
+@_needs("ort")
+def test_ort_format_of_an_fp16_model(tiny_model, tmp_path):
+    from fxpass.formats import to_ort
+
+    proto = fxpass.lower(tiny_model, config=TINY, precision="fp16")
+    report = to_ort(proto, tmp_path / "tiny16.ort")
+    assert report["check"]["tolerance"] == 1e-2 and report["check"]["passed"]
+
+
+@_needs("ort")
+def test_mobile_coverage_is_structured(tiny_onnx):
+    from fxpass.formats import mobile_coverage
+
+    cov = mobile_coverage(tiny_onnx)
+    assert set(cov["eps"]) == {"NNAPI", "CoreML MLProgram", "CoreML NeuralNetwork"}
+    assert cov["dynamic_inputs"] == []  # static batch 1
+    for ep, info in cov["eps"].items():
+        assert info["nodes"] == cov["nodes"] > 0
+        assert 0 < info["nodes_supported"] <= info["nodes"]
+        assert info["partitions"] == len(info["partition_sizes"]) >= 1
+        assert sum(info["partition_sizes"]) == info["nodes_supported"]
+        assert info["suitability"] in ("YES", "MAYBE", "NO")
+        assert any(f"by the {ep} EP" in line for line in cov["log"])  # the tool's own lines, kept
+    # the t_index table lookup: a Gather on a runtime index, which ML Program's op table lacks
+    assert "ai.onnx:Gather" in cov["eps"]["CoreML MLProgram"]["unsupported_ops"]
+
+
+# --- ExecuTorch .pte --------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@_needs("pte")
+def test_pte_matches_eager_at_three_schedule_positions(tiny_model, tiny_graph, tmp_path):
+    from fxpass.formats import run_pte, to_pte
+
+    gm, inputs = tiny_graph
+    out = tmp_path / "tiny.pte"
+    report = to_pte(gm, inputs, out)
+    assert report["bytes"] == out.stat().st_size and report["check"]["passed"]
+    assert report["delegated_nodes"] > 0  # XNNPACK took part of the graph
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny.pte"]
+    for t_index in T_INDEX:
+        x = torch.from_numpy(np.random.default_rng(200 + t_index).standard_normal((1, 3, 32, 32), dtype=np.float32))
+        (got,) = run_pte(out, {"x": x, "t_index": torch.tensor([t_index])})
+        assert _rel(got, _eager(tiny_model, x, t_index)) <= 1e-4
+
+
+@_needs("pte")
+def test_run_pte_refuses_a_missing_file(tmp_path):
+    from fxpass.formats import run_pte
+
+    with pytest.raises(FxpassError, match="no such .pte file"):
+        run_pte(tmp_path / "absent.pte", [torch.zeros(1)])
+
+
+# --- Core ML .mlpackage ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_mlpackage(tiny_graph, tmp_path_factory):
+    if format_unavailable_reason("mlpackage"):
+        pytest.skip(format_unavailable_reason("mlpackage"))
+    from fxpass.formats import to_mlpackage
+
+    gm, inputs = tiny_graph
+    out = tmp_path_factory.mktemp("coreml") / "tiny.mlpackage"
+    return out, to_mlpackage(gm, inputs, out)
+
+
+def test_mlpackage_converts_and_validates_structurally(tiny_mlpackage, tiny_graph):
+    from fxpass.formats import describe_mlpackage
+
+    out, report = tiny_mlpackage
+    spec = describe_mlpackage(out)
+    assert spec["kind"] == "mlProgram" and out.is_dir()
+    assert spec["inputs"] == [{"name": "x", "type": "multiArrayType", "shape": [1, 3, 32, 32], "dtype": "float32"},
+                              {"name": "t_index", "type": "multiArrayType", "shape": [1], "dtype": "int32"}]
+    assert spec["outputs"] == [{"name": "out", "type": "multiArrayType", "shape": [1, 6, 32, 32], "dtype": "float32"}]
+    assert spec["ops"]["conv"] > 0 and spec["ops"]["gather"] > 0 and spec["ops"]["softmax"] > 0
+    # float16 weights: 2 bytes per element of the rewritten graph's tensors (the time MLP folded into
+    # 10-row tables), plus the blob's per-tensor headers and alignment
+    elements = sum(t.numel() for t in tiny_graph[0].state_dict().values() if t.is_floating_point())
+    assert 2 * elements <= spec["weights_bytes"] < 2.1 * elements
+    assert report["bytes"] == spec["bytes"] and report["precision"] == "fp16"
+
+
+def test_mlpackage_numerics_need_macos(tiny_mlpackage, tiny_model):
+    from fxpass.formats.mlpackage import (
+        predict_mlpackage,
+        predictions_unavailable_reason,
+    )
+
+    out, report = tiny_mlpackage
+    reason = predictions_unavailable_reason()
+    if reason is not None:
+        assert report["check"] == {"skipped": reason}  # said so, never counted as passed
+        pytest.skip(reason)
+    assert report["check"]["passed"]
+    for t_index in T_INDEX:
+        x = torch.from_numpy(np.random.default_rng(300 + t_index).standard_normal((1, 3, 32, 32), dtype=np.float32))
+        (got,) = predict_mlpackage(out, {"x": x, "t_index": np.array([t_index], np.int32)})
+        assert _rel(got, _eager(tiny_model, x, t_index)) <= 2e-2
+
+
+@pytest.mark.slow
+def test_mlpackage_palettized_weights(tiny_graph, tiny_mlpackage, tmp_path):
+    from fxpass.formats import to_mlpackage
+
+    gm, inputs = tiny_graph
+    report = to_mlpackage(gm, inputs, tmp_path / "tiny6.mlpackage", palettize_bits=6, verify=False)
+    spec = report["spec"]
+    assert spec["ops"]["constexpr_lut_to_dense"] > 0
+    assert spec["weights_bytes"] < 0.5 * tiny_mlpackage[1]["spec"]["weights_bytes"]
+    with pytest.raises(FxpassError, match="palettize bits"):
+        to_mlpackage(gm, inputs, tmp_path / "x.mlpackage", palettize_bits=5)
