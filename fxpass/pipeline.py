@@ -32,6 +32,8 @@ from .errors import FxpassError
 from .export import DEFAULT_OPSET, check_opset, export
 
 STAGES = ("load", "capture", "passes", "export", "surgery", "precision", "verify", "write")
+#: what the write stage can write: the ONNX file, or a mobile format made from the verified lowering
+FORMATS = ("onnx", "ort", "pte", "mlpackage")
 PRECISIONS = ("fp32", "fp16")
 GROUP_NORM_FORMS = ("auto", "keep")
 
@@ -49,6 +51,7 @@ class Lowered:
     stages: dict[str, float] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
     check: dict[str, Any] | None = None
+    graph_module: Any = None  # the rewritten fx graph (what .pte / .mlpackage are made from)
 
     @property
     def passed(self) -> bool:
@@ -115,6 +118,7 @@ def lower_with_report(
     group_norm: str = "auto",
     surgery_options: dict[str, dict[str, Any]] | None = None,
     step_graph: bool = False,
+    format: str = "onnx",
     verify: bool = True,
     tolerance: tuple[float, float] | None = None,
     output: str | Path | None = None,
@@ -148,7 +152,9 @@ def lower_with_report(
     from .passes import check_no_guards_left, rewrite
 
     _validate(precision, group_norm, opset)
-    planned = plan_outputs({"-o": output, "--report": report_path}, inputs=inputs, force=force)
+    _validate_format(format, step_graph)
+    planned = plan_outputs({"-o": output, "--report": report_path}, inputs=inputs, force=force,
+                           directories=("-o",) if format == "mlpackage" else ())
     output, report_path = planned.get("-o"), planned.get("--report")
     config = _sized(config, model)
     mode, kept, seen = _schedule(config, timesteps)
@@ -229,7 +235,7 @@ def lower_with_report(
         with run.stage("verify"):
             check = check_against_eager(proto, model, config=config, tolerance=tolerance or default_tolerance(precision))
         report["check"] = check
-    lowered = Lowered(proto, mode, kept, seen, run.stages, report, check)
+    lowered = Lowered(proto, mode, kept, seen, run.stages, report, check, gm)
     if check is not None and not check["passed"] and not (force and output is not None):
         where = f"{output}: not written: " if output is not None else "lower: "
         why = f"output has non-finite values ({check['nonfinite']})" if check.get("nonfinite") else \
@@ -240,8 +246,53 @@ def lower_with_report(
     report["total_s"] = time.perf_counter() - started
     if output is not None:
         with run.stage("write"):
-            _write(lowered, output, report_path, run.stages)
+            if format == "onnx":
+                _write(lowered, output, report_path, run.stages)
+            else:
+                _write_format(lowered, format, output, report_path, run.stages, precision)
     return lowered
+
+
+def _validate_format(fmt: str, step_graph: bool) -> None:
+    if fmt not in FORMATS:
+        raise FxpassError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        return
+    if step_graph:
+        raise FxpassError(f"--format {fmt}: the step graph is written as ONNX only so far")
+    from .formats import format_unavailable_reason
+
+    reason = format_unavailable_reason(fmt)
+    if reason:
+        raise FxpassError(reason)
+
+
+def _write_format(lowered: Lowered, fmt: str, output: Path, report_path: Path | None, stages: dict[str, float],
+                  precision: str) -> None:
+    """A mobile format from the verified lowering, checked by the format's own runtime where this machine
+    has one (``fxpass.formats``), then the report."""
+    from . import formats
+    from .fileio import atomic_write_bytes
+
+    t0 = time.perf_counter()
+    if fmt == "ort":
+        result = formats.to_ort(lowered.model, output)
+        result["coverage"] = {k: v for k, v in formats.mobile_coverage(lowered.model).items() if k != "log"}
+    else:
+        gm = lowered.graph_module
+        example = dict(gm.meta["fxpass_example_inputs"])
+        if fmt == "pte":
+            result = formats.to_pte(gm, example, output, fp16=precision == "fp16")
+        else:
+            result = formats.to_mlpackage(gm, example, output, precision="fp16")
+    stages["write"] = time.perf_counter() - t0
+    lowered.report["output"] = str(output)
+    lowered.report["format"] = {"name": fmt, **result}
+    lowered.report["file_bytes"] = result.get("bytes")
+    lowered.report["stages_s"] = dict(stages)
+    if report_path is not None:
+        text = json.dumps(lowered.report, indent=2, sort_keys=True, default=str)
+        atomic_write_bytes(report_path, lambda fh: fh.write(text.encode()))
 
 
 def _refuse_half(gm, model) -> None:
@@ -354,7 +405,8 @@ def lower_checkpoint(checkpoint: str | Path, output: str | Path | None = None, *
 
     options["inputs"] = [checkpoint, *options.get("inputs", ())]
     plan_outputs({"-o": output, "--report": options.get("report_path")}, force=options.get("force", False),
-                 inputs=options["inputs"])  # before loading: a refused output costs nothing
+                 inputs=options["inputs"],  # before loading: a refused output costs nothing
+                 directories=("-o",) if options.get("format") == "mlpackage" else ())
     started = time.perf_counter()
     run = _Run(progress)
     with run.stage("load"):

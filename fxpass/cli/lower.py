@@ -26,6 +26,10 @@ def add_parser(sub, common) -> None:
     p.add_argument("--step-graph", action="store_true",
                    help="export one whole denoising step (U-Net + posterior update, coefficients gathered by "
                         "t_index): inputs x, t_index, noise; outputs x_prev, pred_xstart")
+    p.add_argument("--format", choices=("onnx", "ort", "pte", "mlpackage"), default="onnx",
+                   help="onnx (default); ort: ONNX Runtime's mobile format (with the CoreML/NNAPI coverage in the "
+                        "report); pte: ExecuTorch with XNNPACK; mlpackage: Core ML (a directory). The non-ONNX "
+                        "formats need pip install 'fxpass[mobile]'")
     p.add_argument("--report", metavar="FILE.json", help="write the summary numbers as JSON")
     shared.add_force(p, "overwrite existing outputs; write even when the ORT check fails (exit 1)")
     shared.add_trust(p)
@@ -63,7 +67,8 @@ def run(args) -> int:
         timesteps=args.timesteps,
         precision=args.precision, opset=args.opset,
         dynamic_batch=args.dynamic_batch, simplifier=None if args.simplifier == "none" else args.simplifier,
-        group_norm=args.group_norm, step_graph=args.step_graph, report_path=args.report, force=args.force,
+        group_norm=args.group_norm, step_graph=args.step_graph, format=args.format, report_path=args.report,
+        force=args.force,
         inputs=[args.config], progress=progress, timestep_input=args.timestep_input, model_inputs=args.inputs,
         timestep_values=args.timestep_values,
     )
@@ -90,7 +95,20 @@ def _summary(lowered, args) -> None:
         if kept:
             table.add_row(f"  {entry['pass']}", f"{entry['count']} rewritten; left: " + "; ".join(
                 f"{n} {reason}" for reason, n in kept.items()))
-    table.add_row("file size", f"{report['file_bytes'] / 2**20:.1f} MiB")
+    table.add_row("file size", f"{(report.get('file_bytes') or 0) / 2**20:.1f} MiB")
+    fmt = report.get("format")
+    if fmt:
+        check_fmt = fmt.get("check") or {}
+        verdict = ("skipped: " + str(check_fmt["skipped"])) if "skipped" in check_fmt else (
+            f"{check_fmt.get('max_rel_to_scale', float('nan')):.3g}·max|ref| against "
+            + ("the ONNX" if fmt["name"] == "ort" else "the rewritten graph"))
+        table.add_row(f"{fmt['name']} file", verdict)
+        for ep, entry in ((fmt.get("coverage") or {}).get("eps") or {}).items():  # ORT's mobile-usability check
+            fixed = entry.get("if_fixed_shapes") or {}
+            table.add_row(f"  {ep} EP", f"{entry['nodes_supported']}/{entry['nodes']} nodes in "
+                                        f"{len(entry.get('partition_sizes') or [])} partitions"
+                          + (f" ({fixed['nodes_supported']} in {len(fixed.get('partition_sizes') or [])} with "
+                             "fixed shapes)" if fixed else ""))
     status = "pass" if check["passed"] else "FAIL (written with --force)"
     table.add_row("worst error vs PyTorch",
                   f"{check['max_abs']:.3g} abs, {check['max_rel_to_scale']:.3g}·max|ref| {status}")

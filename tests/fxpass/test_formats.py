@@ -240,3 +240,41 @@ def test_mlpackage_palettized_weights(tiny_graph, tiny_mlpackage, tmp_path):
     assert spec["weights_bytes"] < 0.5 * tiny_mlpackage[1]["spec"]["weights_bytes"]
     with pytest.raises(FxpassError, match="palettize bits"):
         to_mlpackage(gm, inputs, tmp_path / "x.mlpackage", palettize_bits=5)
+
+
+# ---- fxpass lower --format --------------------------------------------------------------------------
+@_needs("ort")
+def test_cli_lower_format_ort_reports_mobile_coverage(tiny_ckpt, tiny_yaml, tmp_path, capsys):
+    import json
+
+    from fxpass.cli import main
+
+    out, report = tmp_path / "m.ort", tmp_path / "r.json"
+    assert main(["lower", str(tiny_ckpt), "--config", str(tiny_yaml), "-o", str(out), "--format", "ort",
+                 "--report", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "ort file" in printed and "CoreML MLProgram EP" in printed
+    data = json.loads(report.read_text())["format"]
+    assert data["name"] == "ort" and data["check"]["passed"] and data["check"]["max_rel_to_scale"] <= 1e-5
+    assert out.stat().st_size == data["bytes"] > 0
+    ml = data["coverage"]["eps"]["CoreML MLProgram"]
+    assert 0 < ml["nodes_supported"] <= ml["nodes"] and ml["if_fixed_shapes"]["nodes_supported"] >= ml["nodes_supported"]
+    assert not (tmp_path / "m.onnx").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.ort", "r.json"]
+
+
+@_needs("mlpackage")
+def test_cli_lower_format_mlpackage_writes_a_package_and_refuses_to_replace_it(tiny_ckpt, tiny_yaml, tmp_path, capsys):
+    from fxpass.cli import main
+
+    out = tmp_path / "m.mlpackage"
+    args = ["lower", str(tiny_ckpt), "--config", str(tiny_yaml), "-o", str(out), "--format", "mlpackage"]
+    assert main(args) == 0 and out.is_dir() and "Core ML predictions need macOS" in capsys.readouterr().out
+    assert main(args) == 2 and "already exists" in capsys.readouterr().err
+
+
+def test_cli_lower_format_refuses_the_step_graph(tiny_ckpt, tiny_yaml, tmp_path, capsys):
+    from fxpass.cli import main
+
+    code = main(["lower", str(tiny_ckpt), "--config", str(tiny_yaml), "-o", str(tmp_path / "s.pte"), "--format", "pte",
+                 "--step-graph"])
+    assert code == 2 and "the step graph is written as ONNX only so far" in capsys.readouterr().err
