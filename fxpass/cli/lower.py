@@ -20,9 +20,10 @@ def add_parser(sub, common) -> None:
     shared.add_model_class(p)
     shared.add_user_schedule(p)
     p.add_argument("--simplifier", choices=("onnxslim", "none"), default="onnxslim")
-    p.add_argument("--group-norm", choices=("auto", "keep"), default="auto",
+    p.add_argument("--group-norm", choices=("auto", "all", "keep"), default="auto",
                    help="auto: GroupNorms over 2M elements per sample become LayerNormalization on a grouped "
-                        "view (ONNX Runtime CPU runs that ~2x faster); keep: one GroupNormalization node each")
+                        "view (ONNX Runtime CPU runs that ~2x faster), all of them for --format ort (static "
+                        "shapes the CoreML/NNAPI providers take); all; keep: one GroupNormalization node each")
     p.add_argument("--step-graph", action="store_true",
                    help="export one whole denoising step (U-Net + posterior update, coefficients gathered by "
                         "t_index): inputs x, t_index, noise; outputs x_prev, pred_xstart")

@@ -258,7 +258,8 @@ def test_cli_lower_format_ort_reports_mobile_coverage(tiny_ckpt, tiny_yaml, tmp_
     assert data["name"] == "ort" and data["check"]["passed"] and data["check"]["max_rel_to_scale"] <= 1e-5
     assert out.stat().st_size == data["bytes"] > 0
     ml = data["coverage"]["eps"]["CoreML MLProgram"]
-    assert 0 < ml["nodes_supported"] <= ml["nodes"] and ml["if_fixed_shapes"]["nodes_supported"] >= ml["nodes_supported"]
+    # every GroupNorm expanded for mobile: all but the table lookup on CoreML, 2 partitions (measured 359/360)
+    assert ml["nodes_supported"] >= 0.95 * ml["nodes"] and len(ml["partition_sizes"]) <= 3, ml["unsupported_ops"]
     assert not (tmp_path / "m.onnx").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.ort", "r.json"]
 
 
