@@ -57,7 +57,7 @@ def test_it_learned_and_fp32_onnx_eps_mse_equals_eager_at_every_step(reference, 
 
 @pytest.mark.slow
 def test_fp16_onnx_eps_mse_ratio_along_t(reference, digits_onnx):
-    """Measured: ratio within 0.99997..1.0002 over 64 images, 0.99969..1.00028 over these 8 (worst |r - 1|
+    """Measured: ratio within 0.99996..1.0002 over 64 images, 0.99969..1.00028 over these 8 (worst |r - 1|
     3.1e-4); the bound, 2e-3, is six times that."""
     _, model = reference
     rows = _eps_rows(model, digits_onnx("fp16"))
