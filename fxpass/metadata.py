@@ -251,6 +251,19 @@ def check_external_data(model, path) -> None:
             raise FxpassError(f"{where} is not a regular file")
 
 
+def graph_inputs(model) -> dict[str, tuple[str, list]]:
+    """The non-initializer inputs of an ``onnx.ModelProto``: name -> (numpy dtype name, shape, -1 where symbolic)."""
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = {}
+    for inp in model.graph.input:
+        if inp.name in initializers:
+            continue
+        tt = inp.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+        inputs[inp.name] = (_ONNX_DTYPES.get(tt.elem_type, str(tt.elem_type)), shape)
+    return inputs
+
+
 def read_file(path, *, require: tuple[str, ...] = ()) -> OnnxInfo:
     """Read an fxpass ONNX file's metadata and inputs (weights are not loaded)."""
     import onnx
@@ -265,14 +278,7 @@ def read_file(path, *, require: tuple[str, ...] = ()) -> OnnxInfo:
         raise FxpassError(f"{path}: not a readable ONNX model ({first_line(exc)})") from None
     meta = parse(read_props(model), str(path), require=require)
     check_external_data(model, path)
-    initializers = {init.name for init in model.graph.initializer}
-    inputs = {}
-    for inp in model.graph.input:
-        if inp.name in initializers:
-            continue
-        tt = inp.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
-        inputs[inp.name] = (_ONNX_DTYPES.get(tt.elem_type, str(tt.elem_type)), shape)
+    inputs = graph_inputs(model)
     if "x" not in inputs:
         raise FxpassError(f"{path}: has no input named x (inputs: {', '.join(inputs)})")
     from .limits import check_input_fits

@@ -40,19 +40,10 @@ class InputSpec:
 
 def input_specs(model) -> list[InputSpec]:
     """The non-initializer inputs of an ``onnx.ModelProto`` or an :class:`~fxpass.metadata.OnnxInfo`."""
-    if hasattr(model, "inputs"):
-        return [InputSpec(n, d, tuple(s)) for n, (d, s) in model.inputs.items()]
-    from .metadata import _ONNX_DTYPES
+    from .metadata import graph_inputs
 
-    inits = {t.name for t in model.graph.initializer}
-    specs = []
-    for v in model.graph.input:
-        if v.name in inits:
-            continue
-        tt = v.type.tensor_type
-        shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim)
-        specs.append(InputSpec(v.name, _ONNX_DTYPES.get(tt.elem_type, str(tt.elem_type)), shape))
-    return specs
+    inputs = model.inputs if hasattr(model, "inputs") else graph_inputs(model)
+    return [InputSpec(n, d, tuple(s)) for n, (d, s) in inputs.items()]
 
 
 @dataclass
@@ -216,12 +207,11 @@ def check_against_eager(proto, model, *, config=None, t_indices: Sequence[int] |
     dynamic = specs[0].shape[0] < 0
     items = _gate_items(meta, seed, t_indices, dynamic) if meta.mode == "table" else None
     feeds = seeded_feeds(specs, seed=seed, timesteps=meta.timesteps, model_timesteps=meta.model_timesteps,
-                         t_indices=items, count=2 + (len(DYNAMIC_BATCHES) if dynamic else 0),
-                         num_classes=num_classes_of(model))
+                         t_indices=items, count=2, num_classes=num_classes_of(model))
     if meta.mode == "fixed" and dynamic:  # fixed mode: the extra feeds at batch 2 and 3
         extra = [seeded_feeds(specs, seed=seed + b, timesteps=meta.timesteps, model_timesteps=meta.model_timesteps,
                               count=1, batch=b, num_classes=num_classes_of(model)) for b in DYNAMIC_BATCHES]
-        feeds = Feeds(feeds.feeds[:2] + [f.feeds[0] for f in extra], feeds.labels[:2] + [f.labels[0] for f in extra])
+        feeds = Feeds(feeds.feeds + [f.feeds[0] for f in extra], feeds.labels + [f.labels[0] for f in extra])
     image_size = config.image_size if config is not None else None
     reference = reference_runner(model, mode=meta.mode, model_timesteps=meta.model_timesteps, image_size=image_size,
                                  specs=specs)
