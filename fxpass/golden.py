@@ -101,6 +101,13 @@ def is_golden_dir(directory: Path) -> bool:
         {p.name for p in entries} <= {f"{n}.json" for n in FILES}
 
 
+def refuse_replacing_other(out: Path) -> None:
+    """An existing ``out`` may be replaced (with ``--force``) only when it is empty or a golden set."""
+    if out.exists() and not is_golden_dir(out):
+        raise FxpassError(f"{out}: exists and is not a golden set (no golden manifest.json, or other files in it); "
+                          "not replacing it, even with --force")
+
+
 # ---- making one -------------------------------------------------------------------------------------
 def make_golden(model, cfg, *, name: str, checkpoint: Path, info=None, seed: int = 0,
                 t_indices: list[int] | None = None, output_dir: str = "") -> GoldenSet:
@@ -225,9 +232,8 @@ def write_golden(out: Path, golden: GoldenSet, *, force: bool) -> None:
 
     from .fileio import write_dir_atomically
 
-    if out.exists() and force and not is_golden_dir(out):
-        raise FxpassError(f"{out}: exists and is not a golden set (no golden manifest.json, or other files in it); "
-                          "not replacing it, even with --force")
+    if force:
+        refuse_replacing_other(out)
 
     def fill(tmp: Path) -> None:
         with polygraphy_severity(False):

@@ -47,14 +47,12 @@ def run(args) -> int:
     from ..checkpoint import load_model
     from ..config import resolve_config
     from ..fileio import plan_outputs
-    from ..golden import is_golden_dir, make_golden, write_golden
+    from ..golden import make_golden, refuse_replacing_other, write_golden
     from ..metadata import read_file
 
     out = plan_outputs({"-o": args.output}, inputs=[args.model, args.onnx, args.config], directories=("-o",),
                        force=args.force)["-o"]
-    if out.exists() and not is_golden_dir(out):
-        raise FxpassError(f"{out}: exists and is not a golden set (no golden manifest.json, or other files in it); "
-                          "not replacing it, even with --force")
+    refuse_replacing_other(out)  # before any work
     info = read_file(args.onnx) if args.onnx else None
     cfg = resolve_config(args.config, info.config if info else None, source=f"{args.onnx}: metadata")
     t_indices = parse_t_indices(args.t_index)
