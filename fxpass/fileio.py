@@ -288,24 +288,61 @@ def write_dir_atomically(out: Path, fill: Callable[[Path], None], force: bool) -
     except OSError as exc:
         held.release()
         raise FxpassError(f"{out}: cannot write ({exc.strerror or exc})") from None
-    old = None
     try:
         held.release()
         fill(tmp)
         os.chmod(tmp, _umask_mode(0o777))
-        if out.exists():
-            old = parent / f".{out.name}{TEMP_MARK}{os.getpid()}-old.tmp"
-            os.replace(out, old)
-        os.replace(tmp, out)
+        _replace(tmp, out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out.exists():
-            os.replace(old, out)
         raise FxpassError(f"{out}: cannot write ({exc.strerror or exc})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace(src: Path, out: Path) -> None:
+    """Rename ``src`` onto ``out``.  A directory replacing an existing ``out`` moves it aside first and removes it
+    after; on failure the old one is put back."""
+    old = None
+    try:
+        if src.is_dir() and out.exists():
+            old = out.parent / f".{out.name}{TEMP_MARK}{os.getpid()}-old.tmp"
+            os.replace(out, old)
+        os.replace(src, out)
+    except BaseException:
         if old is not None and not out.exists():
             os.replace(old, out)
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staged_path(out: str | os.PathLike):
+    """A path to write ``out`` (a file or a directory) to, inside a temporary directory beside it; renamed onto
+    ``out`` when the block ends without an exception, removed otherwise (for writers that need a path, such
+    as the mobile-format converters).  Refusing an existing ``out`` is :func:`plan_outputs`'s business."""
+    out = Path(out)
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise FxpassError(f"{out}: directory {parent} does not exist")
+    held = _HeldSignals()
+    try:
+        sweep_stale_temps(parent)
+        tmp = _temp_name(out)
+        tmp.mkdir()
+    except OSError as exc:
+        held.release()
+        raise FxpassError(f"{out}: cannot write ({exc.strerror or exc})") from None
+    try:
+        held.release()
+        staged = tmp / out.name
+        yield staged
+        if not staged.exists():
+            raise FxpassError(f"{out}: nothing was written")
+        _replace(staged, out)
+    except OSError as exc:
+        raise FxpassError(f"{out}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

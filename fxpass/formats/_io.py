@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,28 +24,6 @@ def spread(n: int, count: int = 3) -> list[int]:
     """``count`` indices over range(n): first, middle, last (deduplicated, in order)."""
     picks = [0, (n - 1) // 2, n - 1][:count] if count <= 3 else list(np.linspace(0, n - 1, count).round().astype(int))
     return list(dict.fromkeys(int(i) for i in picks))
-
-
-@contextmanager
-def staged_output(out_path: str | Path, *, directory: bool = False) -> Iterator[Path]:
-    """A temporary path beside ``out_path`` to write to; renamed onto ``out_path`` when the block succeeds,
-    removed when it raises.  Refusing an existing output is the caller's business
-    (:func:`fxpass.fileio.plan_outputs`); this replaces it."""
-    out_path = Path(out_path)
-    parent = out_path.parent if str(out_path.parent) else Path(".")
-    if not parent.is_dir():
-        raise FxpassError(f"{out_path}: directory {parent} does not exist")
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=parent))
-    try:
-        staged = tmpdir / out_path.name
-        yield staged
-        if not staged.exists():
-            raise FxpassError(f"{out_path}: nothing was written")
-        if out_path.is_dir() and not out_path.is_symlink():
-            shutil.rmtree(out_path)
-        os.replace(staged, out_path)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def tree_bytes(path: str | Path) -> int:

@@ -22,7 +22,8 @@ import torch
 
 from ..errors import FxpassError, first_line
 from ._deps import require
-from ._io import rel_error, spread, staged_output, tree_bytes
+from ..fileio import staged_path
+from ._io import rel_error, spread, tree_bytes
 
 PRECISIONS = ("fp16", "fp32")
 PALETTIZE_BITS = (None, 1, 2, 3, 4, 6, 8)  # what OpPalettizerConfig accepts; 6 and 8 are the sensible ones
@@ -117,7 +118,7 @@ def to_mlpackage(module: torch.nn.Module, example_inputs: Mapping[str, torch.Ten
     report: dict[str, Any] = {"precision": precision, "palettize_bits": palettize_bits,
                               "minimum_deployment_target": minimum_deployment_target, "convert_s": convert_s}
     tolerance = (TOLERANCE[precision] if palettize_bits is None else None) if tolerance is None else tolerance
-    with staged_output(out_path) as staged:
+    with staged_path(out_path) as staged:
         mlmodel.save(str(staged))
         report["spec"] = describe_mlpackage(staged)
         _check_structure(report["spec"], named, palettize_bits)

@@ -29,7 +29,8 @@ import numpy as np
 
 from ..errors import FxpassError
 from ._deps import require
-from ._io import rel_error, spread, staged_output
+from ..fileio import staged_path
+from ._io import rel_error, spread
 
 OPTIMIZATION_STYLES = ("Fixed", "Runtime")
 TARGET_PLATFORMS = ("arm", "amd64")
@@ -174,7 +175,7 @@ def to_ort(onnx_path_or_proto, out_path: str | Path, *, optimization_style: str 
             if not check["passed"]:
                 raise FxpassError(f"{out_path}: not written: the ORT-format model differs from the ONNX by "
                                   f"{check['max_rel_to_scale']:.3g}·max|ref| (tolerance {tolerance:g})", exit_code=1)
-        with staged_output(out_path) as staged:
+        with staged_path(out_path) as staged:
             staged.write_bytes(produced[0].read_bytes())
     report["path"] = str(out_path)
     return report

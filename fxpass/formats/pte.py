@@ -19,7 +19,8 @@ import torch
 
 from ..errors import FxpassError, first_line
 from ._deps import require
-from ._io import rel_error, spread, staged_output
+from ..fileio import staged_path
+from ._io import rel_error, spread
 
 #: gates against the eager model (max|diff| ≤ tol·max|ref|), as fxpass lower's for ONNX
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
@@ -101,7 +102,7 @@ def to_pte(graph_module: torch.nn.Module, example_inputs: Mapping[str, torch.Ten
     t2 = time.perf_counter()
     report: dict[str, Any] = {"precision": precision, "bytes": len(program.buffer), "delegated_nodes": delegated,
                               "nodes": nodes, "export_s": t1 - t0, "lower_s": t2 - t1}
-    with staged_output(out_path) as staged:
+    with staged_path(out_path) as staged:
         staged.write_bytes(program.buffer)
         if verify:
             check = compare_pte(staged, reference, inputs)
