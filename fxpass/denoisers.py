@@ -1,9 +1,12 @@
 """Denoisers the sampler loops (and the fidelity metrics) call: ``model(x, t_index) -> output``.
 
-:class:`OnnxDenoiser` runs an fxpass table-mode model on ONNX Runtime, with its schedule from the
-model's metadata (:func:`fxpass.metadata.parse`); no torch on that path (``fxpass sample`` imports
-only NumPy, Pillow, rich and the runtime).  :class:`TorchDenoiser` runs the eager PyTorch model (the
-reference), torch imported only when it is built.
+:class:`OnnxDenoiser` runs an fxpass table-mode model on ONNX Runtime and :class:`OpenVinoDenoiser` on
+OpenVINO's CPU plugin (f32 or bf16 inference precision, through :mod:`targets.openvino`); both take
+their schedule from the model's metadata (:func:`fxpass.metadata.parse`, read once by
+:class:`TableModel`) and import no torch (``fxpass sample`` imports only NumPy, Pillow, rich, onnx and
+the runtime).  :func:`make_denoiser` picks one by runtime name (:data:`RUNTIMES`);
+:func:`runtime_unavailable_reason` says why a runtime cannot run here.  :class:`TorchDenoiser` runs the
+eager PyTorch model (the reference), torch imported only when it is built.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from . import metadata
 from .diffusion import Diffusion
 from .errors import FxpassError, first_line
 
+#: ``fxpass sample --runtime`` names → OpenVINO inference precision (``None``: ONNX Runtime)
+RUNTIMES = {"ort": None, "openvino": "f32", "openvino-bf16": "bf16"}
+
 
 def ort_reason(exc: BaseException) -> str:
     """ONNX Runtime's load error without its "[ONNXRuntimeError] ... Load model from X failed:" and
@@ -27,8 +33,18 @@ def ort_reason(exc: BaseException) -> str:
     return text[:200]
 
 
-def _check_external_data(path: Path) -> None:
-    """The same rule ``fxpass check`` applies: external data only in regular files inside the model's folder."""
+def openvino_reason(exc: BaseException, path: Path) -> str:
+    """OpenVINO's error without its "Exception from src/...cpp:N:" location lines (the first line of
+    a compile error is only those) and without a leading "PATH: "."""
+    lines = [ln.strip() for ln in str(exc).splitlines()]
+    lines = [ln for ln in lines if ln and not re.fullmatch(r"Exception from \S+:\d+:", ln)]
+    text = lines[0] if lines else first_line(exc)
+    return text.removeprefix(f"{path}: ")[:200]
+
+
+def _read_graph(path: Path):
+    """The ONNX file without its weights; external data checked by the rule ``fxpass check`` applies
+    (regular files inside the model's folder)."""
     import onnx
 
     try:
@@ -36,35 +52,28 @@ def _check_external_data(path: Path) -> None:
     except Exception as exc:  # protobuf and onnx raise several types for unreadable files
         raise FxpassError(f"{path}: not a readable ONNX model ({first_line(exc, 200)})") from None
     metadata.check_external_data(model, path)
+    return model
 
 
-class OnnxDenoiser:
-    """An fxpass table-mode ONNX model on ONNX Runtime (CPU), as the sampler's ``model`` callable.
+class TableModel:
+    """What every runtime's denoiser shares: the fxpass table-mode file, its metadata, its
+    ``x, t_index -> out`` signature and the call contract; a subclass builds its runtime and runs one
+    batch in :meth:`_run`.
 
     Every problem with the file (unreadable, not fxpass, not table mode, a schedule that is not the
     config's respaced one, inputs that do not fit) is an :class:`FxpassError` naming it.  ``calls``
-    counts model calls.
+    counts model calls; ``runtime`` names the runtime (as ``fxpass check`` names its rows).
     """
 
-    def __init__(self, path: str | Path, *, threads: int | None = None):
-        import onnxruntime as ort
+    runtime = "none"
 
+    def __init__(self, path: str | Path):
         from .fileio import check_model_file
+        from .limits import check_input_fits
 
         self.path = path = check_model_file(path)
-        _check_external_data(path)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        try:
-            self.session = ort.InferenceSession(str(path), sess_options=options,
-                                                providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own exception types for unreadable files
-            raise FxpassError(f"{path}: not a readable ONNX model ({ort_reason(exc)})") from None
-        props = dict(self.session.get_modelmeta().custom_metadata_map)
-        self.meta = meta = metadata.parse(props, str(path), require=("table",))
+        graph = _read_graph(path)
+        self.meta = meta = metadata.parse(metadata.read_props(graph), str(path), require=("table",))
         if meta.config is None:
             raise FxpassError(f"{path}: no {metadata.CONFIG} metadata; sampling needs the model's schedule")
         if not metadata.schedule_matches_config(meta):
@@ -74,31 +83,29 @@ class OnnxDenoiser:
         self.diffusion = Diffusion.from_config(self.config)
         self.timesteps = list(meta.timesteps)
         self.image_size = int(self.config["image_size"])
-        from .limits import check_input_fits
-
         check_input_fits((1, 3, self.image_size, self.image_size), f"metadata {metadata.CONFIG} image_size", str(path))
-        self._check_signature()
+        self._check_signature(metadata.graph_inputs(graph), [o.name for o in graph.graph.output])
         self.calls = 0
 
-    def _check_signature(self) -> None:
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        outputs = [o.name for o in self.session.get_outputs()]
+    def _check_signature(self, inputs: dict[str, tuple[str, list]], outputs: list[str]) -> None:
         if set(inputs) != {"x", "t_index"}:
             raise FxpassError(f"{self.path}: inputs are {sorted(inputs)}, expected x and t_index")
-        if inputs["t_index"].type != "tensor(int64)":
-            raise FxpassError(f"{self.path}: input t_index is {inputs['t_index'].type}, expected tensor(int64)")
+        if inputs["t_index"][0] != "int64":
+            raise FxpassError(f"{self.path}: input t_index is {inputs['t_index'][0]}, expected int64")
         # float16 inputs (a model converted without keeping float32 I/O) are fed float16
-        x_types = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-        if inputs["x"].type not in x_types:
-            raise FxpassError(f"{self.path}: input x is {inputs['x'].type}, expected tensor(float)")
-        self.x_dtype = x_types[inputs["x"].type]
+        if inputs["x"][0] not in ("float32", "float16"):
+            raise FxpassError(f"{self.path}: input x is {inputs['x'][0]}, expected float32")
+        self.x_dtype = np.dtype(inputs["x"][0]).type
         if "out" not in outputs:
             raise FxpassError(f"{self.path}: outputs are {outputs}, expected out")
-        shape = inputs["x"].shape
-        self.static_batch = shape[0] if shape and isinstance(shape[0], int) else None
+        shape = inputs["x"][1]
+        self.static_batch = shape[0] if shape and shape[0] > 0 else None
         s = self.image_size
-        if len(shape) != 4 or any(isinstance(d, int) and d != w for d, w in zip(shape[1:], (3, s, s))):
-            raise FxpassError(f"{self.path}: input x has shape {shape}, expected [N, 3, {s}, {s}]")
+        if len(shape) != 4 or any(d > 0 and d != w for d, w in zip(shape[1:], (3, s, s))):
+            raise FxpassError(f"{self.path}: input x has shape {shape}, expected [N, 3, {s}, {s}] (-1: any)")
+
+    def _run(self, x: np.ndarray, t_index: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
 
     def __call__(self, x: np.ndarray, t_index: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -106,13 +113,80 @@ class OnnxDenoiser:
         if self.static_batch == 1 and x.shape[0] != 1:
             return np.concatenate([self(x[i:i + 1], t_index[i:i + 1]) for i in range(x.shape[0])])
         self.calls += 1
-        (out,) = self.session.run(["out"], {"x": x.astype(self.x_dtype, copy=False), "t_index": t_index})
-        out = np.asarray(out, dtype=np.float32)
+        out = np.asarray(self._run(x.astype(self.x_dtype, copy=False), t_index), dtype=np.float32)
         want = (x.shape[0], self.diffusion.out_channels, *x.shape[2:])
         if out.shape != want:
             raise FxpassError(f"{self.path}: output out has shape {list(out.shape)}, expected {list(want)} "
                               f"(learn_sigma={self.diffusion.learn_sigma})")
         return out
+
+
+class OnnxDenoiser(TableModel):
+    """An fxpass table-mode ONNX model on ONNX Runtime (CPU), as the sampler's ``model`` callable."""
+
+    runtime = "onnxrt-cpu"
+
+    def __init__(self, path: str | Path, *, threads: int | None = None):
+        import onnxruntime as ort
+
+        super().__init__(path)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=options,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types for unreadable files
+            raise FxpassError(f"{self.path}: not a readable ONNX model ({ort_reason(exc)})") from None
+
+    def _run(self, x: np.ndarray, t_index: np.ndarray) -> np.ndarray:
+        (out,) = self.session.run(["out"], {"x": x, "t_index": t_index})
+        return out
+
+
+class OpenVinoDenoiser(TableModel):
+    """An fxpass table-mode ONNX model (float, or int8 QDQ) on OpenVINO's CPU plugin, through
+    :class:`targets.openvino.OpenVinoRunner`: ``precision`` ``f32`` or ``bf16`` (its
+    ``INFERENCE_PRECISION_HINT``).  Ask :func:`runtime_unavailable_reason` first: an OpenVINO that
+    cannot run here fails at compile time as an :class:`FxpassError`.
+    """
+
+    def __init__(self, path: str | Path, *, precision: str = "f32", threads: int | None = None):
+        from targets.openvino import openvino_runner
+
+        super().__init__(path)
+        self.runner = openvino_runner(self.path, precision=precision, num_threads=threads)
+        self.runtime = self.runner.name
+        self.precision = self.runner.precision
+        try:
+            self.runner.compiled_model()  # compiled once, now: errors here, not at the first step
+        except Exception as exc:  # OpenVINO raises RuntimeError (and others) for models it cannot compile
+            raise FxpassError(f"{self.path}: OpenVINO cannot compile it for its CPU plugin "
+                              f"({openvino_reason(exc, self.path)})") from None
+
+    def _run(self, x: np.ndarray, t_index: np.ndarray) -> np.ndarray:
+        with self.runner:  # an infer request per call: compiling happened once, requests are cheap
+            return self.runner.infer({"x": x, "t_index": t_index})["out"]
+
+
+def runtime_unavailable_reason(runtime: str) -> str | None:
+    """Why ``runtime`` (a :data:`RUNTIMES` name) cannot run on this machine, or ``None`` when it can."""
+    precision = RUNTIMES[runtime]
+    if precision is None:
+        return None
+    from targets.openvino import openvino_unavailable_reason
+
+    return openvino_unavailable_reason(precision)
+
+
+def make_denoiser(path: str | Path, runtime: str = "ort", *, threads: int | None = None) -> TableModel:
+    """The denoiser of ``runtime`` (a :data:`RUNTIMES` name) for the model at ``path``."""
+    precision = RUNTIMES[runtime]
+    if precision is None:
+        return OnnxDenoiser(path, threads=threads)
+    return OpenVinoDenoiser(path, precision=precision, threads=threads)
 
 
 class TorchDenoiser:

@@ -1,7 +1,9 @@
 """``fxpass sample MODEL.onnx``: RePaint inpainting (or DDPM) on a lowered model, without torch.
 
-Only NumPy, Pillow, rich and ONNX Runtime are imported on this path (a test checks that torch stays
-out of ``sys.modules``).
+``--runtime ort`` (default) | ``openvino`` | ``openvino-bf16`` (``fxpass.denoisers.RUNTIMES``).  Only
+NumPy, Pillow, rich, onnx and the runtime (ONNX Runtime, or OpenVINO behind Polygraphy) are imported on
+this path (tests check that torch stays out of ``sys.modules``).  Exit 3, before loading the model, where
+the runtime cannot run here (as ``fxpass check`` for an unavailable target).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import time
 
 import numpy as np
 
+from ..denoisers import RUNTIMES
 from ..errors import FxpassError
 from . import args as shared
 from .output import console
@@ -26,10 +29,11 @@ def _progress_bar():
 
 
 def run(args) -> int:
-    from ..denoisers import OnnxDenoiser
+    from ..denoisers import make_denoiser, runtime_unavailable_reason
     from ..fileio import atomic_write_bytes, check_input_file, plan_outputs
     from ..images import encode_png, load_image, load_mask
     from ..sampler import GeneratorNoise, count_model_calls, descent_schedule, jump_schedule, sample_loop
+    from ..verify import EXIT_UNAVAILABLE
 
     out = plan_outputs({"-o": args.out}, inputs=[args.model, args.image, args.mask], force=args.force)["-o"]
     if not args.ddpm:
@@ -37,7 +41,11 @@ def run(args) -> int:
             raise FxpassError("sample: --image IMG.png and --mask MASK.png are required (or --ddpm for plain generation)")
         for path in (args.image, args.mask):  # cheap checks before loading the model
             check_input_file(path, "an image")
-    model = OnnxDenoiser(args.model)
+    reason = runtime_unavailable_reason(args.runtime)
+    if reason:
+        console().print(f"unavailable: {reason}", soft_wrap=True)
+        return EXIT_UNAVAILABLE
+    model = make_denoiser(args.model, args.runtime)
     steps, size = model.diffusion.num_steps, model.image_size
     if args.ddpm:
         gt = mask = None
@@ -64,15 +72,17 @@ def run(args) -> int:
         raise FxpassError(f"{args.model}: the model produced non-finite values; nothing written")
     png = encode_png(x[0])
     atomic_write_bytes(out, lambda fh: fh.write(png))
-    console().print(f"wrote {out}: {what}, {total} model calls, seed {args.seed}, {time.perf_counter() - t0:.1f} s",
-                    soft_wrap=True)
+    console().print(f"wrote {out}: {what}, {total} model calls on {model.runtime}, seed {args.seed}, "
+                    f"{time.perf_counter() - t0:.1f} s", soft_wrap=True)
     return 0
 
 
 def add_parser(sub, common) -> None:
     p = sub.add_parser("sample", parents=[common], help="RePaint inpainting on a lowered ONNX model (no torch)",
-                       description="RePaint inpainting with ONNX Runtime on a table-mode model from fxpass lower. "
-                                   "Mask: white = known pixels to keep, black = pixels to inpaint.")
+                       description="RePaint inpainting with ONNX Runtime or OpenVINO on a table-mode model from "
+                                   "fxpass lower. Mask: white = known pixels to keep, black = pixels to inpaint.",
+                       epilog="exit status: 0 the image was written; 3 the --runtime cannot run here (OpenVINO "
+                              "missing, no bf16 on this CPU), nothing done; 2 a usage or file error")
     p.add_argument("model", metavar="MODEL.onnx", help="table-mode ONNX model written by fxpass lower")
     p.add_argument("--image", metavar="IMG.png", help="image to inpaint (grayscale or RGB, image_size square)")
     p.add_argument("--mask", metavar="MASK.png", help="white = known pixels to keep, black = to inpaint")
@@ -85,5 +95,8 @@ def add_parser(sub, common) -> None:
                    help="passes over each jump section (default 10; 1 = no resampling)")
     p.add_argument("--ddpm", action="store_true",
                    help="plain generation over the respaced schedule: no resampling, no image or mask")
+    p.add_argument("--runtime", choices=list(RUNTIMES), default="ort",
+                   help="ort: ONNX Runtime CPU (default); openvino: OpenVINO CPU, f32; openvino-bf16: OpenVINO CPU "
+                        "at bf16 inference precision (looser numerics; needs a CPU with bf16)")
     shared.add_force(p, "overwrite an existing output")
     p.set_defaults(func=run)
