@@ -34,7 +34,9 @@ PRECISION = "fxpass.precision"
 KEYS = (VERSION, MODE, TIMESTEPS, MODEL_TIMESTEPS, CONFIG, PRECISION)
 
 MODES = ("table", "fixed", "step")
-PRECISIONS = ("fp32", "fp16")
+#: fp32, fp16 (float32 islands), bf16 (a float32 file meant to run at bf16 inference precision, OpenVINO),
+#: int8 (QDQ W8A8 with the float layers of a precision plan)
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,10 @@ Each stage is named in :data:`STAGES`, timed and reported.  ``load`` reads a che
 :func:`lower_checkpoint`; the API may hand a module instead); ``capture`` traces the unmodified model
 (:mod:`fxpass.capture`); ``passes`` runs the fx pass table (:mod:`fxpass.passes`); ``export`` is
 ``torch.onnx.export(dynamo=True)`` (:mod:`fxpass.export`); ``surgery`` is ``surgery.simplify``;
-``precision`` converts to float16 with float32 islands (``--precision fp16``); ``verify`` compares
-ONNX Runtime with the eager model through Polygraphy (:mod:`fxpass.verify`; the API may opt out with
+``precision`` converts to float16 with float32 islands (``--precision fp16``), marks the float32 file
+for bf16 inference (``bf16``, checked on OpenVINO) or quantizes it to int8 with a measured precision
+plan (``int8``, :mod:`fxpass.precision`); ``verify`` compares the runtime (ONNX Runtime; OpenVINO for
+bf16) with the eager model through Polygraphy (:mod:`fxpass.verify`; the API may opt out with
 ``verify=False``); ``write`` writes the ONNX file and the JSON report, only after a passing check
 (or with ``force``).
 """
@@ -34,7 +36,7 @@ from .export import DEFAULT_OPSET, check_opset, export
 STAGES = ("load", "capture", "passes", "export", "surgery", "precision", "verify", "write")
 #: what the write stage can write: the ONNX file, or a mobile format made from the verified lowering
 FORMATS = ("onnx", "ort", "pte", "mlpackage")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 #: auto: for the target (CPU: the GroupNorms of at least 2^21 elements as LayerNormalization on a grouped
 #: view; --format ort: all of them, whose static shapes CoreML/NNAPI take); all; keep: one node each
 GROUP_NORM_FORMS = ("auto", "all", "keep")
@@ -89,10 +91,19 @@ class _Run:
             self.progress(name, f"{self.stages[name]:.1f} s")
 
 
-def _validate(precision: str, group_norm: str, opset: int) -> None:
+def _validate(precision: str, group_norm: str, opset: int, fmt: str = "onnx", step_graph: bool = False) -> None:
     check_opset(opset)
     if precision not in PRECISIONS:
-        raise FxpassError(f"--precision {precision}: expected {' or '.join(PRECISIONS)}")
+        raise FxpassError(f"--precision {precision}: expected {', '.join(PRECISIONS)}")
+    if precision in ("bf16", "int8") and (fmt != "onnx" or step_graph):
+        raise FxpassError(f"--precision {precision}: written as a table-mode ONNX model only so far "
+                          f"(not {'--step-graph' if step_graph else '--format ' + fmt})")
+    if precision == "bf16":
+        from targets.openvino import openvino_unavailable_reason
+
+        reason = openvino_unavailable_reason("bf16")
+        if reason:  # the bf16 model is checked on OpenVINO: without it nothing could vouch for the file
+            raise FxpassError(f"unavailable: --precision bf16: {reason}", exit_code=3)
     if group_norm not in GROUP_NORM_FORMS:
         raise FxpassError(f"--group-norm {group_norm}: expected {' or '.join(GROUP_NORM_FORMS)}")
 
@@ -134,6 +145,7 @@ def lower_with_report(
     timestep_input: str | None = None,
     model_inputs: Sequence[str] | dict[str, tuple] = (),
     timestep_values: str = "index",
+    int8: Any = None,
 ) -> Lowered:
     """Run the pipeline from capture on; see :func:`lower` for the options.
 
@@ -153,7 +165,7 @@ def lower_with_report(
     from .fileio import plan_outputs
     from .passes import check_no_guards_left, rewrite
 
-    _validate(precision, group_norm, opset)
+    _validate(precision, group_norm, opset, format, step_graph)
     _validate_format(format, step_graph)
     planned = plan_outputs({"-o": output, "--report": report_path}, inputs=inputs, force=force,
                            directories=("-o",) if format == "mlpackage" else ())
@@ -209,7 +221,7 @@ def lower_with_report(
     check_no_guards_left(gm)  # a decision on input data (or on the batch size, when dynamic) refuses here
 
     meta = metadata.ModelMeta("step" if step_graph else mode, tuple(kept), tuple(seen),
-                              config.to_dict() if config is not None else None, precision)
+                              config.to_dict() if config is not None else None, "fp32")  # precision stage marks its own
     with run.stage("export"):
         proto = _export(gm, config, meta, opset=opset, dynamic_batch=dynamic_batch, step_graph=step_graph)
     report["onnx_nodes_exported"] = len(proto.graph.node)
@@ -225,10 +237,10 @@ def lower_with_report(
             raise FxpassError(f"surgery options: {exc}") from None
     report["surgery"] = surgery_report
     report["onnx_nodes"] = len(proto.graph.node)
-    if precision == "fp16":
+    if precision != "fp32":
         with run.stage("precision"):
-            proto, converted = _to_fp16(proto)
-        report["fp16_nodes"] = converted
+            proto = _precision_stage(proto, precision, mode, config, model, int8, report, progress)
+        report["onnx_nodes_before_precision"] = report["onnx_nodes"]
         report["onnx_nodes"] = len(proto.graph.node)
 
     check = None
@@ -236,14 +248,15 @@ def lower_with_report(
         from .verify import check_against_eager, default_tolerance
 
         with run.stage("verify"):
-            check = check_against_eager(proto, model, config=config, tolerance=tolerance or default_tolerance(precision))
+            check = check_against_eager(proto, model, config=config, tolerance=tolerance or default_tolerance(precision),
+                                        runtime="openvino-bf16" if precision == "bf16" else "ort")
         report["check"] = check
     lowered = Lowered(proto, mode, kept, seen, run.stages, report, check, gm)
     if check is not None and not check["passed"] and not (force and output is not None):
         where = f"{output}: not written: " if output is not None else "lower: "
         why = f"output has non-finite values ({check['nonfinite']})" if check.get("nonfinite") else \
             f"differs from PyTorch by {check['max_rel_to_scale']:.3g}·max|ref|"
-        raise FxpassError(f"{where}ONNX Runtime {why} (tolerance {check['tolerance']['atol_scale']:g})"
+        raise FxpassError(f"{where}{'OpenVINO (bf16)' if precision == 'bf16' else 'ONNX Runtime'} {why} (tolerance {check['tolerance']['atol_scale']:g})"
                           + ("; --force writes it anyway" if output is not None else ""), exit_code=1)
     report["stages_s"] = dict(run.stages)
     report["total_s"] = time.perf_counter() - started
@@ -352,6 +365,28 @@ def _export(gm, config, meta: metadata.ModelMeta, *, opset: int, dynamic_batch: 
                   metadata=props, output_names=STEP_OUTPUTS)
 
 
+def _precision_stage(proto: onnx.ModelProto, precision: str, mode: str, config, model, int8, report: dict,
+                     progress: Progress | None) -> onnx.ModelProto:
+    """fp16: float32 islands; bf16: the float32 graph marked for bf16 inference; int8: a measured plan."""
+    if precision == "fp16":
+        proto, report["fp16_nodes"] = _to_fp16(proto)
+        return proto
+    if precision == "bf16":
+        metadata.write_props(proto, {**metadata.read_props(proto), metadata.PRECISION: "bf16"})
+        return proto
+    if mode != "table":
+        raise FxpassError("--precision int8: needs the respaced schedule in one graph (table mode); its "
+                          "calibration and plan are measured along the schedule")
+    from .precision import Int8Options, quantize_int8
+    from .verify import num_classes_of
+
+    say = (lambda msg: progress("precision", msg)) if progress else None
+    proto, info = quantize_int8(proto, config, int8 or Int8Options(), progress=say, num_classes=num_classes_of(model))
+    report["precision_plan"] = info.pop("plan")
+    report["int8"] = info
+    return proto
+
+
 def _to_fp16(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     import onnx_graphsurgeon as gs
 
@@ -446,6 +481,7 @@ def lower(
     verify: bool = True,
     timestep_input: str | None = None,
     inputs: Sequence[str] | dict[str, tuple] = (),
+    int8: Any = None,
 ) -> onnx.ModelProto:
     """Lower a guided-diffusion / RePaint U-Net (ours or a user's class) to an ONNX ModelProto.
 
@@ -469,4 +505,5 @@ def lower(
         model, example_inputs, config=config, timesteps=timesteps, precision=precision, opset=opset,
         dynamic_batch=dynamic_batch, simplifier=simplifier, step_graph=step_graph, group_norm=group_norm,
         surgery_options=surgery_options, verify=verify, timestep_input=timestep_input, model_inputs=inputs,
+        int8=int8,
     ).model

@@ -9,6 +9,7 @@ input of the ONNX graph from one ``numpy.random.default_rng(seed)`` in the graph
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,8 +188,9 @@ def _gate_items(meta, seed: int, t_indices: Sequence[int] | None, dynamic_batch:
 
 
 def check_against_eager(proto, model, *, config=None, t_indices: Sequence[int] | None = None, seed: int = 1234,
-                        tolerance: tuple[float, float] = (1e-4, 0.0)) -> dict[str, Any]:
-    """ONNX Runtime (CPU) against the eager float32 model on seeded inputs, through Polygraphy.
+                        tolerance: tuple[float, float] = (1e-4, 0.0), runtime: str = "ort") -> dict[str, Any]:
+    """ONNX Runtime (CPU) against the eager float32 model on seeded inputs, through Polygraphy;
+    ``runtime="openvino-bf16"`` runs the model on OpenVINO at bf16 inference precision instead.
 
     Table mode: one input per t_index (default: first, middle, last and seeded others; with a
     dynamic batch also batches of 2 and 3 at mixed t_index); fixed mode: two seeded inputs.
@@ -215,11 +217,22 @@ def check_against_eager(proto, model, *, config=None, t_indices: Sequence[int] |
     image_size = config.image_size if config is not None else None
     reference = reference_runner(model, mode=meta.mode, model_timesteps=meta.model_timesteps, image_size=image_size,
                                  specs=specs)
-    runner = ort_runner(proto, cuda=False, name="onnxrt-cpu")
-    results = run_runners([reference, runner], feeds.feeds)
+    with tempfile.TemporaryDirectory(prefix="fxpass-verify-") as tmp:
+        if runtime == "openvino-bf16":
+            from surgery.modelio import save_model
+            from targets.openvino import openvino_runner
+
+            path = Path(tmp) / "model.onnx"
+            save_model(proto, path)
+            runner = openvino_runner(str(path), precision="bf16")
+        else:
+            runner = ort_runner(proto, cuda=False, name="onnxrt-cpu")
+        results = run_runners([reference, runner], feeds.feeds)
     pair = compare(results, reference=REFERENCE_NAME, atol_scale=tolerance[0], rtol=tolerance[1],
                    meta=feeds.labels)[0]
-    return _summary(pair, results["onnxrt-cpu"], tolerance)
+    summary = _summary(pair, results[runner.name], tolerance)
+    summary["runtime"] = runner.name
+    return summary
 
 
 def check_step_against_numpy(proto, model, *, config, t_indices: Sequence[int] | None = None, seed: int = 1234,

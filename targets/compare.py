@@ -11,7 +11,10 @@ import numpy as np
 from polygraphy.comparator import Comparator, CompareFunc
 
 #: (atol as a fraction of max|reference|, elementwise rtol) per precision
-TOLERANCES = {"fp32": (1e-4, 0.0), "fp16": (2e-2, 0.0)}
+#: int8: a sanity bound for a broken graph, not the quality gate (that is the plan's eps-MSE budget,
+#: measured on the task): measured 8.0e-3 on the trained digits reference with its plan.
+#: bf16: as OpenVINO's bf16 tolerance (targets.openvino.TOLERANCES).
+TOLERANCES = {"fp32": (1e-4, 0.0), "fp16": (2e-2, 0.0), "bf16": (7e-2, 0.0), "int8": (1e-1, 0.0)}
 
 
 @dataclass

@@ -14,7 +14,23 @@ def add_parser(sub, common) -> None:
     p.add_argument("--timesteps", default="respaced", metavar="respaced|INT",
                    help="'respaced' (default): the config's whole schedule as tables gathered by t_index; "
                         "an integer: fold that one timestep")
-    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default="fp32",
+                   help="fp16: float16 with float32 islands; bf16: the float32 file checked and meant for "
+                        "OpenVINO's bf16 inference (CPUs with AVX-512 BF16/AMX); int8: W8A8 QDQ by ONNX Runtime's "
+                        "quantizer with timestep-aware calibration and a measured precision plan")
+    q = p.add_argument_group("int8 (--precision int8)")
+    q.add_argument("--calibration-data", metavar="DIR",
+                   help="images to calibrate on (noised along the schedule); default: the model's own trajectories")
+    q.add_argument("--calibration-steps", type=int, default=8, metavar="N",
+                   help="schedule positions calibrated at, spread over the schedule (default 8)")
+    q.add_argument("--calibration-samples", type=int, default=4, metavar="N",
+                   help="images or trajectories calibrated on (default 4)")
+    q.add_argument("--eval-samples", type=int, default=2, metavar="N",
+                   help="further images or trajectories the plan is judged on (default 2)")
+    q.add_argument("--error-budget", type=float, default=0.05, metavar="F",
+                   help="largest eps-MSE increase over float32 allowed at any evaluated step (default 0.05 = 5%%)")
+    q.add_argument("--precision-plan", metavar="FILE.json",
+                   help="reuse a plan (a plan file or the --report of an earlier int8 lowering) instead of searching")
     p.add_argument("--opset", type=int, default=21)
     p.add_argument("--dynamic-batch", action="store_true", help="make the batch dimension symbolic")
     shared.add_model_class(p)
@@ -46,10 +62,13 @@ def run(args) -> int:
     err = console(stderr=True)
 
     def progress(stage: str, state: str) -> None:
-        if state != "start":
+        if stage == "precision" and not state.endswith(" s") and state != "start":
+            err.print(f"  {state}")  # the int8 plan search, step by step
+        elif state != "start":
             err.print(f"✓ {stage:<9} {state}")
 
     check_opset(args.opset)
+    int8 = _int8_options(args)
     schedule = (args.diffusion_steps, args.timestep_respacing, args.image_size)
     user = args.model_class or args.model_factory
     if user:
@@ -71,10 +90,36 @@ def run(args) -> int:
         group_norm=args.group_norm, step_graph=args.step_graph, format=args.format, report_path=args.report,
         force=args.force,
         inputs=[args.config], progress=progress, timestep_input=args.timestep_input, model_inputs=args.inputs,
-        timestep_values=args.timestep_values,
+        timestep_values=args.timestep_values, int8=int8,
     )
     _summary(lowered, args)
     return 0 if lowered.passed else 1
+
+
+def _int8_options(args):
+    from ..errors import FxpassError
+
+    flags = {"--calibration-data": args.calibration_data, "--precision-plan": args.precision_plan}
+    given = [f for f, v in flags.items() if v is not None]
+    if args.precision != "int8":
+        if given:
+            raise FxpassError(f"{given[0]} applies to --precision int8 only")
+        return None
+    from ..fileio import check_input_file
+    from ..precision import Int8Options
+
+    if args.calibration_data is not None:
+        from pathlib import Path
+
+        if not Path(args.calibration_data).is_dir():
+            raise FxpassError(f"{args.calibration_data}: --calibration-data needs a directory of images")
+    if args.precision_plan is not None:
+        check_input_file(args.precision_plan, "a precision plan (JSON)")
+    options = Int8Options(calibration_data=args.calibration_data, calibration_steps=args.calibration_steps,
+                          calibration_samples=args.calibration_samples, eval_samples=args.eval_samples,
+                          error_budget=args.error_budget, plan=args.precision_plan)
+    options.check()
+    return options
 
 
 def _summary(lowered, args) -> None:
@@ -87,7 +132,11 @@ def _summary(lowered, args) -> None:
                   else f"fixed timestep {lowered.timesteps[0]}")
     table.add_row("precision / opset", f"{args.precision} / {args.opset}")
     table.add_row("fx nodes", f"{report['fx_nodes_captured']} captured → {report['fx_nodes_rewritten']} rewritten")
-    table.add_row("ONNX nodes", f"{report['onnx_nodes_exported']} exported → {report['onnx_nodes']} after surgery")
+    nodes = f"{report['onnx_nodes_exported']} exported → {report.get('onnx_nodes_before_precision', report['onnx_nodes'])}" \
+        " after surgery"
+    if "onnx_nodes_before_precision" in report:
+        nodes += f" → {report['onnx_nodes']} with {args.precision}"
+    table.add_row("ONNX nodes", nodes)
     for entry in report.get("surgery", {}).get("passes", []):
         kept: dict[str, int] = {}
         for reason, n in (entry.get("skipped") or {}).items():  # "below min_elements (16,384 < …)": by kind
@@ -96,6 +145,9 @@ def _summary(lowered, args) -> None:
         if kept:
             table.add_row(f"  {entry['pass']}", f"{entry['count']} rewritten; left: " + "; ".join(
                 f"{n} {reason}" for reason, n in kept.items()))
+    plan = report.get("int8", {}).get("plan_lines")
+    if plan:
+        table.add_row("int8 plan" + (" (reused)" if report["int8"].get("reused_plan") else ""), "\n".join(plan))
     table.add_row("file size", f"{(report.get('file_bytes') or 0) / 2**20:.1f} MiB")
     fmt = report.get("format")
     if fmt:
@@ -113,7 +165,8 @@ def _summary(lowered, args) -> None:
     status = "pass" if check["passed"] else "FAIL (written with --force)"
     table.add_row("worst error vs PyTorch",
                   f"{check['max_abs']:.3g} abs, {check['max_rel_to_scale']:.3g}·max|ref| {status}")
-    table.add_row("ORT latency (CPU, batch 1)", f"{check['ort_latency_s'] * 1000:.0f} ms")
+    runtime = "OpenVINO bf16" if check.get("runtime", "").startswith("openvino") else "ORT"
+    table.add_row(f"{runtime} latency (CPU, batch 1)", f"{check['ort_latency_s'] * 1000:.0f} ms")
     table.add_row("time", f"{report['total_s']:.1f} s (" + ", ".join(
         f"{k} {v:.1f}" for k, v in lowered.stages.items()) + ")")
     console().print(table)
