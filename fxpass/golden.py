@@ -110,9 +110,14 @@ def refuse_replacing_other(out: Path) -> None:
 
 # ---- making one -------------------------------------------------------------------------------------
 def make_golden(model, cfg, *, name: str, checkpoint: Path, info=None, seed: int = 0,
-                t_indices: list[int] | None = None, output_dir: str = "") -> GoldenSet:
+                t_indices: list[int] | None = None, output_dir: str = "", specs=None,
+                model_timesteps=None) -> GoldenSet:
     """Run the eager model on seeded inputs; with ``info`` (the lowered model) also check ONNX Runtime
-    against those outputs first (nothing is returned when it disagrees)."""
+    against those outputs first (nothing is returned when it disagrees).
+
+    Without ``info``: the inputs are ``specs`` (:class:`~fxpass.verify.InputSpec`, a user class's
+    inferred inputs; default x, t_index and y as fxpass's U-Net takes them) and the model sees
+    ``model_timesteps`` (default the config's schedule; a continuous model's noise levels)."""
     from polygraphy.comparator import RunResults
 
     from targets.compare import TOLERANCES, run_runners
@@ -131,10 +136,14 @@ def make_golden(model, cfg, *, name: str, checkpoint: Path, info=None, seed: int
                               f"{cfg.image_size}")
     else:
         mode, kept, seen = schedule_for(cfg, "respaced")
-        specs = [InputSpec("x", "float32", (1, 3, cfg.image_size, cfg.image_size)),
-                 InputSpec("t_index", "int64", (1,))]
-        if cfg.class_cond:
-            specs.append(InputSpec("y", "int64", (1,)))
+        if model_timesteps is not None:
+            seen = list(model_timesteps)
+        if specs is None:
+            specs = [InputSpec("x", "float32", (1, 3, cfg.image_size, cfg.image_size)),
+                     InputSpec("t_index", "int64", (1,))]
+            if cfg.class_cond:
+                specs.append(InputSpec("y", "int64", (1,)))
+        specs = list(specs)
     if mode == "fixed":
         if t_indices:
             raise FxpassError(f"--t-index: {info.path} is a fixed-timestep model (no t_index input)")
@@ -184,7 +193,8 @@ def make_golden(model, cfg, *, name: str, checkpoint: Path, info=None, seed: int
                    "tensors": {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in feeds.feeds[0].items()},
                    "x": f"standard normal, numpy.random.default_rng({seed}), one draw per iteration"},
         "outputs": {"file": "outputs.json", "runner": REFERENCE_NAME,
-                    "what": "the eager float32 PyTorch model (fxpass's U-Net loaded from the checkpoint)",
+                    "what": "the eager float32 PyTorch model ("
+                            + (f"{cfg.model_class}" if cfg.model_class else "fxpass's U-Net") + " loaded from the checkpoint)",
                     "tensors": {k: {"dtype": str(np.asarray(v).dtype), "shape": list(np.asarray(v).shape)}
                                 for k, v in outputs[0].items()},
                     "max_abs": scale},

@@ -170,7 +170,7 @@ def lower_with_report(
     planned = plan_outputs({"-o": output, "--report": report_path}, inputs=inputs, force=force,
                            directories=("-o",) if format == "mlpackage" else ())
     output, report_path = planned.get("-o"), planned.get("--report")
-    config = _sized(config, model)
+    config = sized_config(config, model)
     mode, kept, seen = _schedule(config, timesteps)
     if timestep_values != "index":  # a continuous-timestep model sees the noise level of each timestep
         from .diffusion import noise_levels
@@ -336,7 +336,7 @@ def _refuse_half(gm, model) -> None:
                           "its dtype attribute float32")
 
 
-def _sized(config: ModelConfig | None, model) -> ModelConfig | None:
+def sized_config(config: ModelConfig | None, model) -> ModelConfig | None:
     """A user class's config without an image size (``image_size`` 0, see
     :func:`fxpass.config.user_class_config`) takes the model's ``image_size`` attribute."""
     if config is None or config.image_size != 0:

@@ -12,8 +12,17 @@ reads what is needed from the model itself:
   one named as in :data:`CONTINUOUS_NAMES` carries a float noise level (float32 example);
 - ``y``: when the model is class-conditional (``num_classes`` or a ``label_emb`` embedding), labels
   drawn from its own class count;
-- other required parameters, and optional ones named by ``--input NAME=SHAPE[:dtype]``: the given
-  shape (an ``x`` given there overrides the inferred one).
+- other image-like inputs (``low_res``, a conditioning image): ``--input NAME=SHAPE[:dtype]`` where
+  given (an ``x`` given there overrides the inferred one), else the model's own attributes
+  (:func:`input_attributes`): ``NAME_shape``, ``NAME_size`` / ``NAME_image_size`` /
+  ``NAME_resolution`` and ``NAME_channels`` / ``NAME_in_channels``; for a low-resolution input also
+  ``low_res_size`` / ``lowres_size`` / ``small_size`` and ``low_res_channels`` / ``lowres_channels``.
+  Channels no attribute gives are the first convolution's ``in_channels`` less x's (and the other
+  inputs'); a low-resolution input with neither x's nor its own channels known has x's channels, as
+  SuperResModel builds its first convolution for ``in_channels * 2``.  A spatial size no attribute
+  gives is x's, except for a low-resolution input (refused, naming the attributes looked for).  A
+  required input none of this describes is refused in one line saying how to give it; an optional
+  one is left at its default (named if capture then fails).
 
 :func:`wrap` puts an adapter with the standard names in front when the model's names differ
 (``x``, ``timesteps``, then the rest by their own names), so the lowered graph has inputs ``x``,
@@ -23,6 +32,7 @@ reads what is needed from the model itself:
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -37,6 +47,10 @@ TIMESTEP_NAMES = ("timesteps", "timestep", "t", "time", "ts", "time_step", "nois
 CONTINUOUS_NAMES = frozenset({"noise_level", "noise_levels", "gammas", "gamma", "sigma", "sigmas",
                               "continuous_sqrt_alpha_cumprod", "log_snr"})
 LABEL_NAMES = ("y", "class_labels", "labels")
+#: model attributes that give a low-resolution input's spatial size / channels, besides NAME_size /
+#: NAME_channels (guided-diffusion's scripts call the low resolution ``small_size``)
+LOW_RES_SIZE_ATTRS = ("low_res_size", "lowres_size", "small_size", "low_res_image_size", "lowres_image_size")
+LOW_RES_CHANNEL_ATTRS = ("low_res_channels", "lowres_channels")
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "float64": torch.float64, "int64": torch.int64,
            "long": torch.int64, "int32": torch.int32}
 
@@ -54,6 +68,8 @@ class Plan:
     num_classes: int | None = None
     #: optional parameters of forward left at their defaults (named in a capture failure's message)
     omitted: tuple[str, ...] = ()
+    #: where each input's shape came from ("--input", "model.small_size, channels as x's (…)", ...)
+    origins: dict[str, str] = field(default_factory=dict)
 
     @property
     def continuous(self) -> bool:
@@ -103,12 +119,85 @@ def class_count(model: torch.nn.Module) -> int | None:
     return None
 
 
+def is_low_res(name: str) -> bool:
+    """A low-resolution conditioning input by its name (``low_res``, ``lowres_cond_img``, ``low_res_image``)."""
+    return re.search(r"(^|_)low_?res", name.lower()) is not None
+
+
+def input_attributes(name: str) -> dict[str, tuple[str, ...]]:
+    """The model attributes read for the shape of the forward input ``name``, by what they give:
+    ``shape`` (C, *spatial, or N, C, *spatial), ``size`` (an int or one per spatial dimension) and
+    ``channels`` (an int); the first present with a usable value wins."""
+    low = is_low_res(name)
+    size = (f"{name}_size", f"{name}_image_size", f"{name}_resolution") + (LOW_RES_SIZE_ATTRS if low else ())
+    channels = (f"{name}_channels", f"{name}_in_channels") + (LOW_RES_CHANNEL_ATTRS if low else ())
+    return {"shape": (f"{name}_shape",), "size": tuple(dict.fromkeys(size)), "channels": tuple(dict.fromkeys(channels))}
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _ints(value) -> tuple[int, ...] | None:
+    if isinstance(value, torch.Size):
+        value = tuple(value)
+    if isinstance(value, (tuple, list)) and value and all(_positive_int(v) for v in value):
+        return tuple(int(v) for v in value)
+    return None
+
+
+@dataclass
+class _Described:
+    """What the model's attributes say about one input's shape (``None``: not said)."""
+
+    channels: int | None = None
+    spatial: tuple[int, ...] | None = None
+    #: attribute names read, for the origin and messages
+    read: list[str] = field(default_factory=list)
+    size: object = None  # the size attribute's raw value: an int, or one per spatial dimension
+    whole: bool = False  # ``size`` is a NAME_shape attribute's whole shape
+
+
+def _describe(model: torch.nn.Module, name: str) -> _Described | None:
+    """The input's shape as the model's attributes give it (:func:`input_attributes`), or None."""
+    names = input_attributes(name)
+    found = _Described()
+    for attr in names["shape"]:
+        shape = _ints(getattr(model, attr, None))
+        if shape is not None:
+            found.read.append(attr)
+            found.size, found.whole = shape, True  # interpreted once x's rank is known
+            return found
+    for attr in names["size"]:
+        value = getattr(model, attr, None)
+        if _positive_int(value) or _ints(value) is not None:
+            found.read.append(attr)
+            found.size = int(value) if _positive_int(value) else _ints(value)
+            break
+    for attr in names["channels"]:
+        value = getattr(model, attr, None)
+        if _positive_int(value):
+            found.read.append(attr)
+            found.channels = int(value)
+            break
+    return found if found.read else None
+
+
+def _example(name: str, batch: int, channels, spatial, dims: int = 2) -> str:
+    """``--input NAME=...`` with what is known filled in, the rest as C / H,W placeholders (explained)."""
+    placeholder = ",".join("DHW"[-dims:]) if dims <= 3 else ",".join(f"S{k}" for k in range(dims))
+    size = ",".join(map(str, spatial)) if spatial else placeholder
+    text = f"--input {name}={batch},{channels if channels else 'C'},{size}"
+    missing = [w for w, gone in (("C its channels", not channels), (f"{placeholder} its size", not spatial)) if gone]
+    return text + (f" ({', '.join(missing)})" if missing else "")
+
+
 def plan(model: torch.nn.Module, *, image_size: int | None, timestep_input: str | None = None,
          inputs: Sequence[str] | Mapping[str, tuple] = (), batch: int = 1, seed: int = 0) -> Plan:
     """Infer how to call ``model`` (see the module docstring); refuses in one line what it cannot infer."""
     cls = type(model).__name__
-    params = [p for p in inspect.signature(model.forward).parameters.values()
-              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    signature = inspect.signature(model.forward)
+    params = [p for p in signature.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     names = [p.name for p in params]
     if not params:
         raise FxpassError(f"{cls}.forward takes no named inputs")
@@ -128,47 +217,127 @@ def plan(model: torch.nn.Module, *, image_size: int | None, timestep_input: str 
             raise FxpassError(f"{cls}.forward({', '.join(names)}): no timestep input found (looked for "
                               f"{', '.join(TIMESTEP_NAMES)}); name it with --timestep-input NAME")
     unknown = [n for n in given if n not in names and n not in ("x", names[0])]
-    if unknown and not any(p.kind == p.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values()):
+    if unknown and not any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values()):
         raise FxpassError(f"--input {unknown[0]}: {cls}.forward has no such parameter (it takes {', '.join(names)})")
+    x_given = given.get(x_name) or given.get("x")
+    conv = first_conv(model)
+    dims = len(x_given[0]) - 2 if x_given else (conv.weight.dim() - 2 if conv is not None else 2)
     gen = torch.Generator().manual_seed(seed)
-    extras: dict[str, torch.Tensor] = {}
+
+    def tensor(shape, dtype):
+        return torch.randn(shape, generator=gen) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype)
+
+    # each input other than x and the timestep: given, a label, described by the model's attributes
+    order: list[str] = []
+    fixed: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    described: dict[str, _Described] = {}
+    origins: dict[str, str] = {}
     omitted: list[str] = []
     n_classes = class_count(model)
     for p in params[1:]:
         if p.name == t_name:
             continue
         if p.name in given:
-            shape, dtype = given[p.name]
-            extras[p.name] = (torch.randn(shape, generator=gen) if dtype.is_floating_point
-                              else torch.zeros(shape, dtype=dtype))
+            order.append(p.name)
+            fixed[p.name] = given[p.name]
+            origins[p.name] = "--input"
         elif p.name in LABEL_NAMES and n_classes is not None:
-            extras[p.name] = torch.zeros(batch, dtype=torch.int64)
+            order.append(p.name)
+            fixed[p.name] = ((batch,), torch.int64)
+            origins[p.name] = f"labels 0..{n_classes - 1}"
+        elif (found := _describe(model, p.name)) is not None:
+            order.append(p.name)
+            described[p.name] = found
         elif p.default is inspect.Parameter.empty:
-            raise FxpassError(f"{cls}.forward needs '{p.name}', which fxpass cannot infer; give its shape with "
-                              f"--input {p.name}=SHAPE (e.g. --input {p.name}=1,3,16,16)")
+            attrs = input_attributes(p.name)
+            looked = ", ".join(attrs["shape"] + attrs["size"][:1] + attrs["channels"][:1])
+            raise FxpassError(f"{cls}.forward needs '{p.name}', whose shape fxpass cannot infer (the model has no "
+                              f"attribute {looked}); give its shape with "
+                              f"{_example(p.name, batch, None, None, dims)}")
         else:
             omitted.append(p.name)
-    for n, (shape, dtype) in given.items():  # accepted through **kwargs
+    for n, spec in given.items():  # accepted through **kwargs
         if n not in names and n != "x":
-            extras[n] = torch.randn(shape, generator=gen) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype)
-    if x_name in given or "x" in given:
-        shape, _ = given.get(x_name) or given["x"]
-    else:
-        conv = first_conv(model)
+            order.append(n)
+            fixed[n] = spec
+            origins[n] = "--input"
+    if not x_given:
         if conv is None:
             raise FxpassError(f"{cls}: no convolution to read the input channels from; give --input {x_name}=SHAPE")
-        dims = conv.weight.dim() - 2
         if not image_size:
             raise FxpassError(f"{cls}: image size unknown; pass --image-size N (or --config FILE)")
-        channels = conv.in_channels - sum(int(v.shape[1]) for v in extras.values()
-                                          if v.is_floating_point() and v.dim() == dims + 2)
-        if channels < 1:
-            raise FxpassError(f"{cls}: the first convolution takes {conv.in_channels} channels, no more than the "
-                              f"other inputs carry; give --input {x_name}=SHAPE")
-        shape = (batch, channels, *([image_size] * dims))
-    t_dtype = torch.float32 if t_name in CONTINUOUS_NAMES else torch.int64
-    return Plan(x_name, t_name, t_dtype, torch.randn(shape, generator=gen), extras, n_classes, tuple(omitted))
 
+    # a NAME_shape attribute gives the whole shape; else channels and size as far as the attributes go
+    for n, d in described.items():
+        what = f"{cls}.{d.read[0]} = {d.size}"
+        if d.whole:
+            if len(d.size) not in (dims + 1, dims + 2):
+                raise FxpassError(f"{what}: not a shape for '{n}' (x is {dims + 2}-D); give its shape with "
+                                  f"{_example(n, batch, None, None, dims)}")
+            d.channels, d.spatial = d.size[-dims - 1], tuple(d.size[-dims:])
+        elif isinstance(d.size, int):
+            d.spatial = (d.size,) * dims
+        elif d.size is not None:
+            if len(d.size) != dims:
+                raise FxpassError(f"{what}: not a size for '{n}' (x has {dims} spatial dimensions); give its "
+                                  f"shape with {_example(n, batch, d.channels, None, dims)}")
+            d.spatial = tuple(d.size)
+
+    def counted(shape, dtype) -> int:  # channels concatenated to x's before the first convolution
+        return int(shape[1]) if dtype.is_floating_point and len(shape) == dims + 2 else 0
+
+    known = sum(counted(*spec) for spec in fixed.values()) + sum(
+        d.channels for d in described.values() if d.channels is not None)
+    total = conv.in_channels if conv is not None else None
+    open_ = [n for n, d in described.items() if d.channels is None]
+    if len(open_) > 1:
+        raise FxpassError(f"{cls}.forward: the channels of '{open_[0]}' and '{open_[1]}' are unknown (no attribute "
+                          f"{input_attributes(open_[0])['channels'][0]}); give their shapes with --input NAME=SHAPE")
+    if open_:
+        n = open_[0]
+        d = described[n]
+        why = f"{cls} has {d.read[0]} but no attribute {input_attributes(n)['channels'][0]}"
+        if x_given and total is not None:
+            d.channels = total - int(x_given[0][1]) - known
+            how = f"from the first convolution's {total} less x's {x_given[0][1]}" + (
+                f" and the other inputs' {known}" if known else "")
+        elif not x_given and is_low_res(n) and (total - known) % 2 == 0:
+            d.channels = (total - known) // 2  # SuperResModel: a first convolution for in_channels * 2
+            how = f"as x's (half of the first convolution's {total - known})"
+        else:
+            raise FxpassError(f"{cls}.forward's '{n}': channels unknown ({why}); give its shape with "
+                              f"{_example(n, batch, None, d.spatial, dims)}")
+        if d.channels < 1:
+            raise FxpassError(f"{cls}.forward's '{n}': channels unknown ({why}, and the first convolution's "
+                              f"{total} leave {d.channels} for it); give its shape with "
+                              f"{_example(n, batch, None, d.spatial, dims)}")
+        d.read.append(f"channels {how}")  # an origin, not an attribute
+        known += d.channels
+    if x_given:
+        x_shape = tuple(x_given[0])
+        origins[x_name] = "--input"
+    else:
+        channels = total - known
+        if channels < 1:
+            raise FxpassError(f"{cls}: the first convolution takes {total} channels, no more than the "
+                              f"other inputs carry; give --input {x_name}=SHAPE")
+        x_shape = (batch, channels, *([image_size] * dims))
+        origins[x_name] = (f"first convolution's {total} channels" + (f" less {known} of the other inputs" if known
+                                                                       else "") + f", image size {image_size}")
+    for n, d in described.items():
+        if d.spatial is None:
+            if is_low_res(n):
+                raise FxpassError(f"{cls}.forward's '{n}': size unknown ({cls} has {d.read[0]} but no attribute "
+                                  f"{', '.join(input_attributes(n)['size'])}); give its shape with "
+                                  f"{_example(n, batch, d.channels, None, dims)}")
+            d.spatial = tuple(x_shape[2:])  # a conditioning image at x's resolution
+            d.read.append("size of x")
+        fixed[n] = ((batch, d.channels, *d.spatial), torch.float32)
+        origins[n] = ", ".join(f"model.{r}" if r.isidentifier() else r for r in d.read)
+    extras = {n: tensor(*fixed[n]) for n in order}  # drawn before x, as they always were
+    x = torch.randn(x_shape, generator=gen)
+    t_dtype = torch.float32 if t_name in CONTINUOUS_NAMES else torch.int64
+    return Plan(x_name, t_name, t_dtype, x, extras, n_classes, tuple(omitted), origins)
 
 class Adapter(torch.nn.Module):
     """``forward(x, timesteps, <extras>)`` in front of a model whose parameters are named otherwise (or

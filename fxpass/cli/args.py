@@ -57,7 +57,8 @@ def add_model_class(p: argparse.ArgumentParser) -> None:
                         "one fxpass knows (timesteps, t, time, noise_level, gammas, sigma, ...)")
     p.add_argument("--input", action="append", default=[], metavar="NAME=SHAPE[:dtype]", dest="inputs",
                    help="shape of another forward input, e.g. low_res=1,3,16,16 (repeatable; x=... overrides "
-                        "the inferred x)")
+                        "the inferred x); without it, an input's shape comes from the model's attributes where "
+                        "they give it (NAME_shape, NAME_size, NAME_channels; small_size for low_res)")
 
 
 def add_user_schedule(p: argparse.ArgumentParser) -> None:

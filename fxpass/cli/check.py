@@ -42,6 +42,7 @@ def add_parser(sub, common) -> None:
                    help="with --data: fail where eps-MSE exceeds the eager model's by more than this (e.g. 0.05)")
     p.add_argument("--report", metavar="FILE.json", help="write the comparison figures as JSON")
     shared.add_model_class(p)
+    shared.add_user_schedule(p)
     shared.add_seed(p)
     shared.add_force(p, "overwrite an existing --plot file")
     shared.add_trust(p)
@@ -74,18 +75,21 @@ def run(args) -> int:
     from ..golden import load_golden
     from ..metadata import read_file
     from ..verify import check_targets, parse_tolerance
+    from . import user as user_flags
 
     t0 = time.perf_counter()
+    user = user_flags.user_spec(args)
     info = read_file(args.onnx, require=("table", "fixed"))
     targets = _targets(args)
+    if user:  # the schedule flags of the lower command, where given, say what the metadata says
+        user_flags.agree_with_lowered(args, info)
     plan_outputs({"--plot": args.plot, "--report": args.report},
                  inputs=[args.onnx, args.model, args.config, args.golden, args.data], force=args.force)
     if args.data and "torch" not in targets:
         raise FxpassError("--data compares with the eager model: it needs --model MODEL.pt")
     if args.eps_budget is not None and (not args.data or not 0 < args.eps_budget < 10):
         raise FxpassError("--eps-budget: a fraction such as 0.05, with --data")
-    cfg = resolve_config(args.config, info.config, source=f"{info.path}: metadata",
-                         architecture=not (args.model_class or args.model_factory))
+    cfg = resolve_config(args.config, info.config, source=f"{info.path}: metadata", architecture=not user)
     tol = parse_tolerance(args.tolerance) if args.tolerance else None
     images = None
     if args.data:  # read before any long work: a bad directory fails at once
@@ -101,10 +105,8 @@ def run(args) -> int:
         model = load(args.model, config=cfg, model_class=args.model_class, model_kwargs=args.model_kwargs,
                      trust_pickle=args.trust_pickle, allow_nonfinite=args.allow_nonfinite,
                      model_factory=args.model_factory)
-        if args.model_class or args.model_factory:  # called as it was lowered: the graph's inputs, then --input / --timestep-input
-            from ..signature import plan_for_graph, wrap
-
-            model = wrap(model, plan_for_graph(model, info, timestep_input=args.timestep_input, inputs=args.inputs))
+        if user:  # called as it was lowered: the graph's inputs, then --input / --timestep-input
+            model = user_flags.wrapped_for_graph(model, args, info)
     every = ((args.plot and not args.data) or args.all_steps) and info.mode == "table"
     report = check_targets(info, targets=targets, model=model, model_label=str(args.model), golden=golden,
                            tolerance=tol, seed=args.seed,

@@ -22,6 +22,8 @@ def add_parser(sub, common) -> None:
     p.add_argument("--t-index", nargs="+", metavar="I", help="t_index values (default: first and last)")
     shared.add_force(p, "replace DIR if it is empty or holds a golden set")
     shared.add_trust(p)
+    shared.add_model_class(p)
+    shared.add_user_schedule(p)
     p.set_defaults(func=run)
 
 
@@ -44,23 +46,38 @@ def parse_t_indices(values: list[str] | None) -> list[int] | None:
 
 
 def run(args) -> int:
-    from ..checkpoint import load_model
     from ..config import resolve_config
     from ..fileio import plan_outputs
     from ..golden import make_golden, refuse_replacing_other, write_golden
     from ..metadata import read_file
+    from ..pipeline import load
+    from . import user as user_flags
 
+    user = user_flags.user_spec(args)
     out = plan_outputs({"-o": args.output}, inputs=[args.model, args.onnx, args.config], directories=("-o",),
                        force=args.force)["-o"]
     refuse_replacing_other(out)  # before any work
     info = read_file(args.onnx) if args.onnx else None
-    cfg = resolve_config(args.config, info.config if info else None, source=f"{args.onnx}: metadata")
+    if user and info is not None:
+        user_flags.agree_with_lowered(args, info)
+        cfg = resolve_config(args.config, info.config, source=f"{args.onnx}: metadata", architecture=False)
+    elif user:
+        cfg = user_flags.schedule_config(args, user)
+    else:
+        cfg = resolve_config(args.config, info.config if info else None, source=f"{args.onnx}: metadata")
     t_indices = parse_t_indices(args.t_index)
     model_path = Path(args.model)
-    model = load_model(model_path, cfg, trust_pickle=args.trust_pickle, allow_nonfinite=args.allow_nonfinite)
+    model = load(model_path, config=cfg, model_class=args.model_class, model_kwargs=args.model_kwargs,
+                 model_factory=args.model_factory, trust_pickle=args.trust_pickle,
+                 allow_nonfinite=args.allow_nonfinite)
+    specs = seen = None
+    if user and info is not None:  # called as it was lowered: the graph's inputs
+        model = user_flags.wrapped_for_graph(model, args, info)
+    elif user:  # the inputs lower would infer, the timestep values it would feed
+        model, cfg, specs, seen = _user_inputs(model, cfg, args)
     t0 = time.perf_counter()
     golden = make_golden(model, cfg, name=out.name, checkpoint=model_path, info=info, seed=args.seed,
-                         t_indices=t_indices, output_dir=str(out))
+                         t_indices=t_indices, output_dir=str(out), specs=specs, model_timesteps=seen)
     write_golden(out, golden, force=args.force)
     manifest = golden.manifest
     size = sum(p.stat().st_size for p in out.iterdir())
@@ -75,3 +92,21 @@ def run(args) -> int:
                   soft_wrap=True)
     say.print(f"regression (fp32): {manifest['regression']['commands']['fp32']}", soft_wrap=True)
     return 0
+
+
+def _user_inputs(model, cfg, args):
+    """A user class without ``--onnx``: the model wrapped as ``lower`` wraps it, the config sized by
+    it, the graph inputs ``lower`` would write (x, t_index, the extras) and the timestep values fed."""
+    from ..diffusion import noise_levels, schedule_for
+    from ..signature import plan, wrap
+    from ..verify import InputSpec
+    from . import user as user_flags
+
+    cfg = user_flags.sized(cfg, model)
+    p = plan(model, image_size=cfg.image_size, timestep_input=args.timestep_input, inputs=args.inputs)
+    specs = [InputSpec("x", "float32", tuple(p.x.shape)), InputSpec("t_index", "int64", (int(p.x.shape[0]),))]
+    specs += [InputSpec(n, str(v.dtype).removeprefix("torch."), tuple(v.shape)) for n, v in p.extras.items()]
+    seen = None
+    if args.timestep_values != "index":
+        seen = noise_levels(cfg, schedule_for(cfg, "respaced")[1], args.timestep_values)
+    return wrap(model, p), cfg, specs, seen

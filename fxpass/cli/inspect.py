@@ -1,4 +1,5 @@
-"""``fxpass inspect MODEL.pt``: the config a checkpoint matches, parameters, dtypes, sizes, load time."""
+"""``fxpass inspect MODEL.pt``: the config a checkpoint matches, parameters, dtypes, sizes, load time;
+for your own class (``--model-class`` / ``--model-factory``) also the inputs ``lower`` would infer."""
 
 from __future__ import annotations
 
@@ -14,27 +15,52 @@ def add_parser(sub, common) -> None:
     p.add_argument("model", metavar="MODEL.pt")
     shared.add_config(p)
     shared.add_trust(p, nonfinite=False)
+    shared.add_model_class(p)
+    shared.add_user_schedule(p)
     p.set_defaults(func=run)
+
+
+#: the config keys fxpass uses of a user's class (its constructor decides the rest)
+_USED = ("image_size", "diffusion_steps", "timestep_respacing", "noise_schedule", "rescale_timesteps", "model_class")
 
 
 def run(args) -> int:
     from collections import Counter
 
+    from rich.markup import escape
     from rich.table import Table
 
-    from ..checkpoint import first_nonfinite, load_model
-    from ..config import load_config
+    from ..checkpoint import first_nonfinite
+    from ..config import CAMUS, load_config
+    from ..errors import FxpassError
+    from ..pipeline import load
+    from . import user as user_flags
 
-    cfg = load_config(args.config)
+    user = user_flags.user_spec(args)
+    if user:  # a schedule only where one is given: inspecting needs none
+        cfg = user_flags.schedule_config(args, user) if args.config or args.diffusion_steps is not None else None
+    else:
+        cfg = load_config(args.config)
     t0 = time.perf_counter()
-    model = load_model(args.model, cfg, trust_pickle=args.trust_pickle, allow_nonfinite=True)  # shown below
+    model = load(args.model, config=cfg or CAMUS, model_class=args.model_class, model_kwargs=args.model_kwargs,
+                 model_factory=args.model_factory, trust_pickle=args.trust_pickle,
+                 allow_nonfinite=True)  # non-finite weights are shown below
     seconds = time.perf_counter() - t0
+    if user and cfg is not None and not cfg.image_size:  # the size lower takes: the model's image_size
+        try:
+            cfg = user_flags.sized(cfg, model)
+        except FxpassError:
+            pass  # shown as 0; the inputs row says what to pass
     params = list(model.parameters())
     n = sum(p.numel() for p in params)
     dtypes = Counter(str(p.dtype).replace("torch.", "") for p in params)
     size = sum(p.numel() * p.element_size() for p in params)
-    table = Table(title=f"{args.model}", show_header=False)
-    table.add_row("config", args.config or "built-in CAMUS default")
+    table = Table(title=escape(f"{args.model}"), show_header=False)
+    if user:
+        table.add_row("config", escape(args.config or ("schedule flags" if cfg else "none given (lower needs "
+                                                       "--config FILE or --diffusion-steps N)")))
+    else:
+        table.add_row("config", escape(args.config or "built-in CAMUS default"))
     table.add_row("model", f"{type(model).__module__}.{type(model).__name__}")
     table.add_row("parameters", f"{n:,}")
     table.add_row("dtypes", ", ".join(f"{k} ({v} tensors)" for k, v in dtypes.items()))
@@ -43,7 +69,37 @@ def run(args) -> int:
     table.add_row("load time", f"{seconds:.2f} s")
     bad = first_nonfinite(model.state_dict().items())
     table.add_row("non-finite weights", "none" if bad is None else f"tensor {bad[0]} has {bad[1]} values")
-    for key, value in cfg.to_dict().items():
-        table.add_row(f"  {key}", repr(value))
+    if user:
+        _inputs(table, model, cfg, args)
+    for key, value in (cfg.to_dict().items() if cfg is not None else ()):
+        if not user or key in _USED:  # of a user's class fxpass uses the schedule and size only
+            table.add_row(f"  {key}", escape(repr(value)))
     console().print(table)
     return 0
+
+
+def _inputs(table, model, cfg, args) -> None:
+    """The inputs ``fxpass lower`` would infer for a user's class, each with where its shape comes
+    from; where they cannot be inferred, the reason (what to pass) instead."""
+    from rich.markup import escape
+
+    from ..errors import FxpassError
+    from ..signature import plan
+
+    size = args.image_size or (cfg.image_size if cfg is not None else 0) or getattr(model, "image_size", None)
+    size = size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+    try:
+        p = plan(model, image_size=size, timestep_input=args.timestep_input, inputs=args.inputs)
+    except FxpassError as exc:
+        table.add_row("inputs", escape(f"not inferred: {exc}"))
+        return
+    table.add_row("inputs", "as fxpass lower infers them (graph inputs: x, t_index"
+                  + "".join(f", {k}" for k in p.extras) + ")")
+    table.add_row(f"  {p.x_name}", escape(f"{tuple(p.x.shape)} from {p.origins.get(p.x_name, 'the model')}"))
+    kind = "a continuous noise level (float32)" if p.continuous else "int64 timesteps"
+    table.add_row(f"  {p.t_name}", escape(f"{kind}, folded into tables gathered by t_index"))
+    for name, value in p.extras.items():
+        dtype = str(value.dtype).removeprefix("torch.")
+        table.add_row(f"  {name}", escape(f"{tuple(value.shape)} {dtype} from {p.origins.get(name, '--input')}"))
+    for name in p.omitted:
+        table.add_row(f"  {name}", "left at its default (--input NAME=SHAPE gives it)")

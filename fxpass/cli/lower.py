@@ -25,8 +25,8 @@ def add_parser(sub, common) -> None:
                    help="schedule positions calibrated at, spread over the schedule (default 8)")
     q.add_argument("--calibration-samples", type=int, default=4, metavar="N",
                    help="images or trajectories calibrated on (default 4)")
-    q.add_argument("--eval-samples", type=int, default=2, metavar="N",
-                   help="further images or trajectories the plan is judged on (default 2)")
+    q.add_argument("--eval-samples", type=int, default=4, metavar="N",
+                   help="further images or trajectories the plan is judged on (default 4)")
     q.add_argument("--error-budget", type=float, default=0.05, metavar="F",
                    help="largest eps-MSE increase over float32 allowed at any evaluated step (default 0.05 = 5%%)")
     q.add_argument("--precision-plan", metavar="FILE.json",
@@ -54,10 +54,10 @@ def add_parser(sub, common) -> None:
 
 
 def run(args) -> int:
-    from ..config import load_config, user_class_config
-    from ..errors import FxpassError
+    from ..config import load_config
     from ..export import check_opset
     from ..pipeline import lower_checkpoint
+    from .user import schedule_config, user_spec
 
     err = console(stderr=True)
 
@@ -69,18 +69,8 @@ def run(args) -> int:
 
     check_opset(args.opset)
     int8 = _int8_options(args)
-    schedule = (args.diffusion_steps, args.timestep_respacing, args.image_size)
-    user = args.model_class or args.model_factory
-    if user:
-        flag = "--model-class" if args.model_class else "--model-factory"
-        cfg = user_class_config(args.config, diffusion_steps=args.diffusion_steps,
-                                timestep_respacing=args.timestep_respacing, image_size=args.image_size,
-                                spec=f"{flag} {user}", model_class=user)
-    elif any(v is not None for v in schedule) or args.timestep_input or args.inputs or args.timestep_values != "index":
-        raise FxpassError("--diffusion-steps, --timestep-respacing, --image-size, --timestep-input, --timestep-values "
-                          "and --input describe your own class: they need --model-class (or --model-factory)")
-    else:
-        cfg = load_config(args.config)
+    user = user_spec(args)
+    cfg = schedule_config(args, user) if user else load_config(args.config)
     lowered = lower_checkpoint(
         args.model, args.output, config=cfg, model_class=args.model_class, model_kwargs=args.model_kwargs,
         model_factory=args.model_factory, trust_pickle=args.trust_pickle, allow_nonfinite=args.allow_nonfinite,

@@ -125,8 +125,8 @@ def test_fp16_model_keeps_float32_io(tiny_model):
 def test_bad_arguments_are_errors(tiny_model):
     with pytest.raises(FxpassError, match="supported opsets are 18"):
         fxpass.lower(tiny_model, config=TINY, opset=17)
-    with pytest.raises(FxpassError, match="expected fp32 or fp16"):
-        fxpass.lower(tiny_model, config=TINY, precision="int8")
+    with pytest.raises(FxpassError, match="expected fp32, fp16, bf16, int8"):
+        fxpass.lower(tiny_model, config=TINY, precision="int4")
     with pytest.raises(FxpassError, match="must be in 0..99"):
         fxpass.lower(tiny_model, config=TINY, timesteps=100)
 

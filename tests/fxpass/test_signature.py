@@ -143,7 +143,7 @@ def test_model_class_needs_a_schedule(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "pass --config FILE, or --diffusion-steps N" in err
     code = main(["lower", str(ckpt), "-o", str(tmp_path / "f.onnx"), "--diffusion-steps", "10"])
-    assert code == 2 and "need --model-class" in capsys.readouterr().err
+    assert code == 2 and "--diffusion-steps describes your own class: it needs --model-class" in capsys.readouterr().err
 
 
 def test_plan_reads_the_model():

@@ -506,3 +506,58 @@ class HalfCastNet(_TinyBody):
 
     def forward(self, x, timesteps):
         return self.body(x, timesteps).half().float()
+
+
+# ---- image-like inputs whose shapes the model's own attributes give (issue #13) ---------------------
+class SmallSizeSRNet(_TinyBody):
+    """guided-diffusion's SuperResModel as its scripts build it, keeping the low resolution as
+    ``small_size``: a first convolution for ``in_channels * 2``, ``low_res`` upsampled to ``x``."""
+
+    def __init__(self, in_channels=3, image_size=16, small_size=8):
+        super().__init__(2 * in_channels)
+        self.in_channels = 2 * in_channels
+        self.image_size, self.small_size = image_size, small_size
+
+    def forward(self, x, timesteps, low_res=None, **kwargs):
+        _, _, new_height, new_width = x.shape
+        upsampled = F.interpolate(low_res, (new_height, new_width), mode="bilinear")
+        return self.body(th.cat([x, upsampled], dim=1), timesteps)
+
+
+class GrayLowResNet(_TinyBody):
+    """A low-resolution input with its own channel count and a non-square size, both attributes."""
+
+    def __init__(self, image_size=16, low_res_size=(8, 4), low_res_channels=1):
+        super().__init__(3 + low_res_channels)
+        self.image_size, self.low_res_size, self.low_res_channels = image_size, tuple(low_res_size), low_res_channels
+
+    def forward(self, x, timesteps, low_res=None):
+        return self.body(th.cat([x, F.interpolate(low_res, x.shape[2:], mode="nearest")], dim=1), timesteps)
+
+
+class CondChannelsNet(_TinyBody):
+    """A required conditioning image at x's resolution, its channels a ``cond_channels`` attribute
+    (segmentation-by-diffusion style: the image conditions a one-channel mask)."""
+
+    def __init__(self, cond_channels=3):
+        super().__init__(1 + cond_channels, cout=1)
+        self.cond_channels = cond_channels
+
+    def forward(self, x, t, cond):
+        return self.body(th.cat([x, cond], dim=1), t)
+
+
+class NoSizeLowResNet(SuperResNet):
+    """Says ``low_res``'s channels but not its size."""
+
+    def __init__(self):
+        super().__init__()
+        self.low_res_channels = 3
+
+
+class BareCondNet(CondChannelsNet):
+    """Needs ``cond`` and says nothing about its shape."""
+
+    def __init__(self):
+        super().__init__()
+        del self.cond_channels
