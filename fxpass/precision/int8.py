@@ -52,7 +52,7 @@ class Int8Options:
     calibration_data: str | Path | None = None
     calibration_steps: int = 8
     calibration_samples: int = 4
-    eval_samples: int = 2
+    eval_samples: int = 4
     error_budget: float = 0.05
     plan: str | Path | None = None
     seed: int = 0
@@ -135,26 +135,36 @@ class _Quantizer:
 
 
 class _Scorer:
-    """eps-MSE ratio to float32 per t_index of a variant, on a fixed sample set."""
+    """eps-MSE ratio to float32 per t_index of a variant, on a fixed sample set.
+
+    A step's damage is its ratio of mean eps-MSEs minus 1, plus the standard error of the per-sample
+    ratios there: a plan judged on a few images must hold on others (on the digits reference, 4
+    evaluation images put the fully planned model at 1.0495 at t_index 0 where 64 others gave 1.059)."""
 
     def __init__(self, samples: list[calibration.Sample], reference: Callable[[dict], np.ndarray], channels: int):
         self.samples, self.channels = samples, channels
         self.reference = self._mse(reference)
 
-    def _mse(self, run) -> dict[int, float]:
-        per_t: dict[int, list[float]] = {}
+    def _mse(self, run) -> list[float]:
+        out = []
         for s in self.samples:
-            out = np.asarray(run(s.feed), dtype=np.float64)[:, :self.channels]
-            per_t.setdefault(s.t_index, []).append(float(np.mean((out - s.eps) ** 2)))
-        return {t: float(np.mean(v)) for t, v in per_t.items()}
+            pred = np.asarray(run(s.feed), dtype=np.float64)[:, :self.channels]
+            out.append(float(np.mean((pred - s.eps) ** 2)))
+        return out
 
     def measure(self, run) -> Measured:
         mse = self._mse(run)
-        ratios = [{"t_index": t, "ratio": (mse[t] / ref if ref > 0 else float("inf"))}
-                  for t, ref in sorted(self.reference.items())]
-        worst = max(ratios, key=lambda r: r["ratio"] if np.isfinite(r["ratio"]) else float("inf"))
-        damage = worst["ratio"] - 1.0 if np.isfinite(worst["ratio"]) else float("inf")
-        return Measured(damage, worst["t_index"], ratios)
+        rows = []
+        for t in sorted({s.t_index for s in self.samples}):
+            at = [k for k, s in enumerate(self.samples) if s.t_index == t]
+            ref, got = np.array([self.reference[k] for k in at]), np.array([mse[k] for k in at])
+            ratio = float(got.mean() / ref.mean()) if ref.mean() > 0 else float("inf")
+            each = got / np.where(ref > 0, ref, np.inf)
+            sem = float(each.std(ddof=1) / np.sqrt(len(at))) if len(at) > 1 else 0.0
+            rows.append({"t_index": t, "ratio": ratio, "sem": sem})
+        damages = [r["ratio"] - 1.0 + r["sem"] if np.isfinite(r["ratio"]) else float("inf") for r in rows]
+        worst = int(np.argmax(damages))
+        return Measured(damages[worst], rows[worst]["t_index"], rows)
 
 
 def _sets(proto, diffusion, options: Int8Options, run_fp32, num_classes: int):

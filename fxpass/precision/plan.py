@@ -1,8 +1,8 @@
 """A precision plan: which layers stay in float so that int8 keeps the task metric within a budget.
 
 The plan is found by measurement, not by rules.  ``damage`` of a set of layers is how much worse the
-predicted noise gets when only those layers are quantized: the largest (eps-MSE ratio to float32 - 1)
-over the probe steps.  The search:
+predicted noise gets when only those layers are quantized: the largest (eps-MSE ratio to float32 - 1
++ the standard error of the per-sample ratios) over the probe or evaluation steps.  The search:
 
 1. the fully quantized model is evaluated; within the budget, nothing stays in float;
 2. group testing: layers grouped by role and size (:func:`fxpass.precision.layers.groups_of`) are
@@ -107,7 +107,7 @@ class PrecisionPlan:
             head += ": " + ", ".join(f"{g} x{c}" if c > 1 else g for g, c in counts.items())
         lines = [head]
         if self.measured:
-            lines.append(f"eps-MSE ratio to float32 at most {1 + self.measured['damage']:.4f} "
+            lines.append(f"eps-MSE ratio to float32 (+ its standard error) at most {1 + self.measured['damage']:.4f} "
                          f"(t_index {self.measured['t_index']}; budget {1 + self.budget:g})")
         return lines
 

@@ -178,7 +178,7 @@ def test_calibration_data_needs_enough_images(tiny_onnx, tmp_path):
 
     for i in range(3):
         Image.new("RGB", (32, 32), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
-    with pytest.raises(FxpassError, match=r"3 images; int8 needs 6 \(4 to calibrate, 2 to evaluate"):
+    with pytest.raises(FxpassError, match=r"3 images; int8 needs 8 \(4 to calibrate, 4 to evaluate"):
         quantize_int8(onnx.load(str(tiny_onnx)), options=Int8Options(calibration_data=tmp_path))
 
 
@@ -210,8 +210,9 @@ def test_cli_int8_writes_the_plan_and_reuses_it(tiny_ckpt, tiny_yaml, tmp_path, 
             "--calibration-samples", "2", "--eval-samples", "1"]
     assert main([*args, "-o", str(first), "--report", str(report)]) == 0
     out = capsys.readouterr().out
-    assert "int8 plan" in out and "eps-MSE ratio to float32 at most" in out
     written = json.loads(report.read_text())
+    assert "int8 plan" in out and "layers int8" in out  # the plan's lines (rich wraps them in the table)
+    assert written["int8"]["plan_lines"][-1].startswith("eps-MSE ratio to float32 (+ its standard error) at most")
     assert written["precision"] == "int8" and written["check"]["passed"]
     assert written["check"]["tolerance"]["atol_scale"] == 0.1
     assert main([*args, "-o", str(tmp_path / "b.onnx"), "--precision-plan", str(report)]) == 0
