@@ -146,6 +146,7 @@ def lower_with_report(
     model_inputs: Sequence[str] | dict[str, tuple] = (),
     timestep_values: str = "index",
     int8: Any = None,
+    palettize_bits: int | None = None,
 ) -> Lowered:
     """Run the pipeline from capture on; see :func:`lower` for the options.
 
@@ -167,6 +168,8 @@ def lower_with_report(
 
     _validate(precision, group_norm, opset, format, step_graph)
     _validate_format(format, step_graph)
+    if palettize_bits is not None and format != "mlpackage":
+        raise FxpassError(f"--palettize-bits {palettize_bits}: applies to --format mlpackage only")
     planned = plan_outputs({"-o": output, "--report": report_path}, inputs=inputs, force=force,
                            directories=("-o",) if format == "mlpackage" else ())
     output, report_path = planned.get("-o"), planned.get("--report")
@@ -265,7 +268,7 @@ def lower_with_report(
             if format == "onnx":
                 _write(lowered, output, report_path, run.stages)
             else:
-                _write_format(lowered, format, output, report_path, run.stages, precision)
+                _write_format(lowered, format, output, report_path, run.stages, precision, palettize_bits)
     return lowered
 
 
@@ -295,7 +298,7 @@ def _validate_format(fmt: str, step_graph: bool) -> None:
 
 
 def _write_format(lowered: Lowered, fmt: str, output: Path, report_path: Path | None, stages: dict[str, float],
-                  precision: str) -> None:
+                  precision: str, palettize_bits: int | None = None) -> None:
     """A mobile format from the verified lowering, checked by the format's own runtime where this machine
     has one (``fxpass.formats``), then the report."""
     from . import formats
@@ -311,7 +314,7 @@ def _write_format(lowered: Lowered, fmt: str, output: Path, report_path: Path | 
         if fmt == "pte":
             result = formats.to_pte(gm, example, output, fp16=precision == "fp16")
         else:
-            result = formats.to_mlpackage(gm, example, output, precision="fp16")
+            result = formats.to_mlpackage(gm, example, output, precision="fp16", palettize_bits=palettize_bits)
     stages["write"] = time.perf_counter() - t0
     lowered.report["output"] = str(output)
     lowered.report["format"] = {"name": fmt, **result}

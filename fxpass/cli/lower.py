@@ -47,6 +47,8 @@ def add_parser(sub, common) -> None:
                    help="onnx (default); ort: ONNX Runtime's mobile format (with the CoreML/NNAPI coverage in the "
                         "report); pte: ExecuTorch with XNNPACK; mlpackage: Core ML (a directory). The non-ONNX "
                         "formats need pip install 'fxpass[mobile]'")
+    p.add_argument("--palettize-bits", type=int, choices=(1, 2, 3, 4, 6, 8), metavar="6|8",
+                   help="--format mlpackage: k-means palettized weights (2^bits entries per tensor; iOS 16+)")
     p.add_argument("--report", metavar="FILE.json", help="write the summary numbers as JSON")
     shared.add_force(p, "overwrite existing outputs; write even when the ORT check fails (exit 1)")
     shared.add_trust(p)
@@ -80,7 +82,7 @@ def run(args) -> int:
         group_norm=args.group_norm, step_graph=args.step_graph, format=args.format, report_path=args.report,
         force=args.force,
         inputs=[args.config], progress=progress, timestep_input=args.timestep_input, model_inputs=args.inputs,
-        timestep_values=args.timestep_values, int8=int8,
+        timestep_values=args.timestep_values, int8=int8, palettize_bits=args.palettize_bits,
     )
     _summary(lowered, args)
     return 0 if lowered.passed else 1

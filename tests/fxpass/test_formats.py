@@ -6,6 +6,8 @@ Core ML predictions skip off macOS.  The .pte lowering and palettization take ~3
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -271,6 +273,21 @@ def test_cli_lower_format_mlpackage_writes_a_package_and_refuses_to_replace_it(t
     args = ["lower", str(tiny_ckpt), "--config", str(tiny_yaml), "-o", str(out), "--format", "mlpackage"]
     assert main(args) == 0 and out.is_dir() and "Core ML predictions need macOS" in capsys.readouterr().out
     assert main(args) == 2 and "already exists" in capsys.readouterr().err
+    small, report = tmp_path / "p.mlpackage", tmp_path / "p.json"
+    assert main([*args[:4], "-o", str(small), "--format", "mlpackage", "--palettize-bits", "6", "--report", str(report)]) == 0
+    written = json.loads(report.read_text())["format"]
+    assert written["palettize_bits"] == 6
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    assert written["bytes"] < size  # 6-bit palettes against float16 weights
+
+
+def test_cli_palettize_bits_needs_mlpackage(tiny_ckpt, tiny_yaml, tmp_path, capsys):
+    from fxpass.cli import main
+
+    code = main(["lower", str(tiny_ckpt), "--config", str(tiny_yaml), "-o", str(tmp_path / "m.onnx"),
+                 "--palettize-bits", "6"])
+    assert code == 2 and "--palettize-bits 6: applies to --format mlpackage only" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_cli_lower_format_refuses_the_step_graph(tiny_ckpt, tiny_yaml, tmp_path, capsys):
