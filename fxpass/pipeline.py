@@ -320,9 +320,22 @@ def _write_format(lowered: Lowered, fmt: str, output: Path, report_path: Path | 
     lowered.report["format"] = {"name": fmt, **result}
     lowered.report["file_bytes"] = result.get("bytes")
     lowered.report["stages_s"] = dict(stages)
-    if report_path is not None:
+    if report_path is not None:  # both or neither: a report that cannot be written takes the format file back
         text = json.dumps(lowered.report, indent=2, sort_keys=True, default=str)
-        atomic_write_bytes(report_path, lambda fh: fh.write(text.encode()))
+        try:
+            atomic_write_bytes(report_path, lambda fh: fh.write(text.encode()))
+        except BaseException:
+            _discard(output)
+            raise
+
+
+def _discard(path: Path) -> None:
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _refuse_half(gm, model) -> None:

@@ -265,6 +265,23 @@ def test_cli_lower_format_ort_reports_mobile_coverage(tiny_ckpt, tiny_yaml, tmp_
     assert not (tmp_path / "m.onnx").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.ort", "r.json"]
 
 
+def test_a_report_that_cannot_be_written_takes_the_format_file_back(tiny_ckpt, tiny_yaml, tmp_path, capsys,
+                                                                     monkeypatch):
+    import fxpass.fileio
+    from fxpass.cli import main
+    from fxpass.errors import FxpassError
+
+    def refuse(path, write, **_):
+        raise FxpassError(f"{path}: cannot write (disk full)")
+
+    monkeypatch.setattr(fxpass.fileio, "atomic_write_bytes", refuse)
+    out, report = tmp_path / "m.ort", tmp_path / "r.json"
+    code = main(["lower", str(tiny_ckpt), "--config", str(tiny_yaml), "-o", str(out), "--format", "ort",
+                 "--report", str(report)])
+    assert code == 2 and "r.json: cannot write (disk full)" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # neither the .ort file nor the report
+
+
 @_needs("mlpackage")
 def test_cli_lower_format_mlpackage_writes_a_package_and_refuses_to_replace_it(tiny_ckpt, tiny_yaml, tmp_path, capsys):
     from fxpass.cli import main
