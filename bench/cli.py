@@ -3,6 +3,7 @@
     python -m bench                              # CAMUS, 250-step schedule sampled (25 steps, extrapolated)
     python -m bench --full                       # ... every step of the schedule timed
     python -m bench --config small.yml --runs 7  # another config (results file named after it)
+    python -m bench --repaint-full               # ... and a whole RePaint run (2,410 calls) on the fastest gated row
     python -m bench --readme                     # regenerate README.md's Performance section
     python -m bench --show FILE.json             # print the tables of an earlier run
 """
@@ -20,6 +21,7 @@ from . import SCHEMA
 from .cpu import SECTIONS, Options
 from .harness import MIN_RUNS, RESULTS_DIR, LoadSampler, machine_info, now_utc, results_path, set_threads, \
     short_error, write_results
+from .precision import REPAINT_ROWS, ROW_KEYS, parse_rows
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps timed in sample mode, evenly spaced (default 25)")
     p.add_argument("--skip", action="append", default=[], choices=SECTIONS, metavar="SECTION",
                    help=f"leave a section out (repeatable): {', '.join(SECTIONS)}")
+    p.add_argument("--precision-images", type=int, default=32, metavar="N",
+                   help="precision section: held-out digits the eps-MSE is measured on (default 32)")
+    p.add_argument("--precision-rows", metavar="ROW,...",
+                   help=f"precision section: only these rows (eager always): {', '.join(ROW_KEYS)}")
+    p.add_argument("--repaint-full", nargs="?", const="auto", default=None, metavar="ROW",
+                   help="precision section: time a whole RePaint run at the paper setting (t_T 250, jump_length 10, "
+                        "jump_n_sample 10: 2,410 model calls) on ROW, by default the fastest ONNX Runtime/OpenVINO "
+                        "row within the eps-MSE gate; off by default (about 15 min on CAMUS)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: every core)")
     p.add_argument("--out", metavar="FILE.json", help="results file (default: bench/results/<date>-<host-kind>.json)")
     p.add_argument("--results-dir", metavar="DIR", default=str(RESULTS_DIR))
@@ -72,7 +82,9 @@ def run_bench(*, config_path: str | None, opts: Options, log=print) -> dict[str,
         "settings": {"runs": opts.runs, "warmup": opts.warmup, "threads": threads,
                      "ort_intra_op_num_threads": threads, "torch_num_threads": torch.get_num_threads(),
                      "schedule": opts.schedule, "schedule_steps": opts.schedule_steps,
-                     "skipped_sections": sorted(opts.skip), "seed": opts.seed},
+                     "skipped_sections": sorted(opts.skip), "seed": opts.seed,
+                     "precision_images": opts.precision_images, "precision_rows": opts.precision_rows,
+                     "repaint_full": opts.repaint_full},
     }
     setup = make_setup(cfg, seed=opts.seed)
     results["flops"] = {"skipped": "--skip flops"}
@@ -83,6 +95,16 @@ def run_bench(*, config_path: str | None, opts: Options, log=print) -> dict[str,
         except Exception as exc:
             results["flops"] = {"error": short_error(exc)}
     results["cpu"] = run_cpu(setup, opts, config_path=config_path, load=load, log=log)
+    if "precision" in opts.skip:
+        results["precision"] = {"skipped": "--skip precision"}
+    else:
+        from .precision import run_precision
+
+        try:
+            results["precision"] = run_precision(setup, opts, proto=setup.fxpass_proto, load=load, log=log)
+        except Exception as exc:
+            results["precision"] = {"error": short_error(exc)}
+        setup.fxpass_proto = None
     if "gpu" in opts.skip:
         results["gpu"] = {"skipped": "--skip gpu"}
     elif skip_reason():
@@ -123,9 +145,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--warmup must be ≥ 0 and --schedule-steps ≥ 1")
     if args.full and args.schedule == "sample":
         parser.error("--full contradicts --schedule sample")
+    if args.precision_images < 1:
+        parser.error("--precision-images must be ≥ 1")
+    try:
+        parse_rows(args.precision_rows)
+    except ValueError as exc:
+        parser.error(f"--precision-rows: {exc}")
+    if args.repaint_full not in (None, "auto") and args.repaint_full not in REPAINT_ROWS:
+        parser.error(f"--repaint-full {args.repaint_full}: choose one of {', '.join(REPAINT_ROWS)}")
     schedule = "full" if args.full else (args.schedule or "sample")
     opts = Options(runs=args.runs, warmup=args.warmup, schedule=schedule, schedule_steps=args.schedule_steps,
-                   skip=frozenset(args.skip), threads=args.threads)
+                   skip=frozenset(args.skip), threads=args.threads, precision_images=args.precision_images,
+                   precision_rows=args.precision_rows, repaint_full=args.repaint_full)
 
     from fxpass.errors import FxpassError
 

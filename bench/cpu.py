@@ -20,7 +20,7 @@ import torch
 
 from .harness import LoadSampler, measure_interleaved, ort_session, short_error, timing_from
 
-SECTIONS = ("eager", "naive", "fxpass", "cli", "schedule", "flops", "gpu")
+SECTIONS = ("eager", "naive", "fxpass", "cli", "schedule", "precision", "flops", "gpu")
 
 
 @dataclass
@@ -32,6 +32,9 @@ class Options:
     skip: frozenset = field(default_factory=frozenset)
     threads: int | None = None  # None: every core
     seed: int = 0
+    precision_images: int = 32  # precision section: held-out digits the eps-MSE is measured on
+    precision_rows: str | None = None  # precision section: comma-separated row keys (None: every row)
+    repaint_full: str | None = None  # precision section: "auto" or a row key: time a whole RePaint run on it
 
 
 @dataclass
@@ -44,6 +47,7 @@ class Setup:
     seen: list  # what the U-Net sees for each t_index
     t_index: int  # the schedule entry used for per-step latency (the middle one)
     inputs: dict[str, torch.Tensor]  # x, timesteps (= seen[t_index]), y when class-conditional
+    fxpass_proto: Any = None  # the fxpass fp32 ONNX of the fxpass section, kept for the precision section
 
     def eager_args(self) -> tuple:
         args = (self.inputs["x"], self.inputs["timesteps"])
@@ -113,6 +117,8 @@ def run_cpu(setup: Setup, opts: Options, *, config_path: str | None, load: LoadS
                                    "mode": lowered.mode, "report": _small_report(lowered.report),
                                    "graph": _graph_summary(lowered.model)}
             fx_session = ort_session(lowered.model, opts.threads)
+            if "precision" not in skip:
+                setup.fxpass_proto = lowered.model
             del lowered
         except Exception as exc:
             out["fxpass_build"] = {"error": short_error(exc)}

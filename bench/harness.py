@@ -179,6 +179,8 @@ def machine_info() -> dict[str, Any]:
             "onnxscript": _version("onnxscript"),
             "onnxslim": _version("onnxslim"),
             "tensorrt": _version("tensorrt"),
+            "openvino": _version("openvino"),
+            "nncf": _version("nncf"),
             "fxpass": fxpass.__version__,
         },
         "gpu": gpu_info(),

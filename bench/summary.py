@@ -155,6 +155,7 @@ def print_results(results: dict[str, Any], console=None) -> None:
         table.add_row("load average (1 min) during run", f"max {load['max_load1']:.2f}", "",
                       f"mean {load['mean_load1']:.2f} over {len(load['samples'])} samples")
     console.print(table)
+    print_precision(results.get("precision"), console)
 
     targets = results.get("targets")
     if targets:
@@ -195,6 +196,125 @@ def print_results(results: dict[str, Any], console=None) -> None:
             if gpu.get("peak"):
                 console.print(f"peak: nominal dense figures for {gpu['peak']['matched']} "
                               f"(fp16 {gpu['peak']['fp16']:.0f}, fp32 {gpu['peak']['fp32']:.1f} TFLOP/s)")
+
+
+# ---- the precision section ----------------------------------------------------------------------
+def _entry_problem(entry: dict[str, Any] | None) -> str | None:
+    """``unavailable: why`` / ``error: ...`` / ``skipped: ...`` for a row's latency or fidelity, else None."""
+    if not entry:
+        return "not run"
+    for key in ("unavailable", "error", "skipped"):
+        if key in entry:
+            return f"{key}: {entry[key]}"
+    return None
+
+
+def eps_text(fidelity: dict[str, Any] | None) -> str:
+    """A row's eps-MSE cell: the worst ratio to float32 over t and where, ``reference``, or why there is none."""
+    if fidelity and fidelity.get("reference"):
+        return "reference"
+    problem = _entry_problem(fidelity)
+    if problem:
+        return problem
+    if fidelity.get("worst_ratio") is None:
+        return "—"
+    return f"{fidelity['worst_ratio']:.3f}× at t_index {fidelity['t_index']}"
+
+
+def precision_cells(section: dict[str, Any], fmt_ms=None) -> list[dict[str, str]]:
+    """Display strings for each row of the precision section: runtime, precision, what, latency,
+    vs_eager, eps.  A row without a measurement shows why (``unavailable: ...``), never a number."""
+    fmt_ms = fmt_ms or ms
+    cells = []
+    for row in section.get("rows", []):
+        latency = row.get("latency")
+        problem = _entry_problem(latency)
+        cells.append({
+            "key": row["key"], "runtime": row["runtime"], "precision": row["precision"], "what": row["what"],
+            "latency": problem or fmt_ms(latency["median_s"]),
+            "vs_eager": "—" if problem else ratio(latency.get("ratio_vs_eager")),
+            "eps": eps_text(row.get("fidelity")),
+        })
+    return cells
+
+
+def _plan_text(info: dict[str, Any]) -> str:
+    plan = info.get("plan") if isinstance(info.get("plan"), dict) else {}
+    kept, total = plan.get("float_layers"), plan.get("layers")
+    if isinstance(kept, list) and isinstance(total, int):
+        return f"{len(kept)} of {total} layers kept in float"
+    return ""
+
+
+def _range_text(fid: dict[str, Any]) -> str:
+    first, end = (fid.get("image_range") or [0, 0])[:2]
+    if not first:
+        return ""
+    return f" (numbers {first}..{end - 1}: fxpass's int8 calibrates on the {first} before them)"
+
+
+def precision_notes(section: dict[str, Any]) -> list[str]:
+    """The sentences under the precision table: what the eps column means, how each row was built."""
+    notes = []
+    fid = section.get("fidelity") or {}
+    if "images" in fid:
+        notes.append(f"eps-MSE: ratio of each row's eps-MSE to the eager float32 model's on the trained digits "
+                     f"reference (`{fid['model']}`, lowered with fxpass and built the same way), {fid['images']} "
+                     f"held-out image{'s' if fid['images'] != 1 else ''}{_range_text(fid)} at every one of its "
+                     f"{fid['steps']} schedule steps (seed {fid['seed']}); the worst over t is the one farthest "
+                     f"from 1. Latency uses seeded random weights, which say nothing about accuracy")
+    elif _entry_problem(fid):
+        notes.append(f"eps-MSE on the digits reference: {_entry_problem(fid)}")
+    rows = {r["key"]: r for r in section.get("rows", [])}
+    builds = []
+    for name, info in (section.get("fxpass_int8") or {}).items():
+        where = ("the bench config (calibrated on the model's own trajectories)" if name == "bench"
+                 else "the digits reference")
+        plan = _plan_text(info)
+        builds.append(f"fxpass int8 on {where} {secs(info.get('quantize_s'))}" + (f" ({plan})" if plan else ""))
+    for key, label, field in (("nncf_int8", "NNCF", "quantize_s"), ("ort_int8_default", "ORT quantize_static",
+                                                                     "quantize_s"),
+                              ("torch_compile", "torch.compile's first call", "compile_s")):
+        build = (rows.get(key, {}).get("latency") or {}).get("build") or {}
+        if build.get(field) is not None:
+            extra = f" ({build['graphs']} graphs: a graph break)" if (build.get("graphs") or 0) > 1 else ""
+            builds.append(f"{label} {secs(build[field])}{extra}")
+    if builds:
+        notes.append("Build times on the bench config unless said: " + "; ".join(builds))
+    if section.get("baseline_calibration"):
+        notes.append(f"Baselines (ORT quantize_static, NNCF) calibrate on {section['baseline_calibration']}; "
+                     "ORT's activations are QUInt8 because with the default QInt8 ONNX Runtime refuses the file "
+                     "at load (the Softmax output's QuantizeLinear gets a uint8 zero point)")
+    rp = section.get("repaint_full") or {}
+    if "wall_s" in rp:
+        notes.append(f"A whole RePaint run (t_T {rp['t_T']}, jump_length {rp['jump_length']}, jump_n_sample "
+                     f"{rp['jump_n_sample']}: {rp['model_calls']:,} model calls) on {rp['row']}: "
+                     f"{secs(rp['wall_s'])} ({rp['wall_s'] / 60:.1f} min; {rp['model_s']:.0f} s in the model); "
+                     f"{rp.get('why', '')}")
+    elif rp and _entry_problem(rp) and not rp.get("skipped", "").startswith("off by default"):
+        notes.append(f"RePaint full run: {_entry_problem(rp)}")
+    return notes
+
+
+def print_precision(section: dict[str, Any] | None, console) -> None:
+    from rich.table import Table
+
+    if section is None:
+        return
+    problem = _entry_problem(section)
+    if problem:
+        console.print(f"precision section {problem}")
+        return
+    lat = section.get("latency_config", {})
+    t = Table(title=f"precision — CPU, batch 1, {lat.get('image_size')}×{lat.get('image_size')}, "
+                    f"{section.get('threads')} threads; eps-MSE on the trained digits reference", title_justify="left")
+    for col in ("runtime", "precision", "what", "per step", "vs eager", "eps-MSE vs fp32, worst over t"):
+        t.add_column(col, justify="right" if col in ("per step", "vs eager") else "left")
+    for c in precision_cells(section):
+        t.add_row(c["runtime"], c["precision"], c["what"], c["latency"], c["vs_eager"], c["eps"])
+    console.print(t)
+    for note in precision_notes(section):
+        console.print(f"- {note}.")
 
 
 def _top_ops(naive: dict[str, Any], fx: dict[str, Any], n: int = 5) -> str:

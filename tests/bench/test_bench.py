@@ -43,7 +43,8 @@ def mini_yaml(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def results(mini_yaml):
-    """One in-process bench run on the tiny config (the CLI subprocess and GPU sections left out)."""
+    """One in-process bench run on the tiny config (the CLI subprocess, precision and GPU sections left out;
+    tests/bench/test_precision.py covers the precision section)."""
     import torch
 
     from bench.cli import run_bench
@@ -51,7 +52,7 @@ def results(mini_yaml):
 
     before = torch.get_num_threads()
     opts = Options(runs=7, warmup=1, schedule="sample", schedule_steps=SCHEDULE_STEPS,
-                   skip=frozenset({"cli", "gpu"}))
+                   skip=frozenset({"cli", "gpu", "precision"}))
     try:
         yield run_bench(config_path=str(mini_yaml), opts=opts, log=lambda message: None)
     finally:
