@@ -273,32 +273,14 @@ def atomic_write_bytes(path: str | os.PathLike, write: Callable[[BinaryIO], obje
 
 def write_dir_atomically(out: Path, fill: Callable[[Path], None], force: bool) -> None:
     """``fill(tmpdir)`` writes the files; then the temp dir becomes ``out`` (replacing it with ``force``)."""
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise FxpassError(f"{out}: directory {parent} does not exist")
     if out.exists() and not force:
         raise FxpassError(f"{out}: already exists (pass --force to overwrite)")
     if out.exists() and not out.is_dir():
         raise FxpassError(f"{out}: exists and is not a directory")
-    held = _HeldSignals()
-    try:
-        sweep_stale_temps(parent)
-        tmp = _temp_name(out)
-        tmp.mkdir()
-    except OSError as exc:
-        held.release()
-        raise FxpassError(f"{out}: cannot write ({exc.strerror or exc})") from None
-    try:
-        held.release()
-        fill(tmp)
-        os.chmod(tmp, _umask_mode(0o777))
-        _replace(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise FxpassError(f"{out}: cannot write ({exc.strerror or exc})") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with staged_path(out) as staged:
+        staged.mkdir()
+        fill(staged)
+        os.chmod(staged, _umask_mode(0o777))
 
 
 def _replace(src: Path, out: Path) -> None:

@@ -217,16 +217,17 @@ def check_against_eager(proto, model, *, config=None, t_indices: Sequence[int] |
     image_size = config.image_size if config is not None else None
     reference = reference_runner(model, mode=meta.mode, model_timesteps=meta.model_timesteps, image_size=image_size,
                                  specs=specs)
-    with tempfile.TemporaryDirectory(prefix="fxpass-verify-") as tmp:
-        if runtime == "openvino-bf16":
-            from surgery.modelio import save_model
-            from targets.openvino import openvino_runner
+    if runtime == "openvino-bf16":  # OpenVINO reads a file: the proto goes to a temporary one
+        from surgery.modelio import save_model
+        from targets.openvino import openvino_runner
 
+        with tempfile.TemporaryDirectory(prefix="fxpass-verify-") as tmp:
             path = Path(tmp) / "model.onnx"
             save_model(proto, path)
             runner = openvino_runner(str(path), precision="bf16")
-        else:
-            runner = ort_runner(proto, cuda=False, name="onnxrt-cpu")
+            results = run_runners([reference, runner], feeds.feeds)
+    else:
+        runner = ort_runner(proto, cuda=False, name="onnxrt-cpu")
         results = run_runners([reference, runner], feeds.feeds)
     pair = compare(results, reference=REFERENCE_NAME, atol_scale=tolerance[0], rtol=tolerance[1],
                    meta=feeds.labels)[0]

@@ -20,8 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..verify import spread
-
 Run = Callable[[dict], np.ndarray]  # a feed -> the model's output (first C channels: eps)
 
 
@@ -83,7 +81,3 @@ def trajectories(run: Run, diffusion, steps: Sequence[int], shape: tuple[int, ..
         finals.append(x0)
     return feeds, np.concatenate(finals)
 
-
-def calibration_steps(num_steps: int, count: int) -> list[int]:
-    """``count`` schedule positions spread evenly over the whole schedule, both ends included."""
-    return spread(num_steps, count)

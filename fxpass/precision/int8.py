@@ -174,10 +174,9 @@ def _sets(proto, diffusion, options: Int8Options, run_fp32, num_classes: int):
     specs = {s.name: s for s in input_specs(proto)}
     if set(specs) < {"x", "t_index"}:
         raise FxpassError("--precision int8 needs a table-mode model (inputs x and t_index)")
-    x_shape = tuple(1 if d < 0 else d for d in specs["x"].shape)
-    x_shape = (1, *x_shape[1:])
+    x_shape = (1, *(1 if d < 0 else d for d in specs["x"].shape[1:]))  # batch 1 feeds
     n = diffusion.num_steps
-    steps = calibration.calibration_steps(n, options.calibration_steps)
+    steps = spread(n, options.calibration_steps)  # the whole schedule, both ends included
     eval_steps = spread(n, EVAL_STEPS)
     k, e = options.calibration_samples, options.eval_samples
     extras = calibration.extra_inputs(list(specs.values()), k + e, options.seed, num_classes)
@@ -232,9 +231,9 @@ def quantize_int8(proto: onnx.ModelProto, config=None, options: Int8Options | No
     if not layers:
         raise FxpassError("--precision int8: the model has no Conv or MatMul layers to quantize")
     plan_in = PrecisionPlan.load(options.plan) if options.plan is not None else None
-    print_ = fingerprint(layers)
+    graph_print = fingerprint(layers)
     if plan_in is not None:
-        plan_in.check_applies(layers, print_, str(options.plan))
+        plan_in.check_applies(layers, graph_print, str(options.plan))
     sessions = _Sessions(options.threads)
     with tempfile.TemporaryDirectory(prefix="fxpass-int8-") as tmp:
         workdir = Path(tmp)
@@ -270,7 +269,7 @@ def quantize_int8(proto: onnx.ModelProto, config=None, options: Int8Options | No
         final = quantizer.quantize(exclude=float_layers)
         quantized = onnx.load(str(final))
     metadata.write_props(quantized, {**props, metadata.PRECISION: "int8"})
-    plan = PrecisionPlan(float_layers, float(options.error_budget), print_, len(layers),
+    plan = PrecisionPlan(float_layers, float(options.error_budget), graph_print, len(layers),
                          {"damage": measured.damage, "t_index": measured.t_index, "ratios": measured.ratios},
                          records, about)
     lines = plan.describe(layers)
