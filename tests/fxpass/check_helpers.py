@@ -1,6 +1,12 @@
-"""Helpers for the targets tests (imported by name: pytest puts this folder on sys.path)."""
+"""Helpers shared by the tests of this folder (imported by name: pytest puts this folder on sys.path)."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -25,3 +31,48 @@ def scale_output_conv_weight(model: onnx.ModelProto, factor: float) -> str:
             init.CopyFrom(numpy_helper.from_array((weight * np.float32(factor)).astype(weight.dtype), init.name))
             return init.name
     raise AssertionError(f"no initializer for {node.input[1]}")
+
+
+REPO = Path(__file__).resolve().parents[2]
+#: the small schedule the user-class tests lower with
+SCHEDULE = ["--diffusion-steps", "100", "--timestep-respacing", "10"]
+
+
+def lower_user_class(directory: Path, name: str, model, *flags):
+    """``fxpass lower`` of ``user_models:<name>`` (weights of ``model``, seed 0) with ``--report``:
+    (exit code, checkpoint, ONNX path, the report or None)."""
+    import torch
+
+    from fxpass.checkpoint import save_checkpoint
+    from fxpass.cli import main
+
+    torch.manual_seed(0)
+    ckpt, out, report = directory / f"{name}.pt", directory / f"{name}.onnx", directory / f"{name}.json"
+    save_checkpoint(model, ckpt)
+    code = main(["lower", str(ckpt), "-o", str(out), "--report", str(report),
+                 "--model-class", f"user_models:{name}", *SCHEDULE, *flags])
+    return code, ckpt, out, (json.loads(report.read_text()) if report.exists() else None)
+
+
+def input_shapes(path) -> dict[str, list[int]]:
+    """The graph inputs of the ONNX file at ``path`` by name, static dimensions."""
+    graph = onnx.load(path).graph
+    return {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+
+
+def sample_in_a_fresh_process(sample_args: list[str], runtime_module: str) -> str:
+    """Run ``fxpass sample *sample_args`` in a new interpreter; asserts it succeeded and imported
+    ``runtime_module``; returns "torch-free" or "torch imported"."""
+    code = (
+        "import sys\n"
+        "from fxpass.cli import main\n"
+        f"rc = main(['sample', *{sample_args!r}])\n"
+        "assert rc == 0, rc\n"
+        "import fxpass, fxpass.sampler, fxpass.fileio, fxpass.denoisers\n"
+        f"assert {runtime_module!r} in sys.modules\n"
+        "print('torch imported' if any(m == 'torch' or m.startswith('torch.') for m in sys.modules) else 'torch-free')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().splitlines()[-1]

@@ -10,15 +10,13 @@ missing (a skipped runtime is never passed).
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from check_helpers import sample_in_a_fresh_process
 
 import targets.openvino as ov_target
 from fxpass import metadata
@@ -27,7 +25,6 @@ from fxpass.denoisers import OpenVinoDenoiser, make_denoiser
 from fxpass.errors import FxpassError
 from fxpass.sampler import GeneratorNoise, ddpm, repaint
 
-REPO = Path(__file__).resolve().parents[2]
 SIZE = 32  # conftest.TINY's image_size
 
 # OpenVINO f32 against ONNX Runtime, the final image x of 10-step DDPM and of RePaint (jump_length 3,
@@ -199,19 +196,8 @@ def test_existing_output_is_refused_without_force(tmp_path, capsys, tiny_onnx):
 def test_openvino_path_does_not_import_torch(tmp_path, tiny_onnx):
     _need("f32")
     out = tmp_path / "torchfree.png"
-    code = (
-        "import sys\n"
-        "from fxpass.cli import main\n"
-        f"rc = main(['sample', {str(tiny_onnx)!r}, '--ddpm', '-o', {str(out)!r}, '--runtime', 'openvino'])\n"
-        "assert rc == 0, rc\n"
-        "import fxpass, fxpass.sampler, fxpass.fileio, fxpass.denoisers\n"
-        "assert 'openvino' in sys.modules\n"
-        "print('torch imported' if any(m == 'torch' or m.startswith('torch.') for m in sys.modules) else 'torch-free')\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "torch-free"
+    args = [str(tiny_onnx), "--ddpm", "-o", str(out), "--runtime", "openvino"]
+    assert sample_in_a_fresh_process(args, "openvino") == "torch-free"
     assert out.is_file()
 
 

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import onnx
 import pytest
 import torch
+from check_helpers import SCHEDULE, input_shapes, lower_user_class
 from user_models import (
     ConfNet,
     FiveChannelNet,
@@ -35,22 +36,6 @@ from fxpass.errors import FxpassError
 from fxpass.metadata import parse, read_props
 from fxpass.signature import parse_input, plan, wrap
 
-SCHEDULE = ["--diffusion-steps", "100", "--timestep-respacing", "10"]
-
-
-def _lower(tmp_path, name, model, *flags):
-    torch.manual_seed(0)
-    ckpt, out, report = tmp_path / f"{name}.pt", tmp_path / f"{name}.onnx", tmp_path / f"{name}.json"
-    save_checkpoint(model, ckpt)
-    code = main(["lower", str(ckpt), "-o", str(out), "--report", str(report),
-                 "--model-class", f"user_models:{name}", *SCHEDULE, *flags])
-    return code, ckpt, out, (json.loads(report.read_text()) if report.exists() else None)
-
-
-def _inputs(out):
-    graph = onnx.load(out).graph
-    return {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
-
 
 def _assert_gate(report):
     check = report["check"]
@@ -67,17 +52,17 @@ def _assert_gate(report):
     ("Volume3DNet", lambda: Volume3DNet(), ["--image-size", "8"], {"x": [1, 1, 8, 8, 8], "t_index": [1]}),
 ])
 def test_cli_lowers_family_members(tmp_path, name, model, flags, inputs):
-    code, _, out, report = _lower(tmp_path, name, model(), *flags)
+    code, _, out, report = lower_user_class(tmp_path, name, model(), *flags)
     assert code == 0
-    assert _inputs(out) == inputs
+    assert input_shapes(out) == inputs
     _assert_gate(report)
     meta = parse(read_props(onnx.load(out)))
     assert meta.mode == "table" and list(meta.timesteps) == fxpass.schedule.respaced(100, "10")
 
 
 def test_continuous_noise_level_folds_as_float_tables(tmp_path):
-    code, _, out, report = _lower(tmp_path, "NoiseLevelNet", NoiseLevelNet(), "--image-size", "16")
-    assert code == 0 and _inputs(out) == {"x": [1, 6, 16, 16], "t_index": [1]}
+    code, _, out, report = lower_user_class(tmp_path, "NoiseLevelNet", NoiseLevelNet(), "--image-size", "16")
+    assert code == 0 and input_shapes(out) == {"x": [1, 6, 16, 16], "t_index": [1]}
     _assert_gate(report)
     assert report["signature"] == {"x": "y_cond_and_noisy", "timestep": "gammas", "timestep_dtype": "float32",
                                    "inputs": {"x": [1, 6, 16, 16], "timesteps": [1]}}
@@ -87,21 +72,21 @@ def test_continuous_noise_level_folds_as_float_tables(tmp_path):
 
 def test_conf_object_from_nested_model_kwargs(tmp_path):
     kwargs = {"conf": {"num_channels": 8, "diffusion_steps": 100}}
-    code, *_, report = _lower(tmp_path, "ConfNet", ConfNet(SimpleNamespace(**kwargs["conf"])),
+    code, *_, report = lower_user_class(tmp_path, "ConfNet", ConfNet(SimpleNamespace(**kwargs["conf"])),
                                   "--model-kwargs", json.dumps(kwargs), "--image-size", "16")
     assert code == 0
     _assert_gate(report)
 
 
 def test_use_fp16_model_is_lowered_in_float32_consistently(tmp_path):
-    code, _, _, report = _lower(tmp_path, "UserUNet", UserUNet(steps=100), "--image-size", "16",
+    code, _, _, report = lower_user_class(tmp_path, "UserUNet", UserUNet(steps=100), "--image-size", "16",
                                 "--model-kwargs", '{"steps": 100, "use_fp16": true}')
     assert code == 0
     _assert_gate(report)
 
 
 def test_check_rechecks_a_user_class(tmp_path, capsys):
-    code, ckpt, out, _ = _lower(tmp_path, "SuperResNet", SuperResNet(), "--input", "low_res=1,3,8,8")
+    code, ckpt, out, _ = lower_user_class(tmp_path, "SuperResNet", SuperResNet(), "--input", "low_res=1,3,8,8")
     assert code == 0
     user = ["--model-class", "user_models:SuperResNet", "--input", "low_res=1,3,8,8"]
     assert main(["check", str(out), "--model", str(ckpt), "--all-steps", *user]) == 0
@@ -121,7 +106,7 @@ def test_check_rechecks_a_user_class(tmp_path, capsys):
      None),  # a wrong shape: the model's own failure, one line naming its source
 ])
 def test_refusals_say_what_to_pass(tmp_path, capsys, name, model, flags, message):
-    code, *_ = _lower(tmp_path, name, model(), *flags)
+    code, *_ = lower_user_class(tmp_path, name, model(), *flags)
     err = capsys.readouterr().err
     assert code == 2 and "internal error" not in err and "Proxy(" not in err
     if message:
@@ -129,9 +114,9 @@ def test_refusals_say_what_to_pass(tmp_path, capsys, name, model, flags, message
 
 
 def test_timestep_input_names_an_unknown_parameter(tmp_path):
-    code, _, out, report = _lower(tmp_path, "UnknownTimeNet", UnknownTimeNet(), "--image-size", "16",
+    code, _, out, report = lower_user_class(tmp_path, "UnknownTimeNet", UnknownTimeNet(), "--image-size", "16",
                                   "--timestep-input", "step_value")
-    assert code == 0 and _inputs(out) == {"x": [1, 3, 16, 16], "t_index": [1]}
+    assert code == 0 and input_shapes(out) == {"x": [1, 3, 16, 16], "t_index": [1]}
     _assert_gate(report)
 
 
@@ -226,7 +211,7 @@ def test_noise_level_values_are_the_schedules_alpha_bar(tmp_path):
 
     from fxpass.diffusion import base_betas
 
-    code, ckpt, out, report = _lower(tmp_path, "NoiseLevelNet", NoiseLevelNet(), "--image-size", "16",
+    code, ckpt, out, report = lower_user_class(tmp_path, "NoiseLevelNet", NoiseLevelNet(), "--image-size", "16",
                                      "--timestep-values", "alpha_bar")
     assert code == 0
     _assert_gate(report)

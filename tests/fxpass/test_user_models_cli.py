@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from check_helpers import SCHEDULE, input_shapes, lower_user_class
 from user_models import (
     BareCondNet,
     CondChannelsNet,
@@ -31,22 +32,6 @@ from fxpass.errors import FxpassError
 from fxpass.metadata import parse, read_props
 from fxpass.signature import plan
 
-SCHEDULE = ["--diffusion-steps", "100", "--timestep-respacing", "10"]
-
-
-def _inputs(out):
-    graph = onnx.load(out).graph
-    return {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
-
-
-def _lower(directory, name, model, *flags):
-    torch.manual_seed(0)
-    ckpt, out, report = directory / f"{name}.pt", directory / f"{name}.onnx", directory / f"{name}.json"
-    save_checkpoint(model, ckpt)
-    code = main(["lower", str(ckpt), "-o", str(out), "--report", str(report),
-                 "--model-class", f"user_models:{name}", *SCHEDULE, *flags])
-    return code, ckpt, out, (json.loads(report.read_text()) if report.exists() else None)
-
 
 def _against_eager(out, model, continuous=False):
     """ORT on ``out`` against ``model`` itself (its own parameter names) at three schedule positions."""
@@ -54,7 +39,7 @@ def _against_eager(out, model, continuous=False):
 
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     meta = parse(read_props(onnx.load(out)))
-    shapes = _inputs(out)
+    shapes = input_shapes(out)
     gen = torch.Generator().manual_seed(3)
     feeds = {n: torch.randn(s, generator=gen) for n, s in shapes.items() if n != "t_index"}
     n = len(meta.timesteps)
@@ -86,14 +71,14 @@ def superres(tmp_path_factory):
     """SmallSizeSRNet lowered with no --input: low_res from small_size, its channels as x's."""
     directory = tmp_path_factory.mktemp("superres")
     model = SmallSizeSRNet()
-    code, ckpt, out, report = _lower(directory, "SmallSizeSRNet", model)
+    code, ckpt, out, report = lower_user_class(directory, "SmallSizeSRNet", model)
     return code, ckpt, out, report, model, directory
 
 
 def test_low_res_shape_from_small_size(superres):
     code, _, out, report, model, _ = superres
     assert code == 0
-    assert _inputs(out) == {"x": [1, 3, 16, 16], "t_index": [1], "low_res": [1, 3, 8, 8]}
+    assert input_shapes(out) == {"x": [1, 3, 16, 16], "t_index": [1], "low_res": [1, 3, 8, 8]}
     assert report["check"]["passed"] and report["check"]["max_rel_to_scale"] <= 1e-4
     _against_eager(out, model)
 
@@ -104,8 +89,8 @@ def test_low_res_shape_from_small_size(superres):
 ])
 def test_input_shapes_from_attributes(tmp_path, name, model, inputs):
     model = model()
-    code, _, out, report = _lower(tmp_path, name, model, "--image-size", "16")
-    assert code == 0 and _inputs(out) == inputs
+    code, _, out, report = lower_user_class(tmp_path, name, model, "--image-size", "16")
+    assert code == 0 and input_shapes(out) == inputs
     assert report["check"]["max_rel_to_scale"] <= 1e-4
     _against_eager(out, model)
 
@@ -151,7 +136,7 @@ def test_plan_refuses_what_the_attributes_cannot_say(setup, message):
       "cond_size, cond_channels); give its shape with --input cond=1,C,H,W (C its channels, H,W its size)")),
 ])
 def test_lower_says_which_input_and_how(tmp_path, capsys, name, model, message):
-    code, *_ = _lower(tmp_path, name, model(), "--image-size", "16")
+    code, *_ = lower_user_class(tmp_path, name, model(), "--image-size", "16")
     assert code == 2
     assert message in _error(capsys)
 
@@ -186,7 +171,7 @@ def test_golden_for_a_user_class(superres, capsys):
 def test_golden_feeds_a_continuous_model_its_noise_levels(tmp_path, capsys):
     values = ["--timestep-values", "alpha_bar"]
     model = NoiseLevelNet()
-    code, ckpt, out, report = _lower(tmp_path, "NoiseLevelNet", model, "--image-size", "16", *values)
+    code, ckpt, out, report = lower_user_class(tmp_path, "NoiseLevelNet", model, "--image-size", "16", *values)
     assert code == 0 and report["check"]["max_rel_to_scale"] <= 1e-4
     _against_eager(out, model, continuous=True)  # fed alpha_bar of each timestep, as the table holds
     user = ["--model-class", "user_models:NoiseLevelNet", *SCHEDULE, "--image-size", "16"]
