@@ -12,9 +12,11 @@ from polygraphy.comparator import Comparator, CompareFunc
 
 #: (atol as a fraction of max|reference|, elementwise rtol) per precision
 #: int8: a sanity bound for a broken graph, not the quality gate (that is the plan's eps-MSE budget,
-#: measured on the task): measured 8.0e-3 on the trained digits reference with its plan.
+#: measured on the task): measured 8.0e-3 on the trained digits reference with its plan; 0.08-0.12 on
+#: the random-weight tiny test config fully int8 (ORT's unfused QDQ reference gives the same: random
+#: weights quantize badly); 0.29-0.44 for 8-bit weights saturating in ORT's AVX2 kernels (no VNNI).
 #: bf16: as OpenVINO's bf16 tolerance (targets.openvino.TOLERANCES).
-TOLERANCES = {"fp32": (1e-4, 0.0), "fp16": (2e-2, 0.0), "bf16": (7e-2, 0.0), "int8": (1e-1, 0.0)}
+TOLERANCES = {"fp32": (1e-4, 0.0), "fp16": (2e-2, 0.0), "bf16": (7e-2, 0.0), "int8": (2e-1, 0.0)}
 
 
 @dataclass

@@ -29,6 +29,9 @@ def add_parser(sub, common) -> None:
                    help="further images or trajectories the plan is judged on (default 4)")
     q.add_argument("--error-budget", type=float, default=0.05, metavar="F",
                    help="largest eps-MSE increase over float32 allowed at any evaluated step (default 0.05 = 5%%)")
+    q.add_argument("--reduce-range", choices=("auto", "on", "off"), default="auto",
+                   help="7-bit weights (ONNX Runtime's reduce_range): auto (default) where this CPU needs them "
+                        "(x86 without VNNI, whose ORT kernels saturate 8-bit weights); on for such targets")
     q.add_argument("--precision-plan", metavar="FILE.json",
                    help="reuse a plan (a plan file or the --report of an earlier int8 lowering) instead of searching")
     p.add_argument("--opset", type=int, default=21)
@@ -109,7 +112,7 @@ def _int8_options(args):
         check_input_file(args.precision_plan, "a precision plan (JSON)")
     options = Int8Options(calibration_data=args.calibration_data, calibration_steps=args.calibration_steps,
                           calibration_samples=args.calibration_samples, eval_samples=args.eval_samples,
-                          error_budget=args.error_budget, plan=args.precision_plan)
+                          error_budget=args.error_budget, plan=args.precision_plan, reduce_range=args.reduce_range)
     options.check()
     return options
 

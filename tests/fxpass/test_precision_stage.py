@@ -191,8 +191,10 @@ def test_cli_int8_flags_need_int8(tiny_ckpt, tiny_yaml, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--step-graph"], "--precision int8: written as a table-mode ONNX model only so far (not --step-graph)"),
-    (["--format", "pte"], "--precision int8: written as a table-mode ONNX model only so far (not --format pte)"),
+    (["--step-graph"], "--precision int8: its plan is measured on the U-Net along the schedule, so it is written "
+                       "as the table-mode graph (not --step-graph)"),
+    (["--format", "pte"], "--precision int8: ONNX Runtime's QDQ model, written as --format onnx or ort (not pte"),
+    (["--format", "mlpackage"], "(not mlpackage; for a smaller Core ML package use --palettize-bits)"),
     (["--timesteps", "5"], "--precision int8: needs the respaced schedule in one graph"),
     (["--calibration-data", "nowhere"], "nowhere: --calibration-data needs a directory of images"),
     (["--error-budget", "-1"], "--error-budget -1.0: expected a number above 0")])
@@ -214,7 +216,7 @@ def test_cli_int8_writes_the_plan_and_reuses_it(tiny_ckpt, tiny_yaml, tmp_path, 
     assert "int8 plan" in out and "layers int8" in out  # the plan's lines (rich wraps them in the table)
     assert written["int8"]["plan_lines"][-1].startswith("eps-MSE ratio to float32 (+ its standard error) at most")
     assert written["precision"] == "int8" and written["check"]["passed"]
-    assert written["check"]["tolerance"]["atol_scale"] == 0.1
+    assert written["check"]["tolerance"]["atol_scale"] == 0.2
     assert main([*args, "-o", str(tmp_path / "b.onnx"), "--precision-plan", str(report)]) == 0
     assert "int8 plan (reused)" in capsys.readouterr().out
     assert (tmp_path / "b.onnx").read_bytes() == first.read_bytes()
@@ -249,3 +251,22 @@ def test_cli_bf16_is_checked_on_openvino(tiny_ckpt, tiny_yaml, tmp_path, capsys)
     assert metadata.read_props(model)[metadata.PRECISION] == "bf16"
     assert {i.data_type for i in model.graph.initializer} <= {onnx.TensorProto.FLOAT,
                                                                              onnx.TensorProto.INT64}
+
+
+# ---- 8-bit weights saturate in ONNX Runtime's x86 kernels without VNNI --------------------------------
+@pytest.mark.parametrize("flags, saturates", [
+    ("flags : fpu sse2 avx avx2 fma", True),  # AVX2 only: u8s8 pairs add into int16 and saturate
+    ("flags : avx2 avx512f avx512bw", True),  # AVX-512 without VNNI: the same
+    ("flags : avx2 avx512f avx512_vnni avx512_bf16", False),
+    ("flags : avx2 avx_vnni", False)])
+def test_weights_saturate_without_vnni(flags, saturates):
+    from fxpass.precision.int8 import resolve_reduce_range, weights_saturate_here
+
+    assert weights_saturate_here(flags) is saturates
+    assert resolve_reduce_range("on") is True and resolve_reduce_range("off") is False
+    assert resolve_reduce_range("auto") is weights_saturate_here()
+
+
+def test_reduce_range_is_an_option_with_a_checked_value():
+    with pytest.raises(FxpassError, match="--reduce-range 'maybe': expected auto, on, off"):
+        Int8Options(reduce_range="maybe").check()
