@@ -55,7 +55,15 @@ class Lowered:
     stages: dict[str, float] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
     check: dict[str, Any] | None = None
-    graph_module: Any = None  # the rewritten fx graph (what .pte / .mlpackage are made from)
+    graph_module: Any = None  # the rewritten fx graph
+    #: the module the ONNX was exported from (the rewritten graph, or the DenoisingStep around it with
+    #: --step-graph) and its example inputs: what .pte / .mlpackage are made from
+    source: Any = None
+    source_inputs: dict[str, Any] | None = None
+
+    @property
+    def step_graph(self) -> bool:
+        return metadata.read_props(self.model).get(metadata.MODE) == "step"
 
     @property
     def passed(self) -> bool:
@@ -95,9 +103,16 @@ def _validate(precision: str, group_norm: str, opset: int, fmt: str = "onnx", st
     check_opset(opset)
     if precision not in PRECISIONS:
         raise FxpassError(f"--precision {precision}: expected {', '.join(PRECISIONS)}")
-    if precision in ("bf16", "int8") and (fmt != "onnx" or step_graph):
-        raise FxpassError(f"--precision {precision}: written as a table-mode ONNX model only so far "
-                          f"(not {'--step-graph' if step_graph else '--format ' + fmt})")
+    if precision == "bf16" and (fmt != "onnx" or step_graph):  # a runtime hint only OpenVINO takes
+        raise FxpassError(f"--precision bf16: an OpenVINO inference precision for the table-mode ONNX model "
+                          f"(not {'--step-graph' if step_graph else '--format ' + fmt}); use --precision fp16 "
+                          "for the mobile formats")
+    if precision == "int8" and step_graph:
+        raise FxpassError("--precision int8: its plan is measured on the U-Net along the schedule, so it is "
+                          "written as the table-mode graph (not --step-graph)")
+    if precision == "int8" and fmt not in ("onnx", "ort"):
+        raise FxpassError(f"--precision int8: ONNX Runtime's QDQ model, written as --format onnx or ort (not "
+                          f"{fmt}; for a smaller Core ML package use --palettize-bits)")
     if precision == "bf16":
         from targets.openvino import openvino_unavailable_reason
 
@@ -226,7 +241,8 @@ def lower_with_report(
     meta = metadata.ModelMeta("step" if step_graph else mode, tuple(kept), tuple(seen),
                               config.to_dict() if config is not None else None, "fp32")  # precision stage marks its own
     with run.stage("export"):
-        proto = _export(gm, config, meta, opset=opset, dynamic_batch=dynamic_batch, step_graph=step_graph)
+        proto, source, source_inputs = _export(gm, config, meta, opset=opset, dynamic_batch=dynamic_batch,
+                                               step_graph=step_graph)
     report["onnx_nodes_exported"] = len(proto.graph.node)
 
     import surgery
@@ -254,7 +270,7 @@ def lower_with_report(
             check = check_against_eager(proto, model, config=config, tolerance=tolerance or default_tolerance(precision),
                                         runtime="openvino-bf16" if precision == "bf16" else "ort")
         report["check"] = check
-    lowered = Lowered(proto, mode, kept, seen, run.stages, report, check, gm)
+    lowered = Lowered(proto, mode, kept, seen, run.stages, report, check, gm, source, source_inputs)
     if check is not None and not check["passed"] and not (force and output is not None):
         where = f"{output}: not written: " if output is not None else "lower: "
         why = f"output has non-finite values ({check['nonfinite']})" if check.get("nonfinite") else \
@@ -288,8 +304,6 @@ def _validate_format(fmt: str, step_graph: bool) -> None:
         raise FxpassError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     if fmt == "onnx":
         return
-    if step_graph:
-        raise FxpassError(f"--format {fmt}: the step graph is written as ONNX only so far")
     from .formats import format_unavailable_reason
 
     reason = format_unavailable_reason(fmt)
@@ -309,12 +323,16 @@ def _write_format(lowered: Lowered, fmt: str, output: Path, report_path: Path | 
         result = formats.to_ort(lowered.model, output)
         result["coverage"] = {k: v for k, v in formats.mobile_coverage(lowered.model).items() if k != "log"}
     else:
-        gm = lowered.graph_module
-        example = dict(gm.meta["fxpass_example_inputs"])
+        from .step_graph import STEP_OUTPUTS
+
+        rows = len(lowered.timesteps) if lowered.mode == "table" else None
+        example = dict(lowered.source_inputs)
         if fmt == "pte":
-            result = formats.to_pte(gm, example, output, fp16=precision == "fp16")
+            result = formats.to_pte(lowered.source, example, output, fp16=precision == "fp16", rows=rows)
         else:
-            result = formats.to_mlpackage(gm, example, output, precision="fp16", palettize_bits=palettize_bits)
+            result = formats.to_mlpackage(lowered.source, example, output, precision="fp16", rows=rows,
+                                          palettize_bits=palettize_bits,
+                                          output_names=STEP_OUTPUTS if lowered.step_graph else ("out",))
     stages["write"] = time.perf_counter() - t0
     lowered.report["output"] = str(output)
     lowered.report["format"] = {"name": fmt, **result}
@@ -367,18 +385,19 @@ def sized_config(config: ModelConfig | None, model) -> ModelConfig | None:
 
 
 def _export(gm, config, meta: metadata.ModelMeta, *, opset: int, dynamic_batch: bool, step_graph: bool):
+    """The ONNX model and the torch module it was exported from with that module's example inputs
+    (the rewritten graph, or the :class:`~fxpass.step_graph.DenoisingStep` around it): the mobile
+    formats are made from the same module."""
     props = metadata.encode(meta)
     if not step_graph:
-        return export(gm, opset=opset, dynamic_batch=dynamic_batch, metadata=props)
-    from .step_graph import STEP_OUTPUTS, DenoisingStep
+        return export(gm, opset=opset, dynamic_batch=dynamic_batch, metadata=props), gm, \
+            dict(gm.meta["fxpass_example_inputs"])
+    from .step_graph import STEP_OUTPUTS, step_module
 
-    inputs = dict(gm.meta["fxpass_example_inputs"])
-    x = inputs["x"]
-    step_inputs = {"x": x, "t_index": inputs["t_index"], "noise": torch.zeros_like(x)}
-    if "y" in inputs:
-        step_inputs["y"] = inputs["y"]
-    return export(DenoisingStep(gm, config).eval(), step_inputs, opset=opset, dynamic_batch=dynamic_batch,
-                  metadata=props, output_names=STEP_OUTPUTS)
+    step, step_inputs = step_module(gm, config, gm.meta["fxpass_example_inputs"])
+    proto = export(step, step_inputs, opset=opset, dynamic_batch=dynamic_batch, metadata=props,
+                   output_names=STEP_OUTPUTS)
+    return proto, step, step_inputs
 
 
 def _precision_stage(proto: onnx.ModelProto, precision: str, mode: str, config, model, int8, report: dict,

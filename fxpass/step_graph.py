@@ -45,6 +45,16 @@ class DenoisingStep(nn.Module):
     def _at(self, name: str, t_index: torch.Tensor) -> torch.Tensor:
         return torch.index_select(getattr(self, f"step_{name}"), 0, t_index).reshape(-1, 1, 1, 1)
 
+    def with_unet(self, unet: nn.Module) -> "DenoisingStep":
+        """The same step around another U-Net (e.g. one computing in float16); the tables are shared."""
+        step = DenoisingStep.__new__(DenoisingStep)
+        nn.Module.__init__(step)
+        step.unet = unet
+        step.learn_sigma, step.class_cond = self.learn_sigma, self.class_cond
+        for name, buffer in self.named_buffers(recurse=False):
+            step.register_buffer(name, buffer)
+        return step.train(self.training)
+
     def forward(self, x, t_index, noise, y=None):
         out = self.unet(x, t_index, y) if self.class_cond else self.unet(x, t_index)
         c = x.shape[1]
@@ -59,3 +69,16 @@ class DenoisingStep(nn.Module):
         mean = self._at("coef1", t_index) * pred + self._at("coef2", t_index) * x
         x_prev = mean + self._at("nonzero", t_index) * torch.exp(0.5 * log_var) * noise
         return x_prev, pred
+
+
+def step_module(unet: nn.Module, config: ModelConfig, example_inputs, *, seed: int = 0):
+    """(the :class:`DenoisingStep` around a table-mode ``unet``, its example inputs ``x``, ``t_index``,
+    ``noise``[, ``y``]): ``x``/``t_index``/``y`` from the U-Net's example inputs, ``noise`` seeded normal
+    (not zeros, so a check of the written step sees the noise term at every t_index but 0)."""
+    inputs = dict(example_inputs)
+    x = inputs["x"]
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=x.dtype)
+    step_inputs = {"x": x, "t_index": inputs["t_index"], "noise": noise}
+    if "y" in inputs:
+        step_inputs["y"] = inputs["y"]
+    return DenoisingStep(unet, config).eval(), step_inputs

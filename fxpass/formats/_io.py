@@ -20,6 +20,23 @@ def rel_error(out: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(out - ref).max() / scale)
 
 
+def worst_error(outs, refs, names, *, t_index: int | None = None, sqrt_recipm1=None) -> float:
+    """The worst :func:`rel_error` over a model's outputs.  A step graph's ``pred_xstart`` error is divided
+    by sqrt(1/alpha_bar - 1) at ``t_index`` (``sqrt_recipm1``: that table, None for other graphs):
+    pred_xstart = sqrt(1/alpha_bar) x - sqrt(1/alpha_bar - 1) eps multiplies the U-Net's float error
+    by it, and fxpass lower's step-graph gate judges it the same way."""
+    outs, refs, names = list(outs), list(refs), list(names)
+    if not len(outs) == len(refs) == len(names):
+        raise FxpassError(f"{len(outs)} outputs, the reference gives {len(refs)}")
+    worst = 0.0
+    for out, ref, name in zip(outs, refs, names):
+        err = rel_error(out, ref)
+        if name == "pred_xstart" and sqrt_recipm1 is not None and t_index is not None:
+            err /= max(float(np.asarray(sqrt_recipm1).ravel()[t_index]), 1.0)
+        worst = max(worst, err)
+    return worst
+
+
 def spread(n: int, count: int = 3) -> list[int]:
     """``count`` indices over range(n): first, middle, last (deduplicated, in order)."""
     picks = [0, (n - 1) // 2, n - 1][:count] if count <= 3 else list(np.linspace(0, n - 1, count).round().astype(int))

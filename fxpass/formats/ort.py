@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import FxpassError
 from ._deps import require
 from ..fileio import staged_path
-from ._io import rel_error, spread
+from ._io import spread, worst_error
 
 OPTIMIZATION_STYLES = ("Fixed", "Runtime")
 TARGET_PLATFORMS = ("arm", "amd64")
@@ -38,7 +38,7 @@ TARGET_PLATFORMS = ("arm", "amd64")
 #: same kernels, tight.  fp16: ORT's CPU optimizer (level "all", applied before saving in the Fixed
 #: style) runs the float16 nodes in float32 behind inserted Casts, so it differs from the unoptimized
 #: ONNX by the float16 rounding it skips (7.7e-4·max|ref| on the tiny config)
-ORT_TOLERANCE = {"fp32": 1e-5, "fp16": 1e-2}
+ORT_TOLERANCE = {"fp32": 1e-5, "fp16": 1e-2, "int8": 1e-2}
 #: EP name as the mobile-usability tool calls it -> op table file in onnxruntime/tools/mobile_helpers
 COREML_TABLES = {"CoreML MLProgram": "coreml_supported_mlprogram_ops.md",
                  "CoreML NeuralNetwork": "coreml_supported_neuralnetwork_ops.md"}
@@ -92,11 +92,17 @@ def _session(path: Path):
 
 
 def _precision(path: Path) -> str:
-    """fp16 when the model says so in its fxpass metadata or takes a float16 input, else fp32."""
+    """fp16 or int8 when the model says so in its fxpass metadata (fp16 also when it takes a float16
+    input, int8 when it holds QuantizeLinear nodes), else fp32."""
+    import onnx
+
     sess = _session(path)
     meta = sess.get_modelmeta().custom_metadata_map
     from .. import metadata
 
+    if meta.get(metadata.PRECISION) == "int8" or any(
+            n.op_type == "QuantizeLinear" for n in onnx.load_model(str(path), load_external_data=False).graph.node):
+        return "int8"
     if meta.get(metadata.PRECISION) == "fp16" or any(i.type == "tensor(float16)" for i in sess.get_inputs()):
         return "fp16"
     return "fp32"
@@ -110,12 +116,28 @@ def compare_ort(onnx_path: str | Path, ort_path: str | Path, *, seed: int = 0) -
     names = [o.name for o in ref_sess.get_outputs()]
     if names != [o.name for o in ort_sess.get_outputs()]:
         raise FxpassError(f"{ort_path}: outputs {[o.name for o in ort_sess.get_outputs()]} differ from the ONNX's {names}")
+    amplification = _step_amplification(ref_sess)
     for feeds in seeded_feeds(ref_sess, seed=seed):
         ref, out = ref_sess.run(None, feeds), ort_sess.run(None, feeds)
-        worst = max([worst, *(rel_error(o, r) for o, r in zip(out, ref))])
-        if "t_index" in feeds:
-            used.append(int(feeds["t_index"].flat[0]))
+        t_index = int(feeds["t_index"].flat[0]) if "t_index" in feeds else None
+        worst = max(worst, worst_error(out, ref, names, t_index=t_index, sqrt_recipm1=amplification))
+        if t_index is not None:
+            used.append(t_index)
     return {"max_rel_to_scale": worst, "t_index": used, "outputs": names}
+
+
+def _step_amplification(session):
+    """sqrt(1/alpha_bar - 1) per t_index of a step graph (from its fxpass metadata), else None."""
+    from .. import metadata
+
+    props = dict(session.get_modelmeta().custom_metadata_map)
+    if props.get(metadata.MODE) != "step":
+        return None
+    from ..config import from_dict
+    from ..diffusion import Diffusion
+
+    meta = metadata.parse(props, "model", require=("step",))
+    return Diffusion.from_config(from_dict(meta.config).to_dict()).sqrt_recipm1_alphas_cumprod
 
 
 def to_ort(onnx_path_or_proto, out_path: str | Path, *, optimization_style: str = "Fixed",

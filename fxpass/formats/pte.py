@@ -20,7 +20,7 @@ import torch
 from ..errors import FxpassError, first_line
 from ._deps import require
 from ..fileio import staged_path
-from ._io import rel_error, spread
+from ._io import spread, worst_error
 
 #: gates against the eager model (max|diff| ≤ tol·max|ref|), as fxpass lower's for ONNX
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
@@ -50,6 +50,19 @@ def _halve_constants(gm: torch.nn.Module) -> torch.nn.Module:
     return gm
 
 
+def half_compute(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module`` computing in float16 with float32 inputs and outputs.  A step graph
+    (:class:`~fxpass.step_graph.DenoisingStep`) keeps its posterior update in float32: only its U-Net
+    is halved (its coefficients reach ~1/sqrt(alpha_bar) ≈ 10^2, whose products cancel in float16)."""
+    import copy
+
+    from ..step_graph import DenoisingStep
+
+    if isinstance(module, DenoisingStep):
+        return module.with_unet(_HalfCompute(_halve_constants(copy.deepcopy(module.unet))))
+    return _HalfCompute(_halve_constants(copy.deepcopy(module)))
+
+
 def _ordered(example_inputs) -> tuple[torch.Tensor, ...]:
     if isinstance(example_inputs, Mapping):
         return tuple(example_inputs.values())
@@ -58,12 +71,16 @@ def _ordered(example_inputs) -> tuple[torch.Tensor, ...]:
 
 def to_pte(graph_module: torch.nn.Module, example_inputs: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
            out_path: str | Path, *, fp16: bool = False, verify: bool = True,
-           reference: torch.nn.Module | None = None, tolerance: float | None = None) -> dict[str, Any]:
+           reference: torch.nn.Module | None = None, tolerance: float | None = None,
+           rows: int | None = None) -> dict[str, Any]:
     """Export ``graph_module`` (positional inputs in the order of ``example_inputs``; a dict's order is
     its insertion order, e.g. ``x``, ``t_index``) with ``torch.export.export`` and lower it with
-    ExecuTorch's XNNPACK partitioner to a ``.pte`` file at ``out_path``.
+    ExecuTorch's XNNPACK partitioner to a ``.pte`` file at ``out_path``.  ``graph_module`` may also be the
+    step graph (:func:`fxpass.step_graph.step_module`: inputs x, t_index, noise; outputs x_prev, pred_xstart).
 
-    ``fp16``: parameters and activations float16 inside, inputs and outputs stay float32.
+    ``fp16``: parameters and activations float16 inside, inputs and outputs stay float32 (a step
+    graph's posterior update too: :func:`half_compute`).  ``rows``: how many t_index rows its tables
+    have (default: from the graph's fxpass metadata).
     ``verify``: the ``.pte`` runs in ExecuTorch's runtime against ``reference`` (default: the graph
     module itself, float32) on the example inputs with ``t_index`` (when there is one) at the first,
     middle and last row of its tables; above ``tolerance``·max|ref| (fp32 1e-4, fp16 2e-2) or NaN/Inf
@@ -82,9 +99,7 @@ def to_pte(graph_module: torch.nn.Module, example_inputs: Mapping[str, torch.Ten
     reference = graph_module if reference is None else reference
     module = graph_module
     if fp16:
-        import copy
-
-        module = _HalfCompute(_halve_constants(copy.deepcopy(graph_module)))
+        module = half_compute(graph_module)
     module = module.eval()
     t0 = time.perf_counter()
     try:
@@ -105,7 +120,7 @@ def to_pte(graph_module: torch.nn.Module, example_inputs: Mapping[str, torch.Ten
     with staged_path(out_path) as staged:
         staged.write_bytes(program.buffer)
         if verify:
-            check = compare_pte(staged, reference, inputs)
+            check = compare_pte(staged, reference, inputs, rows=rows)
             check["tolerance"] = tolerance
             check["passed"] = check["max_rel_to_scale"] <= tolerance
             report["check"] = check
@@ -148,6 +163,7 @@ def compare_pte(path: str | Path, reference: torch.nn.Module, inputs: Sequence[t
     table rows; default from the graph's metadata, else the given t_index only)."""
     rows = rows or _table_rows(reference)
     cases = schedule_positions(inputs, rows) if rows else [tuple(inputs)]
+    names, amplification = output_names(reference)
     worst, used = 0.0, []
     for case in cases:
         with torch.no_grad():
@@ -156,11 +172,22 @@ def compare_pte(path: str | Path, reference: torch.nn.Module, inputs: Sequence[t
         outs = run_pte(path, case)
         if len(outs) != len(refs):
             raise FxpassError(f"{path}: {len(outs)} outputs, PyTorch gives {len(refs)}")
-        worst = max([worst, *(rel_error(o, r) for o, r in zip(outs, refs))])
         ints = [a for a in case if not a.is_floating_point()]
-        if ints:
-            used.append(int(ints[0].flatten()[0]))
+        t_index = int(ints[0].flatten()[0]) if ints else None
+        worst = max(worst, worst_error(outs, refs, names or [f"output_{i}" for i in range(len(refs))],
+                                       t_index=t_index, sqrt_recipm1=amplification))
+        if t_index is not None:
+            used.append(t_index)
     return {"max_rel_to_scale": worst, "t_index": used}
+
+
+def output_names(module: torch.nn.Module) -> tuple[list[str] | None, np.ndarray | None]:
+    """(output names, sqrt(1/alpha_bar - 1) per t_index) of a step graph; (None, None) for other modules."""
+    from ..step_graph import STEP_OUTPUTS, DenoisingStep
+
+    if isinstance(module, DenoisingStep):
+        return list(STEP_OUTPUTS), module.step_sqrt_recipm1_ac.detach().numpy()
+    return None, None
 
 
 def run_pte(path: str | Path, inputs: Mapping[str, Any] | Sequence[Any], *, method: str = "forward") -> list[np.ndarray]:

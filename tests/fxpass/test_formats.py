@@ -307,9 +307,108 @@ def test_cli_palettize_bits_needs_mlpackage(tiny_ckpt, tiny_yaml, tmp_path, caps
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_cli_lower_format_refuses_the_step_graph(tiny_ckpt, tiny_yaml, tmp_path, capsys):
+# ---- the step graph on every format (x, t_index, noise -> x_prev, pred_xstart) --------------------------
+def _step_reference(model, t_index: int, config=TINY):
+    """Seeded step inputs and what the eager model + the NumPy sampler's posterior make of them."""
+    from fxpass.diffusion import Diffusion
+    from targets.step_ref import NumpyStepRunner
+
+    rng = np.random.default_rng(300 + t_index)
+    feed = {"x": rng.standard_normal((1, 3, 32, 32), dtype=np.float32), "t_index": np.array([t_index]),
+            "noise": rng.standard_normal((1, 3, 32, 32), dtype=np.float32)}
+    diffusion = Diffusion.from_config(config.to_dict())
+    runner = NumpyStepRunner(model, diffusion, respaced(config.diffusion_steps, config.timestep_respacing))
+    with runner:
+        ref = runner.infer(feed)
+    return feed, [ref["x_prev"], ref["pred_xstart"]], diffusion.sqrt_recipm1_alphas_cumprod[t_index]
+
+
+def _step_error(got, ref, amplification: float) -> float:
+    """x_prev's error; pred_xstart's divided by sqrt(1/alpha_bar - 1), which multiplies eps's (as the gate)."""
+    return max(_rel(got[0], ref[0]), _rel(got[1], ref[1]) / max(amplification, 1.0))
+
+
+@_needs("ort")
+def test_step_graph_as_ort_equals_eager_and_is_covered_by_coreml(tiny_ckpt, tiny_yaml, tmp_path, capsys):
+    import onnxruntime as ort
+    import yaml
+
+    from fxpass.checkpoint import load_model
+    from fxpass.cli import main
+    from fxpass.config import from_dict
+
+    out, report = tmp_path / "step.ort", tmp_path / "r.json"
+    assert main(["lower", str(tiny_ckpt), "--config", str(tiny_yaml), "-o", str(out), "--format", "ort",
+                 "--step-graph", "--report", str(report)]) == 0
+    data = json.loads(report.read_text())["format"]
+    assert data["check"]["passed"] and data["check"]["max_rel_to_scale"] <= 1e-5
+    assert data["check"]["outputs"] == ["x_prev", "pred_xstart"] and data["check"]["t_index"] == [0, 4, 9]
+    ml = data["coverage"]["eps"]["CoreML MLProgram"]  # measured 386/394 nodes in 2 partitions
+    assert ml["nodes_supported"] >= 0.95 * ml["nodes"] and len(ml["partition_sizes"]) <= 3, ml["unsupported_ops"]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["x", "t_index", "noise"]
+    config = from_dict(yaml.safe_load(tiny_yaml.read_text()))  # the CLI's checkpoint, not this module's TINY
+    model = load_model(tiny_ckpt, config)
+    for t_index in T_INDEX:
+        feed, ref, amplification = _step_reference(model, t_index, config)
+        assert _step_error(session.run(None, feed), ref, amplification) <= 1e-4
+
+
+@pytest.mark.slow
+@_needs("pte")
+def test_step_graph_as_pte_matches_eager_and_keeps_the_update_in_float32(tiny_model, tiny_graph, tmp_path):
+    from fxpass.formats import run_pte, to_pte
+    from fxpass.formats.pte import half_compute
+    from fxpass.step_graph import step_module
+
+    gm, inputs = tiny_graph
+    step, step_inputs = step_module(gm, TINY, inputs)
+    assert list(step_inputs) == ["x", "t_index", "noise"] and step_inputs["noise"].abs().max() > 0
+    out = tmp_path / "step.pte"
+    report = to_pte(step, step_inputs, out, rows=len(SCHEDULE))
+    assert report["check"]["passed"] and report["check"]["t_index"] == [0, 4, 9]
+    for t_index in T_INDEX:
+        feed, ref, amplification = _step_reference(tiny_model, t_index)
+        got = run_pte(out, {k: torch.from_numpy(v) for k, v in feed.items()})
+        assert _step_error(got, ref, amplification) <= 1e-4
+    half = half_compute(step)  # float16 U-Net, float32 posterior tables and update
+    assert half.step_coef1.dtype == torch.float32 and next(half.unet.parameters()).dtype == torch.float16
+    assert step.step_coef1.data_ptr() == half.step_coef1.data_ptr()  # shared, not copied
+
+
+@_needs("mlpackage")
+def test_step_graph_as_mlpackage_validates_structurally(tiny_ckpt, tiny_yaml, tmp_path, capsys):
     from fxpass.cli import main
 
-    code = main(["lower", str(tiny_ckpt), "--config", str(tiny_yaml), "-o", str(tmp_path / "s.pte"), "--format", "pte",
-                 "--step-graph"])
-    assert code == 2 and "the step graph is written as ONNX only so far" in capsys.readouterr().err
+    out, report = tmp_path / "step.mlpackage", tmp_path / "r.json"
+    assert main(["lower", str(tiny_ckpt), "--config", str(tiny_yaml), "-o", str(out), "--format", "mlpackage",
+                 "--step-graph", "--report", str(report)]) == 0
+    spec = json.loads(report.read_text())["format"]["spec"]
+    assert [(i["name"], i["shape"], i["dtype"]) for i in spec["inputs"]] == [
+        ("x", [1, 3, 32, 32], "float32"), ("t_index", [1], "int32"), ("noise", [1, 3, 32, 32], "float32")]
+    assert [o["name"] for o in spec["outputs"]] == ["x_prev", "pred_xstart"]
+    assert spec["ops"]["clip"] >= 1 and spec["ops"]["exp"] >= 1  # the clipped pred_xstart, the variance
+    assert "Core ML predictions need macOS" in capsys.readouterr().out or platform_is_macos()
+
+
+def platform_is_macos() -> bool:
+    import platform
+
+    return platform.system() == "Darwin"
+
+
+# ---- int8 as ORT format -------------------------------------------------------------------------------
+@_needs("ort")
+def test_int8_as_ort_equals_its_onnx(tiny_ckpt, tiny_yaml, tmp_path, capsys):
+    from fxpass.cli import main
+
+    out, report = tmp_path / "q.ort", tmp_path / "q.json"
+    assert main(["lower", str(tiny_ckpt), "--config", str(tiny_yaml), "-o", str(out), "--format", "ort",
+                 "--precision", "int8", "--calibration-steps", "3", "--calibration-samples", "2",
+                 "--eval-samples", "1", "--report", str(report)]) == 0
+    written = json.loads(report.read_text())
+    data = written["format"]
+    assert written["precision"] == "int8" and data["check"]["tolerance"] == 1e-2
+    assert data["check"]["passed"] and data["check"]["max_rel_to_scale"] <= 1e-2
+    ml = data["coverage"]["eps"]["CoreML MLProgram"]  # CoreML has no QuantizeLinear/DequantizeLinear
+    assert {"ai.onnx:QuantizeLinear", "ai.onnx:DequantizeLinear"} & set(ml["unsupported_ops"])
