@@ -7,7 +7,6 @@ import operator
 
 import pytest
 import torch
-import torch.nn as nn
 
 from fxpass import capture
 from fxpass.capture import ASSERT_PREFIX, GUARD_PREFIX
