@@ -211,3 +211,24 @@ def digits_onnx(tmp_path_factory):
         return made[precision]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def camus_seed0(tmp_path_factory):
+    """``fxpass init --seed 0`` and ``fxpass lower`` of the CAMUS model (the README's first command), in a
+    subprocess, once per session: (checkpoint, ONNX, report) paths.  Tests reading it must not change it."""
+    import subprocess
+    import sys
+
+    from fxpass.checkpoint import init_model, save_checkpoint
+    from fxpass.config import CAMUS
+
+    root = tmp_path_factory.mktemp("camus-seed0")
+    ckpt, out, report = root / "camus.pt", root / "camus.onnx", root / "camus.json"
+    save_checkpoint(init_model(CAMUS, seed=0), ckpt)
+    proc = subprocess.run([sys.executable, "-m", "fxpass", "lower", str(ckpt), "-o", str(out), "--report", str(report)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for path in (ckpt, out, report):
+        path.chmod(0o444)
+    return ckpt, out, report

@@ -157,25 +157,18 @@ def test_committed_set_is_small_and_complete():
 
 
 @pytest.mark.slow
-def test_committed_camus_set_passes_a_camus_lowering_and_fails_a_perturbed_one(tmp_path):
+def test_committed_camus_set_passes_a_camus_lowering_and_fails_a_perturbed_one(tmp_path, camus_seed0):
     """``fxpass init --seed 0`` + ``fxpass lower`` of the CAMUS model, replayed by the README's command."""
     import onnx
 
     from check_helpers import PERTURBATION, scale_output_conv_weight
 
-    from fxpass.checkpoint import init_model, load_model, save_checkpoint
-    from fxpass.config import CAMUS
-    from fxpass.pipeline import lower
-
     manifest = json.loads((COMMITTED / "manifest.json").read_text())
-    ckpt = tmp_path / "camus.pt"
-    save_checkpoint(init_model(seed=0), ckpt)
+    ckpt, good, _ = camus_seed0  # the checkpoint and its lowering by the CLI (conftest)
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == manifest["checkpoint"]["sha256"], (
         "fxpass init --seed 0 no longer makes the checkpoint golden/camus-seed0 was made from; "
         "run golden/regenerate.sh")
-    proto = lower(load_model(ckpt, CAMUS), config=CAMUS)
-    good = tmp_path / "camus.onnx"
-    onnx.save(proto, str(good))
+    proto = onnx.load(str(good))
     scale_output_conv_weight(proto, PERTURBATION)
     bad = tmp_path / "camus-perturbed.onnx"
     onnx.save(proto, str(bad))

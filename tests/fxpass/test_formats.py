@@ -231,17 +231,15 @@ def test_mlpackage_numerics_need_macos(tiny_mlpackage, tiny_model):
         assert _rel(got, _eager(tiny_model, x, t_index)) <= 2e-2
 
 
-@pytest.mark.slow
-def test_mlpackage_palettized_weights(tiny_graph, tiny_mlpackage, tmp_path):
+@_needs("mlpackage")
+def test_mlpackage_palettize_bits_are_checked(tiny_graph, tmp_path):
+    """(A palettized package is made by the CLI test below: one k-means conversion for both.)"""
     from fxpass.formats import to_mlpackage
 
     gm, inputs = tiny_graph
-    report = to_mlpackage(gm, inputs, tmp_path / "tiny6.mlpackage", palettize_bits=6, verify=False)
-    spec = report["spec"]
-    assert spec["ops"]["constexpr_lut_to_dense"] > 0
-    assert spec["weights_bytes"] < 0.5 * tiny_mlpackage[1]["spec"]["weights_bytes"]
     with pytest.raises(FxpassError, match="palettize bits"):
         to_mlpackage(gm, inputs, tmp_path / "x.mlpackage", palettize_bits=5)
+    assert not (tmp_path / "x.mlpackage").exists()
 
 
 # ---- fxpass lower --format --------------------------------------------------------------------------
@@ -283,19 +281,23 @@ def test_a_report_that_cannot_be_written_takes_the_format_file_back(tiny_ckpt, t
 
 
 @_needs("mlpackage")
-def test_cli_lower_format_mlpackage_writes_a_package_and_refuses_to_replace_it(tiny_ckpt, tiny_yaml, tmp_path, capsys):
+def test_cli_lower_format_mlpackage_writes_a_package_and_refuses_to_replace_it(tiny_ckpt, tiny_yaml, tiny_mlpackage,
+                                                                              tmp_path, capsys):
+    """One palettized conversion through the CLI (the plain one is the API's ``tiny_mlpackage``)."""
     from fxpass.cli import main
 
-    out = tmp_path / "m.mlpackage"
-    args = ["lower", str(tiny_ckpt), "--config", str(tiny_yaml), "-o", str(out), "--format", "mlpackage"]
-    assert main(args) == 0 and out.is_dir() and "Core ML predictions need macOS" in capsys.readouterr().out
-    assert main(args) == 2 and "already exists" in capsys.readouterr().err
-    small, report = tmp_path / "p.mlpackage", tmp_path / "p.json"
-    assert main([*args[:4], "-o", str(small), "--format", "mlpackage", "--palettize-bits", "6", "--report", str(report)]) == 0
+    out, report = tmp_path / "p.mlpackage", tmp_path / "p.json"
+    args = ["lower", str(tiny_ckpt), "--config", str(tiny_yaml), "-o", str(out), "--format", "mlpackage",
+            "--palettize-bits", "6"]
+    assert main([*args, "--report", str(report)]) == 0 and out.is_dir()
+    assert "Core ML predictions need macOS" in capsys.readouterr().out
     written = json.loads(report.read_text())["format"]
-    assert written["palettize_bits"] == 6
-    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    assert written["bytes"] < size  # 6-bit palettes against float16 weights
+    assert written["palettize_bits"] == 6 and written["spec"]["ops"]["constexpr_lut_to_dense"] > 0
+    assert written["bytes"] < 0.5 * tiny_mlpackage[1]["bytes"]  # 6-bit palettes against float16 weights
+    assert written["spec"]["weights_bytes"] < 0.5 * tiny_mlpackage[1]["spec"]["weights_bytes"]
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert main(args) == 2 and "already exists" in capsys.readouterr().err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
 
 def test_cli_palettize_bits_needs_mlpackage(tiny_ckpt, tiny_yaml, tmp_path, capsys):

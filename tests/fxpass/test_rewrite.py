@@ -92,7 +92,7 @@ configs = st.fixed_dictionaries({
 })
 
 
-@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=18, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(values=configs, seed=st.integers(0, 2**16))
 def test_property_capture_and_passes_match_eager(values, seed):
     torch.set_num_threads(1)

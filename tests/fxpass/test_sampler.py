@@ -662,13 +662,13 @@ def test_onnx_and_eager_loops_agree_with_the_same_noise(tmp_path):
 
 
 @pytest.mark.slow
-def test_camus_onnx_and_eager_repaint_agree(tmp_path):
+def test_camus_onnx_and_eager_repaint_agree(camus_seed0):
     """CAMUS config: a short RePaint run (t_T 4, jumps) on the lowered model and on eager PyTorch."""
-    from fxpass.checkpoint import init_model
+    from fxpass.checkpoint import load_model
     from fxpass.config import CAMUS
 
-    model = init_model(CAMUS, seed=0)
-    path = _lowered_small_model(tmp_path, model, CAMUS)
+    ckpt, path, _ = camus_seed0  # fxpass init --seed 0 and fxpass lower (conftest)
+    model = load_model(ckpt, CAMUS)
     onnx_model = OnnxDenoiser(path)
     eager = EagerDenoiser(model, CAMUS)
     rng = np.random.default_rng(0)
