@@ -320,7 +320,10 @@ def _write_format(lowered: Lowered, fmt: str, output: Path, report_path: Path | 
 
     t0 = time.perf_counter()
     if fmt == "ort":
-        result = formats.to_ort(lowered.model, output)
+        # Runtime style: the file holds the graph ORT's mobile check counts, for the CoreML/NNAPI EPs to take;
+        # int8 runs on the CPU EP (CoreML has no QDQ): Fixed saves its fused int8 kernels, which equal the ONNX
+        # run (Runtime's replay at load differed by 0.08·max|ref| on the tiny config)
+        result = formats.to_ort(lowered.model, output, optimization_style="Fixed" if precision == "int8" else "Runtime")
         result["coverage"] = {k: v for k, v in formats.mobile_coverage(lowered.model).items() if k != "log"}
     else:
         from .step_graph import STEP_OUTPUTS

@@ -119,11 +119,13 @@ def test_ort_format_equals_the_onnx(tiny_onnx, tmp_path):
 
 
 @_needs("ort")
-def test_ort_format_from_a_proto_runtime_style(tiny_onnx, tmp_path):
+def test_ort_format_from_a_proto_fixed_style(tiny_onnx, tmp_path):
     from fxpass.formats import to_ort
 
-    report = to_ort(onnx.load(str(tiny_onnx)), tmp_path / "tiny.ort", optimization_style="Runtime")
-    assert report["optimization_style"] == "Runtime" and report["check"]["max_rel_to_scale"] <= 1e-5
+    report = to_ort(onnx.load(str(tiny_onnx)), tmp_path / "tiny.ort", optimization_style="Fixed")
+    assert report["optimization_style"] == "Fixed" and report["check"]["max_rel_to_scale"] <= 1e-5
+    # CPU fusions saved into the file: contrib ops the CoreML EP has no kernel for (hence Runtime by default)
+    assert any(op.startswith("com.microsoft:") for op in report["ops"])
     with pytest.raises(FxpassError, match="optimization style"):
         to_ort(tiny_onnx, tmp_path / "x.ort", optimization_style="Eager")
 
@@ -136,6 +138,8 @@ def test_ort_format_of_an_fp16_model(tiny_model, tmp_path):
     proto = fxpass.lower(tiny_model, config=TINY, precision="fp16")
     report = to_ort(proto, tmp_path / "tiny16.ort")
     assert report["check"]["tolerance"] == 1e-2 and report["check"]["passed"]
+    # the Runtime style keeps the float16 weights (Fixed saved them as float32: 6.7 MB, Runtime 3.7 MB)
+    assert report["bytes"] < 1.5 * report["onnx_bytes"] and report["optimization_style"] == "Runtime"
 
 
 @_needs("ort")
@@ -260,6 +264,9 @@ def test_cli_lower_format_ort_reports_mobile_coverage(tiny_ckpt, tiny_yaml, tmp_
     ml = data["coverage"]["eps"]["CoreML MLProgram"]
     # every GroupNorm expanded for mobile: all but the table lookup on CoreML, 2 partitions (measured 359/360)
     assert ml["nodes_supported"] >= 0.95 * ml["nodes"] and len(ml["partition_sizes"]) <= 3, ml["unsupported_ops"]
+    # the file holds the graph the check counted: no CPU-only contrib op fused into it (Runtime style)
+    assert data["optimization_style"] == "Runtime" and sum(data["ops"].values()) == data["coverage"]["nodes"]
+    assert not any(op.startswith("com.microsoft:") for op in data["ops"])
     assert not (tmp_path / "m.onnx").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.ort", "r.json"]
 
 
@@ -411,6 +418,7 @@ def test_int8_as_ort_equals_its_onnx(tiny_ckpt, tiny_yaml, tmp_path, capsys):
     written = json.loads(report.read_text())
     data = written["format"]
     assert written["precision"] == "int8" and data["check"]["tolerance"] == 1e-2
+    assert data["optimization_style"] == "Fixed"  # the CPU EP's fused int8 kernels, as the ONNX run has them
     assert data["check"]["passed"] and data["check"]["max_rel_to_scale"] <= 1e-2
     ml = data["coverage"]["eps"]["CoreML MLProgram"]  # CoreML has no QuantizeLinear/DequantizeLinear
     assert {"ai.onnx:QuantizeLinear", "ai.onnx:DequantizeLinear"} & set(ml["unsupported_ops"])
