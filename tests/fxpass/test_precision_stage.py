@@ -270,3 +270,12 @@ def test_weights_saturate_without_vnni(flags, saturates):
 def test_reduce_range_is_an_option_with_a_checked_value():
     with pytest.raises(FxpassError, match="--reduce-range 'maybe': expected auto, on, off"):
         Int8Options(reduce_range="maybe").check()
+
+
+@pytest.mark.parametrize("extra", [["--format", "ort"], ["--step-graph"]])
+def test_cli_bf16_is_table_mode_onnx_only(tiny_ckpt, tiny_yaml, tmp_path, capsys, extra):
+    out = tmp_path / ("m.ort" if "ort" in extra else "m.onnx")
+    code = main(["lower", str(tiny_ckpt), "--config", str(tiny_yaml), "-o", str(out), "--precision", "bf16", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and "--precision bf16: an OpenVINO inference precision for the table-mode ONNX model" in err
+    assert "use --precision fp16 for the mobile formats" in err and not out.exists()
