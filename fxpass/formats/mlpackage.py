@@ -23,7 +23,7 @@ import torch
 from ..errors import FxpassError, first_line
 from ._deps import require
 from ..fileio import staged_path
-from ._io import spread, worst_error, tree_bytes
+from ._io import compare_module, tree_bytes
 
 PRECISIONS = ("fp16", "fp32")
 PALETTIZE_BITS = (None, 1, 2, 3, 4, 6, 8)  # what OpPalettizerConfig accepts; 6 and 8 are the sensible ones
@@ -123,7 +123,7 @@ def to_mlpackage(module: torch.nn.Module, example_inputs: Mapping[str, torch.Ten
         report["spec"] = describe_mlpackage(staged)
         _check_structure(report["spec"], named, palettize_bits)
         if verify:
-            report["check"] = _verify(staged, module, named, ints, tolerance, rows)
+            report["check"] = _verify(staged, module, named, tolerance, rows)
             if report["check"].get("passed") is False:
                 raise FxpassError(f"{out_path}: not written: Core ML differs from PyTorch by "
                                   f"{report['check']['max_rel_to_scale']:.3g}·max|ref| (tolerance {tolerance:g})",
@@ -145,35 +145,16 @@ def _check_structure(spec: dict[str, Any], named: Mapping[str, torch.Tensor], pa
         raise FxpassError("palettization left no constexpr_lut_to_dense op in the program")
 
 
-def _verify(path: Path, module, named, ints, tolerance, rows: int | None) -> dict[str, Any]:
+def _verify(path: Path, module, named, tolerance, rows: int | None) -> dict[str, Any]:
     reason = predictions_unavailable_reason()
     if reason is not None:
         return {"skipped": reason}
-    meta = getattr(module, "meta", {}) or {}
-    if rows is None and meta.get("fxpass_mode") == "table":
-        rows = len(meta["fxpass_timesteps"])
-    names, values = list(named), list(named.values())
-    cases = [values]
-    if ints and rows:
-        k = ints[0]
-        cases = [[torch.full_like(a, r) if i == k else a for i, a in enumerate(values)] for r in spread(rows)]
-    from .pte import output_names
-
-    step_names, amplification = output_names(module)
-    worst, used = 0.0, []
-    for case in cases:
-        with torch.no_grad():
-            ref = module(*case)
-        refs = [r.numpy() for r in (ref if isinstance(ref, (tuple, list)) else [ref])]
-        outs = predict_mlpackage(path, dict(zip(names, case)))
-        t_index = int(case[ints[0]].flatten()[0]) if ints else None
-        worst = max(worst, worst_error(outs, refs, step_names or [f"output_{i}" for i in range(len(refs))],
-                                       t_index=t_index, sqrt_recipm1=amplification))
-        if t_index is not None:
-            used.append(t_index)
-    check = {"max_rel_to_scale": worst, "t_index": used, "tolerance": tolerance}
+    names = list(named)
+    check = compare_module(lambda case: predict_mlpackage(path, dict(zip(names, case))), module,
+                           list(named.values()), rows=rows, where=str(path))
+    check["tolerance"] = tolerance
     if tolerance is not None:
-        check["passed"] = worst <= tolerance
+        check["passed"] = check["max_rel_to_scale"] <= tolerance
     return check
 
 

@@ -93,20 +93,20 @@ def _session(path: Path):
 
 
 def _precision(path: Path) -> str:
-    """fp16 or int8 when the model says so in its fxpass metadata (fp16 also when it takes a float16
-    input, int8 when it holds QuantizeLinear nodes), else fp32."""
-    import onnx
-
+    """The model's fxpass precision (fp32, fp16, int8) from its metadata; for another model fp16 when
+    it takes a float16 input, int8 when it holds QuantizeLinear nodes, else fp32."""
     sess = _session(path)
     meta = sess.get_modelmeta().custom_metadata_map
     from .. import metadata
 
-    if meta.get(metadata.PRECISION) == "int8" or any(
-            n.op_type == "QuantizeLinear" for n in onnx.load_model(str(path), load_external_data=False).graph.node):
-        return "int8"
-    if meta.get(metadata.PRECISION) == "fp16" or any(i.type == "tensor(float16)" for i in sess.get_inputs()):
+    if meta.get(metadata.PRECISION) in ORT_TOLERANCE:  # fxpass wrote it: no need to read the graph again
+        return meta[metadata.PRECISION]
+    if any(i.type == "tensor(float16)" for i in sess.get_inputs()):
         return "fp16"
-    return "fp32"
+    import onnx
+
+    graph = onnx.load_model(str(path), load_external_data=False).graph
+    return "int8" if any(n.op_type == "QuantizeLinear" for n in graph.node) else "fp32"
 
 
 def compare_ort(onnx_path: str | Path, ort_path: str | Path, *, seed: int = 0) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import torch
 from ..errors import FxpassError, first_line
 from ._deps import require
 from ..fileio import staged_path
-from ._io import spread, worst_error
+from ._io import compare_module
 
 #: gates against the eager model (max|diff| ≤ tol·max|ref|), as fxpass lower's for ONNX
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
@@ -140,54 +140,11 @@ def _delegation(edge) -> tuple[int, int]:
     return delegated, len(calls)
 
 
-def _table_rows(module: torch.nn.Module) -> int | None:
-    """Rows of the timestep tables of an fxpass-rewritten graph (None when it has none)."""
-    meta = getattr(module, "meta", {}) or {}
-    if meta.get("fxpass_mode") == "table" and isinstance(meta.get("fxpass_timesteps"), (list, tuple)):
-        return len(meta["fxpass_timesteps"])
-    return None
-
-
-def schedule_positions(inputs: Sequence[torch.Tensor], rows: int) -> list[tuple[torch.Tensor, ...]]:
-    """The inputs with ``t_index`` (the int64 input) at the first, middle and last of ``rows``."""
-    ints = [i for i, a in enumerate(inputs) if not a.is_floating_point()]
-    if not ints:
-        return [tuple(inputs)]
-    k = ints[0]
-    return [tuple(torch.full_like(a, row) if i == k else a for i, a in enumerate(inputs)) for row in spread(rows)]
-
-
 def compare_pte(path: str | Path, reference: torch.nn.Module, inputs: Sequence[torch.Tensor], *,
                 rows: int | None = None) -> dict[str, Any]:
     """Run the ``.pte`` and ``reference`` on ``inputs`` at the first, middle and last t_index (``rows``:
     table rows; default from the graph's metadata, else the given t_index only)."""
-    rows = rows or _table_rows(reference)
-    cases = schedule_positions(inputs, rows) if rows else [tuple(inputs)]
-    names, amplification = output_names(reference)
-    worst, used = 0.0, []
-    for case in cases:
-        with torch.no_grad():
-            ref = reference(*case)
-        refs = [r.numpy() for r in (ref if isinstance(ref, (tuple, list)) else [ref])]
-        outs = run_pte(path, case)
-        if len(outs) != len(refs):
-            raise FxpassError(f"{path}: {len(outs)} outputs, PyTorch gives {len(refs)}")
-        ints = [a for a in case if not a.is_floating_point()]
-        t_index = int(ints[0].flatten()[0]) if ints else None
-        worst = max(worst, worst_error(outs, refs, names or [f"output_{i}" for i in range(len(refs))],
-                                       t_index=t_index, sqrt_recipm1=amplification))
-        if t_index is not None:
-            used.append(t_index)
-    return {"max_rel_to_scale": worst, "t_index": used}
-
-
-def output_names(module: torch.nn.Module) -> tuple[list[str] | None, np.ndarray | None]:
-    """(output names, sqrt(1/alpha_bar - 1) per t_index) of a step graph; (None, None) for other modules."""
-    from ..step_graph import STEP_OUTPUTS, DenoisingStep
-
-    if isinstance(module, DenoisingStep):
-        return list(STEP_OUTPUTS), module.step_sqrt_recipm1_ac.detach().numpy()
-    return None, None
+    return compare_module(lambda case: run_pte(path, case), reference, inputs, rows=rows, where=str(path))
 
 
 def run_pte(path: str | Path, inputs: Mapping[str, Any] | Sequence[Any], *, method: str = "forward") -> list[np.ndarray]:
