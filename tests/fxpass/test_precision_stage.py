@@ -217,6 +217,17 @@ def test_cli_int8_writes_the_plan_and_reuses_it(tiny_ckpt, tiny_yaml, tmp_path, 
     assert written["int8"]["plan_lines"][-1].startswith("eps-MSE ratio to float32 (+ its standard error) at most")
     assert written["precision"] == "int8" and written["check"]["passed"]
     assert written["check"]["tolerance"]["atol_scale"] == 0.2
+    # 7-bit weights where ORT's kernels here saturate 8-bit ones (x86 without VNNI), else 8-bit
+    from onnx import numpy_helper
+
+    from fxpass.precision.int8 import weights_saturate_here
+
+    bits = 7 if weights_saturate_here() else 8
+    assert written["int8"]["weight_bits"] == bits
+    weights = [numpy_helper.to_array(t) for t in onnx.load(str(first)).graph.initializer
+               if t.data_type == onnx.TensorProto.INT8]
+    peak = max(int(abs(w.astype(int)).max()) for w in weights)
+    assert peak <= 2 ** (bits - 1) and (bits == 7 or peak > 64), peak
     assert main([*args, "-o", str(tmp_path / "b.onnx"), "--precision-plan", str(report)]) == 0
     assert "int8 plan (reused)" in capsys.readouterr().out
     assert (tmp_path / "b.onnx").read_bytes() == first.read_bytes()
