@@ -35,7 +35,7 @@ class GoldenSet:
     directory: Path | None = None
 
     def tolerance(self, precision: str) -> tuple[float, float]:
-        from .verify import default_tolerance
+        from .gate import default_tolerance
 
         entry = (self.manifest.get("tolerances") or {}).get(precision) or {}
         atol, rtol = default_tolerance(precision)
@@ -115,16 +115,36 @@ def make_golden(model, cfg, *, name: str, checkpoint: Path, info=None, seed: int
     """Run the eager model on seeded inputs; with ``info`` (the lowered model) also check ONNX Runtime
     against those outputs first (nothing is returned when it disagrees).
 
-    Without ``info``: the inputs are ``specs`` (:class:`~fxpass.verify.InputSpec`, a user class's
+    Without ``info``: the inputs are ``specs`` (:class:`~fxpass.inputs.InputSpec`, a user class's
     inferred inputs; default x, t_index and y as fxpass's U-Net takes them) and the model sees
     ``model_timesteps`` (default the config's schedule; a continuous model's noise levels)."""
-    from polygraphy.comparator import RunResults
+    from .inputs import num_classes_of, seeded_feeds
 
-    from targets.compare import TOLERANCES, run_runners
+    mode, kept, seen, specs = _golden_schedule(cfg, info, specs, model_timesteps)
+    t_indices = _golden_t_indices(mode, kept, t_indices, info)
+    feeds = seeded_feeds(specs, seed=seed, timesteps=kept, model_timesteps=seen,
+                         t_indices=t_indices if mode != "fixed" else None, count=2, num_classes=num_classes_of(model))
+    golden, outputs, scale = _eager_outputs(model, cfg, mode, seen, specs, feeds, checkpoint)
+    tolerances = _tolerances(scale)
+    onnx_for_command = str(info.path) if info is not None else ONNX_PLACEHOLDER
+    commands = {p: regression_command(onnx_for_command, output_dir or name, t["atol"], t["rtol"])
+                for p, t in tolerances.items()}
 
-    from . import __version__
+    verified = None
+    if info is not None:
+        verified = _verify_onnx(info, golden, feeds)
+
+    manifest = _manifest(cfg, feeds, outputs, name=name, checkpoint=checkpoint, mode=mode, seed=seed, scale=scale,
+                         tolerances=tolerances, regression={"onnx": onnx_for_command, "commands": commands},
+                         verified=verified)
+    return GoldenSet(manifest, feeds.feeds, golden)
+
+
+def _golden_schedule(cfg, info, specs, model_timesteps) -> tuple[str, list, list, list]:
+    """(mode, kept timesteps, model timesteps, input specs): the lowered model's (``info``), else the
+    config's respaced schedule with ``specs`` (default x, t_index and y as fxpass's U-Net takes them)."""
     from .diffusion import schedule_for
-    from .verify import REFERENCE_NAME, InputSpec, input_specs, num_classes_of, reference_runner, seeded_feeds
+    from .inputs import InputSpec, input_specs
 
     if info is not None:
         mode, kept, seen = info.mode, info.timesteps, info.model_timesteps
@@ -144,6 +164,11 @@ def make_golden(model, cfg, *, name: str, checkpoint: Path, info=None, seed: int
             if cfg.class_cond:
                 specs.append(InputSpec("y", "int64", (1,)))
         specs = list(specs)
+    return mode, kept, seen, specs
+
+
+def _golden_t_indices(mode: str, kept, t_indices: list[int] | None, info) -> list[int] | None:
+    """The schedule positions (default the first and the last), checked against the schedule."""
     if mode == "fixed":
         if t_indices:
             raise FxpassError(f"--t-index: {info.path} is a fixed-timestep model (no t_index input)")
@@ -152,8 +177,18 @@ def make_golden(model, cfg, *, name: str, checkpoint: Path, info=None, seed: int
         bad = [i for i in t_indices if not 0 <= i < len(kept)]
         if bad:
             raise FxpassError(f"--t-index {bad[0]}: out of range 0..{len(kept) - 1} ({len(kept)}-step schedule)")
-    feeds = seeded_feeds(specs, seed=seed, timesteps=kept, model_timesteps=seen,
-                         t_indices=t_indices if mode != "fixed" else None, count=2, num_classes=num_classes_of(model))
+    return t_indices
+
+
+def _eager_outputs(model, cfg, mode: str, seen, specs, feeds, checkpoint: Path) -> tuple[Any, list[dict], float]:
+    """(the eager model's RunResults on ``feeds``, its outputs per feed, their largest magnitude);
+    refuses NaN or Inf outputs."""
+    from polygraphy.comparator import RunResults
+
+    from targets.compare import run_runners
+
+    from .gate import REFERENCE_NAME, reference_runner
+
     reference = reference_runner(model, mode=mode, model_timesteps=seen, image_size=cfg.image_size, specs=specs)
     live = run_runners([reference], feeds.feeds)
     golden = RunResults()
@@ -165,22 +200,27 @@ def make_golden(model, cfg, *, name: str, checkpoint: Path, info=None, seed: int
     if bad is not None:
         raise FxpassError(f"{checkpoint}: the eager model's output has NaN or Inf values on the golden inputs; "
                           "no golden set written", exit_code=1)
-    scale = max(float(np.abs(v).max()) for v in values)
-    tolerances = {p: {"atol_scale": a, "rtol": r, "atol": _nice(a * scale)} for p, (a, r) in TOLERANCES.items()}
-    onnx_for_command = str(info.path) if info is not None else ONNX_PLACEHOLDER
-    commands = {p: regression_command(onnx_for_command, output_dir or name, t["atol"], t["rtol"])
-                for p, t in tolerances.items()}
+    return golden, outputs, max(float(np.abs(v).max()) for v in values)
 
-    verified = None
-    if info is not None:
-        verified = _verify_onnx(info, golden, feeds)
+
+def _tolerances(scale: float) -> dict[str, dict[str, float]]:
+    """Per precision: the relative tolerances and the absolute one they give at ``scale``."""
+    from targets.compare import TOLERANCES
+
+    return {p: {"atol_scale": a, "rtol": r, "atol": _nice(a * scale)} for p, (a, r) in TOLERANCES.items()}
+
+
+def _manifest(cfg, feeds, outputs: list[dict], *, name: str, checkpoint: Path, mode: str, seed: int, scale: float,
+              tolerances: dict, regression: dict, verified: dict | None) -> dict[str, Any]:
+    from . import __version__
+    from .gate import REFERENCE_NAME
 
     iterations = []
     for label, it in zip(feeds.labels, outputs):
         entry = dict(label)
         entry["max_abs_output"] = {k: float(np.abs(np.asarray(v)).max()) for k, v in it.items()}
         iterations.append(entry)
-    manifest: dict[str, Any] = {
+    return {
         "format": GOLDEN_FORMAT,
         "name": name,
         "fxpass_version": __version__,
@@ -203,11 +243,10 @@ def make_golden(model, cfg, *, name: str, checkpoint: Path, info=None, seed: int
         "model_timesteps": [it["model_timestep"] for it in iterations],
         "iterations": iterations,
         "tolerances": tolerances,
-        "regression": {"onnx": onnx_for_command, "commands": commands},
+        "regression": regression,
         "verified_with": verified,
         "versions": versions(),
     }
-    return GoldenSet(manifest, feeds.feeds, golden)
 
 
 def _verify_onnx(info, golden, feeds) -> dict:
@@ -216,7 +255,7 @@ def _verify_onnx(info, golden, feeds) -> dict:
     from targets.compare import compare, run_runners
     from targets.ort import ort_runner
 
-    from .verify import REFERENCE_NAME, default_tolerance
+    from .gate import REFERENCE_NAME, default_tolerance
 
     runner = ort_runner(str(info.path), cuda=False, name="onnxrt-cpu")
     live_ort = run_runners([runner], feeds.feeds)

@@ -23,7 +23,7 @@ class DenoisingStep(nn.Module):
 
     def __init__(self, unet: nn.Module, config: ModelConfig):
         super().__init__()
-        from .sampler import Diffusion
+        from .diffusion import Diffusion
 
         d = Diffusion.from_config(config.to_dict())
         self.unet = unet

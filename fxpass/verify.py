@@ -1,274 +1,27 @@
-"""Verification: one seeded input source, the reference runner, and every numeric check fxpass makes.
+"""``fxpass check``: the runtimes against the eager model and golden sets, through Polygraphy.
 
-All comparisons go through Polygraphy (``targets.compare``): ``fxpass lower``'s gate
-(:func:`check_against_eager`, :func:`check_step_against_numpy`), ``fxpass check`` across runtimes and
-golden sets (:func:`check_targets`) and the golden writer use :func:`seeded_feeds`, which draws every
-input of the ONNX graph from one ``numpy.random.default_rng(seed)`` in the graph's input order.
+:func:`check_targets` runs ONNX Runtime, TensorRT and OpenVINO (:func:`build_runners`) on seeded
+inputs (:func:`fxpass.inputs.seeded_feeds`) against the eager float32 model (:func:`fxpass.gate.reference_runner`)
+and/or a golden set's outputs, each runner on its own (:func:`run_each`), and tabulates the
+comparisons (``targets.compare``) as :class:`Row` s of a :class:`CheckReport`.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from .errors import FxpassError, first_line
+from .gate import REFERENCE_NAME, default_tolerance, reference_runner
+from .inputs import input_specs, num_classes_of, seeded_feeds, spread
 
-REFERENCE_NAME = "torch-fp32"
 TARGETS = ("torch", "ort", "trt", "openvino", "openvino-bf16")
 EXIT_FAILED = 1
 EXIT_UNAVAILABLE = 3
-#: the gate's full-network comparison: the ends, the middle and this many seeded schedule positions
-GATE_SAMPLED_STEPS = 2
-#: batch sizes the gate adds when the batch dimension is dynamic (with mixed t_index values)
-DYNAMIC_BATCHES = (2, 3)
 
 
-# ---- inputs ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class InputSpec:
-    """One graph input: name, numpy dtype name and shape (-1 for a symbolic dimension)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-
-def input_specs(model) -> list[InputSpec]:
-    """The non-initializer inputs of an ``onnx.ModelProto`` or an :class:`~fxpass.metadata.OnnxInfo`."""
-    from .metadata import graph_inputs
-
-    inputs = model.inputs if hasattr(model, "inputs") else graph_inputs(model)
-    return [InputSpec(n, d, tuple(s)) for n, (d, s) in inputs.items()]
-
-
-@dataclass
-class Feeds:
-    feeds: list[dict]
-    labels: list[dict]  # per feed: t_index / timestep / model_timestep (or input number in fixed mode)
-
-
-def seeded_feeds(specs: Sequence[InputSpec], *, seed: int, timesteps: Sequence, model_timesteps: Sequence,
-                 t_indices: Sequence[int] | Sequence[Sequence[int]] | None = None, count: int = 2,
-                 batch: int | None = None, num_classes: int = 1000) -> Feeds:
-    """Seeded feeds: one per entry of ``t_indices`` (table/step) or ``count`` of them (fixed mode).
-
-    An entry of ``t_indices`` is an int (every row of the batch at that index) or a sequence (one
-    index per row: a mixed batch).  Float inputs are standard normal, ``t_index`` is the index,
-    other integer inputs (class labels) are uniform in ``0..num_classes-1``.  Draws follow the
-    graph's input order, per feed.  ``batch`` defaults to the model's static batch (else 1).
-    """
-    rng = np.random.default_rng(seed)
-    by_name = {s.name: s for s in specs}
-    static_batch = by_name["x"].shape[0] if "x" in by_name and by_name["x"].shape else -1
-    items: list = list(t_indices) if t_indices is not None else list(range(count))
-    feeds, labels = [], []
-    for k, item in enumerate(items):
-        if t_indices is not None:
-            rows = [int(i) for i in item] if isinstance(item, (list, tuple, np.ndarray)) else None
-            n = len(rows) if rows else (batch or (static_batch if static_batch > 0 else 1))
-            index = np.asarray(rows if rows else [int(item)] * n, dtype=np.int64)
-            label = {"t_index": int(index[0]), "timestep": timesteps[int(index[0])],
-                     "model_timestep": model_timesteps[int(index[0])]}
-            if rows and len(set(rows)) > 1:
-                label["t_indices"] = rows
-        else:
-            n = batch or (static_batch if static_batch > 0 else 1)
-            index = None
-            label = {"input": k, "timestep": timesteps[0], "model_timestep": model_timesteps[0]}
-        if n != 1:
-            label["batch"] = n
-        feed = {}
-        for spec in specs:
-            shape = tuple(n if i == 0 else (1 if d < 0 else d) for i, d in enumerate(spec.shape))
-            if spec.name == "t_index":
-                feed[spec.name] = index if index is not None else np.zeros(shape, np.int64)
-            elif spec.dtype.startswith("float") or spec.dtype == "bfloat16":
-                feed[spec.name] = rng.standard_normal(shape, dtype=np.float32).astype(
-                    spec.dtype if spec.dtype in ("float16", "float64") else np.float32)
-            else:
-                feed[spec.name] = rng.integers(0, num_classes, size=shape, dtype=np.int64).astype(spec.dtype)
-        feeds.append(feed)
-        labels.append(label)
-    return Feeds(feeds, labels)
-
-
-def spread(n: int, k: int = 5) -> list[int]:
-    """``k`` t_index values spread evenly over ``0..n-1`` (both ends included)."""
-    return sorted({int(round(v)) for v in np.linspace(0, n - 1, min(n, k))})
-
-
-def gate_t_indices(n: int, seed: int, sampled: int = GATE_SAMPLED_STEPS) -> list[int]:
-    """The gate's schedule positions: first, middle, last and ``sampled`` seeded others."""
-    chosen = {0, n // 2, n - 1}
-    others = [i for i in range(n) if i not in chosen]
-    if others:
-        rng = np.random.default_rng(seed)
-        chosen |= {int(i) for i in rng.choice(others, size=min(sampled, len(others)), replace=False)}
-    return sorted(chosen)
-
-
-def mixed_batches(n: int, seed: int, sizes: Sequence[int] = DYNAMIC_BATCHES) -> list[list[int]]:
-    """For a dynamic batch: one feed per size, its rows at different seeded t_index values."""
-    rng = np.random.default_rng(seed + 1)
-    return [[int(i) for i in rng.choice(n, size=b, replace=n < b)] for b in sizes]
-
-
-def num_classes_of(model) -> int:
-    n = getattr(model, "num_classes", None)
-    return int(n) if isinstance(n, int) and n > 0 else 1000
-
-
-# ---- the reference ----------------------------------------------------------------------------------
-def reference_runner(model, *, mode: str, model_timesteps: Sequence, image_size: int | None = None,
-                     specs: Sequence[InputSpec] = (), name: str = REFERENCE_NAME):
-    """The eager float32 model as a Polygraphy runner, ``t_index`` mapped to the model's timesteps;
-    inputs of ``specs`` other than x and t_index are passed to the model by name."""
-    from targets.torch_ref import TorchReferenceRunner
-
-    extra = [(s.name, s.dtype, s.shape) for s in specs if s.name not in ("x", "t_index")]
-    if mode == "fixed":
-        runner = TorchReferenceRunner(model, fixed_timestep=model_timesteps[0], image_size=image_size, name=name,
-                                      extra_inputs=extra)
-    else:
-        runner = TorchReferenceRunner(model, timesteps=list(model_timesteps), image_size=image_size, name=name,
-                                      extra_inputs=extra)
-    return _x_as_in_graph(runner, specs)
-
-
-def _x_as_in_graph(runner, specs: Sequence[InputSpec]):
-    """The runner declares ``x`` as the graph has it (any channel count and rank: a 5-channel or a 3-D
-    model), not as fxpass's own 3-channel U-Net takes it."""
-    x = next((s for s in specs if s.name == "x"), None)
-    if x is None or len(x.shape) < 2:
-        return runner
-    declared = runner.get_input_metadata_impl
-
-    def get_input_metadata_impl():
-        from polygraphy.common import TensorMetadata
-
-        meta = TensorMetadata()
-        for key, value in declared().items():
-            shape = (-1, *x.shape[1:]) if key == "x" else value.shape
-            meta.add(key, value.dtype, shape)
-        return meta
-
-    runner.get_input_metadata_impl = get_input_metadata_impl
-    return runner
-
-
-def _summary(pair, ort_runs, tolerance: tuple[float, float]) -> dict[str, Any]:
-    """The numbers a check reports: worst errors, per-input errors, ORT latency (median after the first run)."""
-    runtimes = [r.runtime for r in ort_runs]
-    out = {
-        "passed": pair.passed,
-        "max_abs": pair.max_abs,
-        "max_rel_to_scale": pair.max_rel_to_scale,
-        "tolerance": {"atol_scale": tolerance[0], "rtol": tolerance[1]},
-        "per_input": pair.per_iteration,
-        "ort_latency_s": float(np.median(runtimes[1:] if len(runtimes) > 1 else runtimes)),
-    }
-    nonfinite = getattr(pair, "nonfinite", None)
-    if nonfinite:
-        out["nonfinite"] = nonfinite
-    return out
-
-
-def _gate_items(meta, seed: int, t_indices: Sequence[int] | None, dynamic_batch: bool) -> list:
-    n = len(meta.timesteps)
-    items: list = list(t_indices) if t_indices is not None else gate_t_indices(n, seed)
-    if dynamic_batch:
-        items += mixed_batches(n, seed)
-    return items
-
-
-def check_against_eager(proto, model, *, config=None, t_indices: Sequence[int] | None = None, seed: int = 1234,
-                        tolerance: tuple[float, float] = (1e-4, 0.0), runtime: str = "ort") -> dict[str, Any]:
-    """ONNX Runtime (CPU) against the eager float32 model on seeded inputs, through Polygraphy;
-    ``runtime="openvino-bf16"`` runs the model on OpenVINO at bf16 inference precision instead.
-
-    Table mode: one input per t_index (default: first, middle, last and seeded others; with a
-    dynamic batch also batches of 2 and 3 at mixed t_index); fixed mode: two seeded inputs.
-    Returns worst errors, per-input errors, ORT latency and pass/fail.
-    """
-    from targets.compare import compare, run_runners
-    from targets.ort import ort_runner
-
-    from . import metadata
-
-    meta = metadata.parse(metadata.read_props(proto), "lowered model")
-    if meta.mode == "step":
-        return check_step_against_numpy(proto, model, config=config, t_indices=t_indices, seed=seed,
-                                        tolerance=tolerance)
-    specs = input_specs(proto)
-    dynamic = specs[0].shape[0] < 0
-    items = _gate_items(meta, seed, t_indices, dynamic) if meta.mode == "table" else None
-    feeds = seeded_feeds(specs, seed=seed, timesteps=meta.timesteps, model_timesteps=meta.model_timesteps,
-                         t_indices=items, count=2, num_classes=num_classes_of(model))
-    if meta.mode == "fixed" and dynamic:  # fixed mode: the extra feeds at batch 2 and 3
-        extra = [seeded_feeds(specs, seed=seed + b, timesteps=meta.timesteps, model_timesteps=meta.model_timesteps,
-                              count=1, batch=b, num_classes=num_classes_of(model)) for b in DYNAMIC_BATCHES]
-        feeds = Feeds(feeds.feeds + [f.feeds[0] for f in extra], feeds.labels + [f.labels[0] for f in extra])
-    image_size = config.image_size if config is not None else None
-    reference = reference_runner(model, mode=meta.mode, model_timesteps=meta.model_timesteps, image_size=image_size,
-                                 specs=specs)
-    if runtime == "openvino-bf16":  # OpenVINO reads a file: the proto goes to a temporary one
-        from surgery.modelio import save_model
-        from targets.openvino import openvino_runner
-
-        with tempfile.TemporaryDirectory(prefix="fxpass-verify-") as tmp:
-            path = Path(tmp) / "model.onnx"
-            save_model(proto, path)
-            runner = openvino_runner(str(path), precision="bf16")
-            results = run_runners([reference, runner], feeds.feeds)
-    else:
-        runner = ort_runner(proto, cuda=False, name="onnxrt-cpu")
-        results = run_runners([reference, runner], feeds.feeds)
-    pair = compare(results, reference=REFERENCE_NAME, atol_scale=tolerance[0], rtol=tolerance[1],
-                   meta=feeds.labels)[0]
-    summary = _summary(pair, results[runner.name], tolerance)
-    summary["runtime"] = runner.name
-    return summary
-
-
-def check_step_against_numpy(proto, model, *, config, t_indices: Sequence[int] | None = None, seed: int = 1234,
-                             tolerance: tuple[float, float] = (1e-4, 0.0)) -> dict[str, Any]:
-    """A step graph on ONNX Runtime against the eager model + the NumPy sampler's posterior (Polygraphy)."""
-    from targets.compare import compare, run_runners
-    from targets.ort import ort_runner
-    from targets.step_ref import NumpyStepRunner
-
-    from . import metadata
-    from .diffusion import Diffusion
-
-    meta = metadata.parse(metadata.read_props(proto), "lowered model", require=("step",))
-    specs = input_specs(proto)
-    items = _gate_items(meta, seed, t_indices, specs[0].shape[0] < 0)
-    feeds = seeded_feeds(specs, seed=seed, timesteps=meta.timesteps, model_timesteps=meta.model_timesteps,
-                         t_indices=items, num_classes=num_classes_of(model))
-    diffusion = Diffusion.from_config(config.to_dict())
-    reference = NumpyStepRunner(model.eval(), diffusion, meta.model_timesteps)
-    runner = ort_runner(proto, cuda=False, name="onnxrt-cpu")
-    results = run_runners([reference, runner], feeds.feeds)
-
-    def conditioning(iteration: int, output: str) -> float:
-        # pred_xstart = sqrt(1/abar) x - sqrt(1/abar - 1) eps multiplies the U-Net's float32 error
-        if output != "pred_xstart":
-            return 1.0
-        rows = np.asarray(feeds.feeds[iteration]["t_index"]).ravel()
-        return float(max(diffusion.sqrt_recipm1_alphas_cumprod[int(i)] for i in rows))
-
-    pair = compare(results, reference="numpy-step", atol_scale=tolerance[0], rtol=tolerance[1], meta=feeds.labels,
-                   conditioning=conditioning)[0]
-    return {**_summary(pair, results["onnxrt-cpu"], tolerance), "reference": "eager model + NumPy posterior"}
-
-
-# ---- fxpass check: several runtimes and golden sets -----------------------------------------------
 @dataclass
 class Row:
     """One line of the check's table."""
@@ -396,12 +149,6 @@ def compare_rows(results, reference: str, tol: tuple[float, float], labels: list
         rows.append(Row(ref_label or reference, pair.target, "pass" if pair.passed else "FAIL", detail,
                         len(labels), pair.max_abs, pair.max_rel_to_scale, tol, pair.per_iteration))
     return rows
-
-
-def default_tolerance(precision: str) -> tuple[float, float]:
-    from targets.compare import TOLERANCES
-
-    return TOLERANCES.get(precision, TOLERANCES["fp32"])
 
 
 @dataclass

@@ -12,7 +12,7 @@ from polygraphy.common import TensorMetadata
 
 
 class NumpyStepRunner(BaseRunner):
-    """``x_prev, pred_xstart`` from the eager model's output and ``fxpass.sampler.Diffusion.p_mean_variance``
+    """``x_prev, pred_xstart`` from the eager model's output and ``fxpass.diffusion.Diffusion.p_mean_variance``
     (the NumPy loop's own maths), for comparison with a ``--step-graph`` model."""
 
     def __init__(self, model: torch.nn.Module, diffusion, model_timesteps, *, name: str = "numpy-step"):

@@ -124,7 +124,7 @@ def run(args) -> int:
         plot_eps_mse(args.plot, data, info.path.name)
     elif args.plot:
         from ..plots import plot_errors
-        from ..verify import default_tolerance
+        from ..gate import default_tolerance
 
         plot_errors(args.plot, [r for r in report.torch_rows if r.target.startswith("onnxrt")], info,
                     tol or default_tolerance(info.precision))

@@ -99,7 +99,7 @@ def _user_inputs(model, cfg, args):
     it, the graph inputs ``lower`` would write (x, t_index, the extras) and the timestep values fed."""
     from ..diffusion import noise_levels, schedule_for
     from ..signature import plan, wrap
-    from ..verify import InputSpec
+    from ..inputs import InputSpec
     from . import user as user_flags
 
     cfg = user_flags.sized(cfg, model)

@@ -64,11 +64,11 @@ _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(
 
 
 def seeded_feeds(session, *, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """fxpass's one seeded input source (:func:`fxpass.verify.seeded_feeds`) for a session's inputs, at the
+    """fxpass's one seeded input source (:func:`fxpass.inputs.seeded_feeds`) for a session's inputs, at the
     first, middle and last entry of the model's schedule (from its fxpass metadata)."""
     from .. import metadata
-    from ..verify import InputSpec
-    from ..verify import seeded_feeds as feeds_for
+    from ..inputs import InputSpec
+    from ..inputs import seeded_feeds as feeds_for
 
     specs = []
     for inp in session.get_inputs():

@@ -35,7 +35,7 @@ class Sample:
 def extra_inputs(specs, count: int, seed: int, num_classes: int) -> list[dict[str, np.ndarray]]:
     """Per sample, the inputs other than ``x`` and ``t_index`` (class labels, conditioning images),
     seeded and held fixed across steps and variants."""
-    from ..verify import seeded_feeds
+    from ..inputs import seeded_feeds
 
     others = [s for s in specs if s.name not in ("x", "t_index")]
     if not others:

@@ -34,7 +34,7 @@ import onnx
 
 from .. import metadata
 from ..errors import FxpassError
-from ..verify import spread
+from ..inputs import spread
 from . import calibration
 from .layers import QUANTIZED_OPS, fingerprint, layers_of
 from .plan import Measured, PrecisionPlan, search
@@ -202,7 +202,7 @@ class _Scorer:
 
 def _sets(proto, diffusion, options: Int8Options, run_fp32, num_classes: int):
     """(calibration feeds, evaluation samples, description) over the schedule."""
-    from ..verify import input_specs
+    from ..inputs import input_specs
 
     specs = {s.name: s for s in input_specs(proto)}
     if set(specs) < {"x", "t_index"}:

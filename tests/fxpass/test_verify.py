@@ -1,10 +1,10 @@
-"""fxpass.verify: the one seeded input source and the gate's choice of schedule positions and batches."""
+"""fxpass.inputs: the one seeded input source and the gate's choice of schedule positions and batches."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from fxpass.verify import InputSpec, gate_t_indices, mixed_batches, seeded_feeds, spread
+from fxpass.inputs import InputSpec, gate_t_indices, mixed_batches, seeded_feeds, spread
 
 SPECS = [InputSpec("x", "float32", (1, 3, 8, 8)), InputSpec("t_index", "int64", (1,)),
          InputSpec("noise", "float32", (1, 3, 8, 8)), InputSpec("y", "int64", (1,))]

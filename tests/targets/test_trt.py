@@ -174,7 +174,7 @@ def tiny_onnx(tmp_path_factory):
 
 
 def _feeds(n: int = 3):
-    from fxpass.verify import InputSpec, seeded_feeds
+    from fxpass.inputs import InputSpec, seeded_feeds
 
     specs = [InputSpec("x", "float32", (1, 3, 32, 32)), InputSpec("t_index", "int64", (1,))]
     return seeded_feeds(specs, seed=0, timesteps=list(range(n)), model_timesteps=list(range(n)),
