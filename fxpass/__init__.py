@@ -19,6 +19,7 @@ _EXPORTS = {
     "capture": "capture",
     "rewrite": "passes",
     "lower": "pipeline",
+    "LowerRequest": "request",
     "schedule": None,
 }
 

@@ -10,7 +10,9 @@ file and the key.
 Keys: ``fxpass.version``; ``fxpass.mode`` ("table": inputs ``x``, ``t_index``; "fixed": input ``x``;
 "step": a whole denoising step); ``fxpass.timesteps`` (the original timestep of each ``t_index``, or
 ``[T]``); ``fxpass.model_timesteps`` (what the U-Net sees for each, rescaled when
-``rescale_timesteps``); ``fxpass.config`` (the ModelConfig as a JSON object); ``fxpass.precision``.
+``rescale_timesteps``); ``fxpass.config`` (the ModelConfig as a JSON object); ``fxpass.precision``;
+``fxpass.request`` (the lowering request it was made from, :meth:`fxpass.request.LowerRequest.to_dict`
+without this machine's paths: a record, never read to decide anything).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ TIMESTEPS = "fxpass.timesteps"
 MODEL_TIMESTEPS = "fxpass.model_timesteps"
 CONFIG = "fxpass.config"
 PRECISION = "fxpass.precision"
-KEYS = (VERSION, MODE, TIMESTEPS, MODEL_TIMESTEPS, CONFIG, PRECISION)
+REQUEST = "fxpass.request"
+KEYS = (VERSION, MODE, TIMESTEPS, MODEL_TIMESTEPS, CONFIG, PRECISION, REQUEST)
 
 MODES = ("table", "fixed", "step")
 #: fp32, fp16 (float32 islands), bf16 (a float32 file meant to run at bf16 inference precision, OpenVINO),
@@ -49,6 +52,7 @@ class ModelMeta:
     config: dict[str, Any] | None = None
     precision: str = "fp32"
     version: str | None = None
+    request: dict[str, Any] | None = None
 
     @property
     def steps(self) -> int:
@@ -69,6 +73,8 @@ def encode(meta: ModelMeta) -> dict[str, str]:
         props[MODEL_TIMESTEPS] = _json(list(meta.model_timesteps))  # fixed mode: only where the model saw other values
     if meta.config is not None:
         props[CONFIG] = _json(meta.config)
+    if meta.request is not None:
+        props[REQUEST] = _json(meta.request)
     return props
 
 
@@ -139,7 +145,8 @@ def parse(props: Mapping[str, str], source: str = "model", *, require: tuple[str
         _check_config(config, timesteps, mode, source)
     elif mode == "step":
         raise FxpassError(f"{source}: a step graph without {CONFIG} metadata")
-    return ModelMeta(mode, timesteps, model_ts, config, precision, props.get(VERSION))
+    request = _load(props, REQUEST, dict, source) if REQUEST in props else None
+    return ModelMeta(mode, timesteps, model_ts, config, precision, props.get(VERSION), request)
 
 
 def _check_config(config: dict, timesteps: tuple[int, ...], mode: str, source: str) -> None:

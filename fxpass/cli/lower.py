@@ -59,10 +59,7 @@ def add_parser(sub, common) -> None:
 
 
 def run(args) -> int:
-    from ..config import load_config
-    from ..export import check_opset
-    from ..pipeline import lower_checkpoint
-    from .user import schedule_config, user_spec
+    from ..pipeline import run as run_pipeline
 
     err = console(stderr=True)
 
@@ -72,23 +69,32 @@ def run(args) -> int:
         elif state != "start":
             err.print(f"✓ {stage:<9} {state}")
 
+    lowered = run_pipeline(request_from(args), progress=progress)
+    _summary(lowered, args)
+    return 0 if lowered.passed else 1
+
+
+def request_from(args):
+    """The :class:`~fxpass.request.LowerRequest` of ``fxpass lower``'s flags (the one place they are read)."""
+    from ..config import load_config
+    from ..export import check_opset
+    from ..request import Check, LowerRequest, Output, Rewrite, Source
+    from .user import schedule_config, user_spec
+
     check_opset(args.opset)
     int8 = _int8_options(args)
     user = user_spec(args)
     cfg = schedule_config(args, user) if user else load_config(args.config)
-    lowered = lower_checkpoint(
-        args.model, args.output, config=cfg, model_class=args.model_class, model_kwargs=args.model_kwargs,
-        model_factory=args.model_factory, trust_pickle=args.trust_pickle, allow_nonfinite=args.allow_nonfinite,
-        timesteps=args.timesteps,
-        precision=args.precision, opset=args.opset,
-        dynamic_batch=args.dynamic_batch, simplifier=None if args.simplifier == "none" else args.simplifier,
-        group_norm=args.group_norm, step_graph=args.step_graph, format=args.format, report_path=args.report,
-        force=args.force,
-        inputs=[args.config], progress=progress, timestep_input=args.timestep_input, model_inputs=args.inputs,
-        timestep_values=args.timestep_values, int8=int8, palettize_bits=args.palettize_bits,
-    )
-    _summary(lowered, args)
-    return 0 if lowered.passed else 1
+    source = Source(checkpoint=args.model, config=cfg, model_class=args.model_class, model_factory=args.model_factory,
+                    model_kwargs=args.model_kwargs, trust_pickle=args.trust_pickle,
+                    allow_nonfinite=args.allow_nonfinite, timestep_input=args.timestep_input,
+                    inputs=tuple(args.inputs), timestep_values=args.timestep_values)
+    rewrite = Rewrite(timesteps=args.timesteps, step_graph=args.step_graph, dynamic_batch=args.dynamic_batch,
+                      opset=args.opset, simplifier=None if args.simplifier == "none" else args.simplifier,
+                      group_norm=args.group_norm, precision=args.precision, int8=int8)
+    output = Output(path=args.output, report=args.report, format=args.format, palettize_bits=args.palettize_bits,
+                    force=args.force, protected=(args.config,))
+    return LowerRequest(source, rewrite, output, Check())
 
 
 def _int8_options(args):

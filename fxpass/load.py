@@ -1,0 +1,44 @@
+"""The load stage: a checkpoint into the module it belongs to (fxpass's U-Net or a user's class), and the
+config a user's class gets its image size from.  ``check``, ``golden`` and ``inspect`` load the same way."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .errors import FxpassError
+
+
+def load(checkpoint: str | Path, *, config: ModelConfig, model_class: str | None = None,
+         model_kwargs: str | None = None, trust_pickle: bool = False, allow_nonfinite: bool = False,
+         model_factory: str | None = None) -> torch.nn.Module:
+    """fxpass's U-Net for ``config``, ``model_class`` (``pkg.mod:Class``) or what ``model_factory``
+    (``pkg.mod:function``) returns, weights from ``checkpoint``, float32, eval mode; weights with
+    NaN/Inf are refused unless ``allow_nonfinite``."""
+    if model_class and model_factory:
+        raise FxpassError("give --model-class or --model-factory, not both")
+    if model_class or model_factory:
+        from .user_model import load_user_model
+
+        return load_user_model(model_class or model_factory, model_kwargs, Path(checkpoint), trust_pickle,
+                               allow_nonfinite=allow_nonfinite, factory=bool(model_factory))
+    if model_kwargs:
+        raise FxpassError("--model-kwargs needs --model-class or --model-factory")
+    from .checkpoint import load_model
+
+    return load_model(checkpoint, config, trust_pickle=trust_pickle, allow_nonfinite=allow_nonfinite)
+
+
+def sized_config(config: ModelConfig | None, model) -> ModelConfig | None:
+    """A user class's config without an image size (``image_size`` 0, see
+    :func:`fxpass.config.user_class_config`) takes the model's ``image_size`` attribute."""
+    if config is None or config.image_size != 0:
+        return config
+    size = getattr(model, "image_size", None)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise FxpassError(f"{type(model).__name__}: image size unknown (the model has no image_size attribute); "
+                          "pass --image-size N or --config FILE")
+    return dataclasses.replace(config, image_size=size)
