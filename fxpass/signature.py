@@ -201,21 +201,9 @@ def plan(model: torch.nn.Module, *, image_size: int | None, timestep_input: str 
     names = [p.name for p in params]
     if not params:
         raise FxpassError(f"{cls}.forward takes no named inputs")
-    given: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-    for item in (inputs.items() if isinstance(inputs, Mapping) else inputs):
-        name, shape, dtype = parse_input(item) if isinstance(item, str) else (item[0], *item[1])
-        given[name] = (tuple(shape), dtype)
+    given = _given_inputs(inputs)
     x_name = names[0]
-    if timestep_input is not None:
-        if timestep_input not in names:
-            raise FxpassError(f"--timestep-input {timestep_input}: {cls}.forward has no such parameter "
-                              f"(it takes {', '.join(names)})")
-        t_name = timestep_input
-    else:
-        t_name = next((n for n in TIMESTEP_NAMES if n in names[1:]), None)
-        if t_name is None:
-            raise FxpassError(f"{cls}.forward({', '.join(names)}): no timestep input found (looked for "
-                              f"{', '.join(TIMESTEP_NAMES)}); name it with --timestep-input NAME")
+    t_name = _timestep_name(cls, names, timestep_input)
     unknown = [n for n in given if n not in names and n not in ("x", names[0])]
     if unknown and not any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values()):
         raise FxpassError(f"--input {unknown[0]}: {cls}.forward has no such parameter (it takes {', '.join(names)})")
@@ -227,27 +215,90 @@ def plan(model: torch.nn.Module, *, image_size: int | None, timestep_input: str 
     def tensor(shape, dtype):
         return torch.randn(shape, generator=gen) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype)
 
-    # each input other than x and the timestep: given, a label, described by the model's attributes
-    order: list[str] = []
-    fixed: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-    described: dict[str, _Described] = {}
-    origins: dict[str, str] = {}
-    omitted: list[str] = []
     n_classes = class_count(model)
+    extras = _extra_inputs(model, params, t_name, given, n_classes, batch, dims)
+    if not x_given:
+        if conv is None:
+            raise FxpassError(f"{cls}: no convolution to read the input channels from; give --input {x_name}=SHAPE")
+        if not image_size:
+            raise FxpassError(f"{cls}: image size unknown; pass --image-size N (or --config FILE)")
+    _apply_sizes(cls, extras.described, batch, dims)
+    total = conv.in_channels if conv is not None else None
+    known = _fill_channels(cls, extras, x_given, total, batch, dims)
+    if x_given:
+        x_shape = tuple(x_given[0])
+        extras.origins[x_name] = "--input"
+    else:
+        channels = total - known
+        if channels < 1:
+            raise FxpassError(f"{cls}: the first convolution takes {total} channels, no more than the "
+                              f"other inputs carry; give --input {x_name}=SHAPE")
+        x_shape = (batch, channels, *([image_size] * dims))
+        less = f" less {known} of the other inputs" if known else ""
+        extras.origins[x_name] = f"first convolution's {total} channels{less}, image size {image_size}"
+    _fill_spatial(cls, extras, x_shape, batch, dims)
+    extra_tensors = {n: tensor(*extras.fixed[n]) for n in extras.order}  # drawn before x, as they always were
+    x = torch.randn(x_shape, generator=gen)
+    t_dtype = torch.float32 if t_name in CONTINUOUS_NAMES else torch.int64
+    return Plan(x_name, t_name, t_dtype, x, extra_tensors, n_classes, tuple(extras.omitted), extras.origins)
+
+
+def _given_inputs(inputs: Sequence[str] | Mapping[str, tuple]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """``--input`` texts (or a mapping name → (shape, dtype)) as name → (shape, dtype)."""
+    given: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for item in (inputs.items() if isinstance(inputs, Mapping) else inputs):
+        name, shape, dtype = parse_input(item) if isinstance(item, str) else (item[0], *item[1])
+        given[name] = (tuple(shape), dtype)
+    return given
+
+
+def _timestep_name(cls: str, names: list[str], timestep_input: str | None) -> str:
+    """The timestep parameter: ``timestep_input`` where given, else the first named as in TIMESTEP_NAMES."""
+    if timestep_input is not None:
+        if timestep_input not in names:
+            raise FxpassError(f"--timestep-input {timestep_input}: {cls}.forward has no such parameter "
+                              f"(it takes {', '.join(names)})")
+        return timestep_input
+    t_name = next((n for n in TIMESTEP_NAMES if n in names[1:]), None)
+    if t_name is None:
+        raise FxpassError(f"{cls}.forward({', '.join(names)}): no timestep input found (looked for "
+                          f"{', '.join(TIMESTEP_NAMES)}); name it with --timestep-input NAME")
+    return t_name
+
+
+@dataclass
+class _Extras:
+    """The inputs other than x and the timestep, in the order they are drawn: each with a fixed shape
+    and dtype, or described by the model's attributes (its shape completed by :func:`plan`)."""
+
+    order: list[str] = field(default_factory=list)
+    fixed: dict[str, tuple[tuple[int, ...], torch.dtype]] = field(default_factory=dict)
+    described: dict[str, _Described] = field(default_factory=dict)
+    origins: dict[str, str] = field(default_factory=dict)
+    omitted: list[str] = field(default_factory=list)
+
+
+def _extra_inputs(model: torch.nn.Module, params, t_name: str, given: dict, n_classes: int | None, batch: int,
+                  dims: int) -> _Extras:
+    """Each input other than x and the timestep: given, a label, described by the model's attributes,
+    or left at its default; then the given ones forward takes through ``**kwargs``."""
+    cls = type(model).__name__
+    names = [p.name for p in params]
+    extras = _Extras()
     for p in params[1:]:
         if p.name == t_name:
             continue
         if p.name in given:
-            order.append(p.name)
-            fixed[p.name] = given[p.name]
-            origins[p.name] = "--input"
+            extras.order.append(p.name)
+            extras.fixed[p.name] = given[p.name]
+            extras.origins[p.name] = "--input"
         elif p.name in LABEL_NAMES and n_classes is not None:
-            order.append(p.name)
-            fixed[p.name] = ((batch,), torch.int64)
-            origins[p.name] = f"labels 0..{n_classes - 1}"
+            extras.order.append(p.name)
+            extras.fixed[p.name] = ((batch,), torch.int64)
+            extras.origins[p.name] = f"labels 0..{n_classes - 1}"
         elif (found := _describe(model, p.name)) is not None:
-            order.append(p.name)
-            described[p.name] = found
+            extras.order.append(p.name)
+            extras.described[p.name] = found
         elif p.default is inspect.Parameter.empty:
             attrs = input_attributes(p.name)
             looked = ", ".join(attrs["shape"] + attrs["size"][:1] + attrs["channels"][:1])
@@ -255,19 +306,17 @@ def plan(model: torch.nn.Module, *, image_size: int | None, timestep_input: str 
                               f"attribute {looked}); give its shape with "
                               f"{_example(p.name, batch, None, None, dims)}")
         else:
-            omitted.append(p.name)
+            extras.omitted.append(p.name)
     for n, spec in given.items():  # accepted through **kwargs
         if n not in names and n != "x":
-            order.append(n)
-            fixed[n] = spec
-            origins[n] = "--input"
-    if not x_given:
-        if conv is None:
-            raise FxpassError(f"{cls}: no convolution to read the input channels from; give --input {x_name}=SHAPE")
-        if not image_size:
-            raise FxpassError(f"{cls}: image size unknown; pass --image-size N (or --config FILE)")
+            extras.order.append(n)
+            extras.fixed[n] = spec
+            extras.origins[n] = "--input"
+    return extras
 
-    # a NAME_shape attribute gives the whole shape; else channels and size as far as the attributes go
+
+def _apply_sizes(cls: str, described: dict[str, _Described], batch: int, dims: int) -> None:
+    """A NAME_shape attribute gives the whole shape; else channels and size as far as the attributes go."""
     for n, d in described.items():
         what = f"{cls}.{d.read[0]} = {d.size}"
         if d.whole:
@@ -283,48 +332,48 @@ def plan(model: torch.nn.Module, *, image_size: int | None, timestep_input: str 
                                   f"shape with {_example(n, batch, d.channels, None, dims)}")
             d.spatial = tuple(d.size)
 
+
+def _fill_channels(cls: str, extras: _Extras, x_given, total: int | None, batch: int, dims: int) -> int:
+    """The channels of the one described input no attribute gives them for, from the first convolution's
+    ``total``; returns the channels the inputs other than x carry (concatenated to x's before it)."""
+
     def counted(shape, dtype) -> int:  # channels concatenated to x's before the first convolution
         return int(shape[1]) if dtype.is_floating_point and len(shape) == dims + 2 else 0
 
-    known = sum(counted(*spec) for spec in fixed.values()) + sum(
+    described = extras.described
+    known = sum(counted(*spec) for spec in extras.fixed.values()) + sum(
         d.channels for d in described.values() if d.channels is not None)
-    total = conv.in_channels if conv is not None else None
     open_ = [n for n, d in described.items() if d.channels is None]
     if len(open_) > 1:
         raise FxpassError(f"{cls}.forward: the channels of '{open_[0]}' and '{open_[1]}' are unknown (no attribute "
                           f"{input_attributes(open_[0])['channels'][0]}); give their shapes with --input NAME=SHAPE")
-    if open_:
-        n = open_[0]
-        d = described[n]
-        why = f"{cls} has {d.read[0]} but no attribute {input_attributes(n)['channels'][0]}"
-        if x_given and total is not None:
-            d.channels = total - int(x_given[0][1]) - known
-            how = f"from the first convolution's {total} less x's {x_given[0][1]}" + (
-                f" and the other inputs' {known}" if known else "")
-        elif not x_given and is_low_res(n) and (total - known) % 2 == 0:
-            d.channels = (total - known) // 2  # SuperResModel: a first convolution for in_channels * 2
-            how = f"as x's (half of the first convolution's {total - known})"
-        else:
-            raise FxpassError(f"{cls}.forward's '{n}': channels unknown ({why}); give its shape with "
-                              f"{_example(n, batch, None, d.spatial, dims)}")
-        if d.channels < 1:
-            raise FxpassError(f"{cls}.forward's '{n}': channels unknown ({why}, and the first convolution's "
-                              f"{total} leave {d.channels} for it); give its shape with "
-                              f"{_example(n, batch, None, d.spatial, dims)}")
-        d.read.append(f"channels {how}")  # an origin, not an attribute
-        known += d.channels
-    if x_given:
-        x_shape = tuple(x_given[0])
-        origins[x_name] = "--input"
+    if not open_:
+        return known
+    n = open_[0]
+    d = described[n]
+    why = f"{cls} has {d.read[0]} but no attribute {input_attributes(n)['channels'][0]}"
+    if x_given and total is not None:
+        d.channels = total - int(x_given[0][1]) - known
+        how = f"from the first convolution's {total} less x's {x_given[0][1]}" + (
+            f" and the other inputs' {known}" if known else "")
+    elif not x_given and is_low_res(n) and (total - known) % 2 == 0:
+        d.channels = (total - known) // 2  # SuperResModel: a first convolution for in_channels * 2
+        how = f"as x's (half of the first convolution's {total - known})"
     else:
-        channels = total - known
-        if channels < 1:
-            raise FxpassError(f"{cls}: the first convolution takes {total} channels, no more than the "
-                              f"other inputs carry; give --input {x_name}=SHAPE")
-        x_shape = (batch, channels, *([image_size] * dims))
-        origins[x_name] = (f"first convolution's {total} channels" + (f" less {known} of the other inputs" if known
-                                                                       else "") + f", image size {image_size}")
-    for n, d in described.items():
+        raise FxpassError(f"{cls}.forward's '{n}': channels unknown ({why}); give its shape with "
+                          f"{_example(n, batch, None, d.spatial, dims)}")
+    if d.channels < 1:
+        raise FxpassError(f"{cls}.forward's '{n}': channels unknown ({why}, and the first convolution's "
+                          f"{total} leave {d.channels} for it); give its shape with "
+                          f"{_example(n, batch, None, d.spatial, dims)}")
+    d.read.append(f"channels {how}")  # an origin, not an attribute
+    return known + d.channels
+
+
+def _fill_spatial(cls: str, extras: _Extras, x_shape: tuple[int, ...], batch: int, dims: int) -> None:
+    """Each described input's spatial size (x's where no attribute gives it, except for a
+    low-resolution input), its shape and its origin."""
+    for n, d in extras.described.items():
         if d.spatial is None:
             if is_low_res(n):
                 raise FxpassError(f"{cls}.forward's '{n}': size unknown ({cls} has {d.read[0]} but no attribute "
@@ -332,12 +381,9 @@ def plan(model: torch.nn.Module, *, image_size: int | None, timestep_input: str 
                                   f"{_example(n, batch, d.channels, None, dims)}")
             d.spatial = tuple(x_shape[2:])  # a conditioning image at x's resolution
             d.read.append("size of x")
-        fixed[n] = ((batch, d.channels, *d.spatial), torch.float32)
-        origins[n] = ", ".join(f"model.{r}" if r.isidentifier() else r for r in d.read)
-    extras = {n: tensor(*fixed[n]) for n in order}  # drawn before x, as they always were
-    x = torch.randn(x_shape, generator=gen)
-    t_dtype = torch.float32 if t_name in CONTINUOUS_NAMES else torch.int64
-    return Plan(x_name, t_name, t_dtype, x, extras, n_classes, tuple(omitted), origins)
+        extras.fixed[n] = ((batch, d.channels, *d.spatial), torch.float32)
+        extras.origins[n] = ", ".join(f"model.{r}" if r.isidentifier() else r for r in d.read)
+
 
 class Adapter(torch.nn.Module):
     """``forward(x, timesteps, <extras>)`` in front of a model whose parameters are named otherwise (or

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -23,6 +24,52 @@ from .layers import (
 )
 
 __all__ = ["UNetModel", "GroupNorm32"]
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """Builds the U-Net's blocks with the settings they all share (one per ``UNetModel``)."""
+
+    time_embed_dim: int
+    dropout: float
+    dims: int
+    use_checkpoint: bool
+    use_scale_shift_norm: bool
+    num_head_channels: int
+    use_new_attention_order: bool
+    conv_resample: bool
+    resblock_updown: bool
+
+    def res_block(self, ch_in, ch_out, **kw):
+        return ResBlock(
+            ch_in,
+            self.time_embed_dim,
+            self.dropout,
+            out_channels=ch_out,
+            dims=self.dims,
+            use_checkpoint=self.use_checkpoint,
+            use_scale_shift_norm=self.use_scale_shift_norm,
+            **kw,
+        )
+
+    def attention(self, ch, heads):
+        return AttentionBlock(
+            ch,
+            use_checkpoint=self.use_checkpoint,
+            num_heads=heads,
+            num_head_channels=self.num_head_channels,
+            use_new_attention_order=self.use_new_attention_order,
+        )
+
+    def downsample(self, ch):
+        if self.resblock_updown:
+            return self.res_block(ch, ch, down=True)
+        return Downsample(ch, self.conv_resample, dims=self.dims, out_channels=ch)
+
+    def upsample(self, ch):
+        if self.resblock_updown:
+            return self.res_block(ch, ch, up=True)
+        return Upsample(ch, self.conv_resample, dims=self.dims, out_channels=ch)
 
 
 class UNetModel(nn.Module):
@@ -85,77 +132,72 @@ class UNetModel(nn.Module):
         if self.num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, time_embed_dim)
 
-        def res_block(ch_in, ch_out, **kw):
-            return ResBlock(
-                ch_in,
-                time_embed_dim,
-                dropout,
-                out_channels=ch_out,
-                dims=dims,
-                use_checkpoint=use_checkpoint,
-                use_scale_shift_norm=use_scale_shift_norm,
-                **kw,
-            )
-
-        def attention(ch, heads):
-            return AttentionBlock(
-                ch,
-                use_checkpoint=use_checkpoint,
-                num_heads=heads,
-                num_head_channels=num_head_channels,
-                use_new_attention_order=use_new_attention_order,
-            )
-
-        ch = input_ch = int(channel_mult[0] * model_channels)
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))])
-        input_block_chans = [ch]
-        ds = 1
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                layers = [res_block(ch, int(mult * model_channels))]
-                ch = int(mult * model_channels)
-                if ds in attention_resolutions:
-                    layers.append(attention(ch, num_heads))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                input_block_chans.append(ch)
-            if level != len(channel_mult) - 1:
-                down = (
-                    res_block(ch, ch, down=True)
-                    if resblock_updown
-                    else Downsample(ch, conv_resample, dims=dims, out_channels=ch)
-                )
-                self.input_blocks.append(TimestepEmbedSequential(down))
-                input_block_chans.append(ch)
-                ds *= 2
-
-        self.middle_block = TimestepEmbedSequential(
-            res_block(ch, ch),
-            attention(ch, num_heads),
-            res_block(ch, ch),
+        blocks = _Blocks(
+            time_embed_dim=time_embed_dim,
+            dropout=dropout,
+            dims=dims,
+            use_checkpoint=use_checkpoint,
+            use_scale_shift_norm=use_scale_shift_norm,
+            num_head_channels=num_head_channels,
+            use_new_attention_order=use_new_attention_order,
+            conv_resample=conv_resample,
+            resblock_updown=resblock_updown,
         )
-
-        self.output_blocks = nn.ModuleList([])
-        for level, mult in list(enumerate(channel_mult))[::-1]:
-            for i in range(num_res_blocks + 1):
-                ich = input_block_chans.pop()
-                layers = [res_block(ch + ich, int(model_channels * mult))]
-                ch = int(model_channels * mult)
-                if ds in attention_resolutions:
-                    layers.append(attention(ch, num_heads_upsample))
-                if level and i == num_res_blocks:
-                    layers.append(
-                        res_block(ch, ch, up=True)
-                        if resblock_updown
-                        else Upsample(ch, conv_resample, dims=dims, out_channels=ch)
-                    )
-                    ds //= 2
-                self.output_blocks.append(TimestepEmbedSequential(*layers))
-
+        ch = input_ch = int(channel_mult[0] * model_channels)
+        ch, input_block_chans, ds = self._build_input_blocks(blocks, ch)
+        self.middle_block = TimestepEmbedSequential(
+            blocks.res_block(ch, ch),
+            blocks.attention(ch, num_heads),
+            blocks.res_block(ch, ch),
+        )
+        ch = self._build_output_blocks(blocks, ch, input_block_chans, ds)
         self.out = nn.Sequential(
             normalization(ch),
             nn.SiLU(),
             zero_module(conv_nd(dims, input_ch, out_channels, 3, padding=1)),
         )
+
+    def _build_input_blocks(self, blocks: _Blocks, ch: int) -> tuple[int, list[int], int]:
+        """The down path, ``self.input_blocks``, from ``ch`` channels after the input convolution.
+
+        Returns the channels it ends with, the channels of every block (the skip connections the up
+        path concatenates, last first) and the downsample rate it ends at.
+        """
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(conv_nd(blocks.dims, self.in_channels, ch, 3, padding=1))]
+        )
+        input_block_chans = [ch]
+        ds = 1
+        for level, mult in enumerate(self.channel_mult):
+            for _ in range(self.num_res_blocks):
+                layers = [blocks.res_block(ch, int(mult * self.model_channels))]
+                ch = int(mult * self.model_channels)
+                if ds in self.attention_resolutions:
+                    layers.append(blocks.attention(ch, self.num_heads))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                input_block_chans.append(ch)
+            if level != len(self.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(blocks.downsample(ch)))
+                input_block_chans.append(ch)
+                ds *= 2
+        return ch, input_block_chans, ds
+
+    def _build_output_blocks(self, blocks: _Blocks, ch: int, input_block_chans: list[int], ds: int) -> int:
+        """The up path, ``self.output_blocks``, taking the skip connections off ``input_block_chans``;
+        returns the channels it ends with."""
+        self.output_blocks = nn.ModuleList([])
+        for level, mult in list(enumerate(self.channel_mult))[::-1]:
+            for i in range(self.num_res_blocks + 1):
+                ich = input_block_chans.pop()
+                layers = [blocks.res_block(ch + ich, int(self.model_channels * mult))]
+                ch = int(self.model_channels * mult)
+                if ds in self.attention_resolutions:
+                    layers.append(blocks.attention(ch, self.num_heads_upsample))
+                if level and i == self.num_res_blocks:
+                    layers.append(blocks.upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+        return ch
 
     def convert_to_fp16(self):
         """Convert the convolutions of the torso to float16 (as ``use_fp16`` checkpoints run)."""

@@ -179,17 +179,23 @@ def static_values(gm: GraphModule, example_inputs=None) -> StaticValues:
     return env
 
 
-def constant_value(gm: GraphModule, node: Node, example_inputs=None):
-    """``node`` computed for real from the example inputs (call it only for a node that static_values
-    does not count as data-dependent: its value is then the same for every input of those shapes)."""
-    inputs = example_inputs_of(gm, example_inputs)
+def _ancestors(nodes) -> set[Node]:
+    """``nodes`` and every node they are computed from."""
     needed: set[Node] = set()
-    stack = [node]
+    stack = list(nodes)
     while stack:
         n = stack.pop()
         if n not in needed:
             needed.add(n)
             stack.extend(n.all_input_nodes)
+    return needed
+
+
+def constant_value(gm: GraphModule, node: Node, example_inputs=None):
+    """``node`` computed for real from the example inputs (call it only for a node that static_values
+    does not count as data-dependent: its value is then the same for every input of those shapes)."""
+    inputs = example_inputs_of(gm, example_inputs)
+    needed = _ancestors([node])
     interp = torch.fx.Interpreter(gm)
     env: dict[Node, Any] = {}
     with torch.no_grad():
@@ -253,112 +259,130 @@ def batch_dependence(gm: GraphModule, example_inputs=None, *, nodes=None,
     are computed from) are run; default, the whole graph.  A result ``remember_batch_dependence``
     kept for this very graph is reused.
     """
-    from torch._dynamo.source import ConstantSource
-    from torch._subclasses.fake_tensor import (
-        DataDependentOutputException,
-        DynamicOutputShapeException,
-        FakeTensorMode,
-    )
-    from torch.fx.experimental.symbolic_shapes import DimDynamic, GuardOnDataDependentSymNode, ShapeEnv
-    from torch.utils._sympy.value_ranges import ValueRanges, bound_sympy
-
-    data_errors = (DataDependentOutputException, DynamicOutputShapeException, GuardOnDataDependentSymNode)
     inputs = example_inputs_of(gm, example_inputs) or {}
     cached = getattr(gm, "meta", {}).get(_BATCH_CACHE)
     if cached is not None and cached[0] == _graph_key(gm, inputs, max_batch):
         return {n: cached[1][n.name] for n in gm.graph.nodes if n.name in cached[1]}
-    captured = [v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.ndim]
-    hint = max([2, *captured])
-    shape_env = ShapeEnv(specialize_zero_one=False, duck_shape=False)
-    source = ConstantSource("batch")
-    symbol = shape_env.create_symbol(hint, source=source, dynamic_dim=DimDynamic.DYNAMIC)
-    shape_env.constrain_symbol_range(symbol, compiler_min=1, compiler_max=max_batch)
-    batch = shape_env.create_symintnode(symbol, hint=hint, source=source)
-    mode = FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True)
-    interp = torch.fx.Interpreter(gm)
-    env: dict[Node, Any] = {}
-    failed: set[Node] = set()  # could not run at a free batch size (a batch-1 specialisation in the graph)
-    found: dict[Node, str] = {}
+    return _FreeBatchRun(gm, inputs, max_batch).run(None if nodes is None else _ancestors(nodes))
 
-    def symbolic(value) -> bool:
+
+class _FreeBatchRun:
+    """``batch_dependence``'s run of a graph on fake tensors whose first dimension is one symbol ``B`` in
+    ``1..max_batch``: each node's value, and the Python values found to depend on ``B`` with the reason."""
+
+    def __init__(self, gm: GraphModule, inputs: dict, max_batch: int):
+        from torch._dynamo.source import ConstantSource
+        from torch._subclasses.fake_tensor import (
+            DataDependentOutputException,
+            DynamicOutputShapeException,
+            FakeTensorMode,
+        )
+        from torch.fx.experimental.symbolic_shapes import DimDynamic, GuardOnDataDependentSymNode, ShapeEnv
+
+        self.data_errors = (DataDependentOutputException, DynamicOutputShapeException, GuardOnDataDependentSymNode)
+        self.gm = gm
+        self.inputs = inputs
+        self.max_batch = max_batch
+        captured = [v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.ndim]
+        hint = max([2, *captured])
+        self.shape_env = ShapeEnv(specialize_zero_one=False, duck_shape=False)
+        source = ConstantSource("batch")
+        self.symbol = self.shape_env.create_symbol(hint, source=source, dynamic_dim=DimDynamic.DYNAMIC)
+        self.shape_env.constrain_symbol_range(self.symbol, compiler_min=1, compiler_max=max_batch)
+        self.batch = self.shape_env.create_symintnode(self.symbol, hint=hint, source=source)
+        self.mode = FakeTensorMode(shape_env=self.shape_env, allow_non_fake_inputs=True)
+        self.interp = torch.fx.Interpreter(gm)
+        self.env: dict[Node, Any] = {}
+        self.failed: set[Node] = set()  # could not run at a free batch size (a batch-1 specialisation in the graph)
+        self.found: dict[Node, str] = {}
+
+    def run(self, needed: set[Node] | None) -> dict[Node, str]:
+        """Run the nodes in ``needed`` (all of them: ``None``); the batch-dependent ones, with the reason."""
+        with self.mode, torch.no_grad():
+            for node in self.gm.graph.nodes:
+                if node.op == "output" or (needed is not None and node not in needed):
+                    continue
+                if node.op == "placeholder":
+                    self.env[node] = self._placeholder(node)
+                elif is_assert(node):
+                    self.env[node] = None
+                else:
+                    self._step(node)
+        return self.found
+
+    def _placeholder(self, node: Node):
+        value = self.inputs.get(node.target, UNKNOWN)
+        if isinstance(value, torch.Tensor):
+            shape = (self.batch, *value.shape[1:]) if value.ndim else ()
+            return torch.empty(shape, dtype=value.dtype)
+        return UNKNOWN
+
+    def _step(self, node: Node) -> None:
+        env = self.env
+        args = map_aggregate(node.args, lambda a: env[a] if isinstance(a, Node) else a)
+        kwargs = map_aggregate(node.kwargs, lambda a: env[a] if isinstance(a, Node) else a)
+        sources = node.all_input_nodes
+        unknown = []
+        map_aggregate((args, kwargs), lambda v: unknown.append(v) if v is UNKNOWN else None)
+        guards_before = len(self.shape_env.guards)
+        if unknown:
+            value = UNKNOWN
+            if any(i in self.failed for i in sources):
+                self.failed.add(node)
+        else:
+            value = self._evaluate(node, args, kwargs)
+        env[node] = value
+        if _tensorish(value):
+            return
+        reason = self._reason(node, value, guards_before)
+        if reason is not None:
+            self.found[node] = reason
+
+    def _evaluate(self, node: Node, args, kwargs):
+        # A tensor operation may assume things about B for its own bookkeeping (contiguity:
+        # B != 1): keep those out of the shape env, so that the only guards it records are the
+        # decisions that Python-level nodes (not, int(), shape comparisons) make on B.
+        tensor_op = not reads_metadata(node) and any(_tensorish(self.env[i]) for i in node.all_input_nodes)
+        try:
+            with self.shape_env.suppress_guards() if tensor_op else contextlib.nullcontext():
+                if _keeps_shape(self.gm, node) and isinstance(args[0], torch.Tensor):
+                    return torch.empty_like(args[0])  # GroupNorm under symbolic shapes is slow
+                return getattr(self.interp, node.op)(node.target, args, kwargs)
+        except self.data_errors:
+            return UNKNOWN
+        except Exception:
+            self.failed.add(node)
+            return UNKNOWN
+
+    def _reason(self, node: Node, value, guards_before: int) -> str | None:
+        """Why ``node``'s Python value depends on the batch size, or None."""
+        if node in self.failed:
+            return "cannot be computed at another batch size"
+        if len(self.shape_env.guards) > guards_before:
+            return "is decided on the batch size"
+        if self._holds_batch(value):
+            return _READS
+        # a plain value: batch-dependent only if computed from a decision (symbols were tracked)
+        return next((self.found[i] for i in node.all_input_nodes if self.found.get(i, _READS) != _READS), None)
+
+    def _holds_batch(self, value) -> bool:
+        """``value`` still holds ``B`` (not provable from the range ``1..max_batch`` alone)."""
         if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            from torch.utils._sympy.value_ranges import ValueRanges, bound_sympy
+
             expr = value.node.expr
             if not expr.free_symbols:
                 return False
             try:  # provable from the range 1..max_batch alone (not from what earlier ops assumed)?
-                bounds = bound_sympy(expr, {symbol: ValueRanges(1, max_batch)})
+                bounds = bound_sympy(expr, {self.symbol: ValueRanges(1, self.max_batch)})
                 return bounds.lower != bounds.upper
             except Exception:
                 return True
         if isinstance(value, (list, tuple)):
-            return any(symbolic(v) for v in value)
+            return any(self._holds_batch(v) for v in value)
         if isinstance(value, dict):
-            return any(symbolic(v) for v in value.values())
+            return any(self._holds_batch(v) for v in value.values())
         return False
-
-    needed = None
-    if nodes is not None:
-        needed, stack = set(), list(nodes)
-        while stack:
-            n = stack.pop()
-            if n not in needed:
-                needed.add(n)
-                stack.extend(n.all_input_nodes)
-    with mode, torch.no_grad():
-        for node in gm.graph.nodes:
-            if node.op == "output" or (needed is not None and node not in needed):
-                continue
-            if node.op == "placeholder":
-                value = inputs.get(node.target, UNKNOWN)
-                if isinstance(value, torch.Tensor):
-                    shape = (batch, *value.shape[1:]) if value.ndim else ()
-                    env[node] = torch.empty(shape, dtype=value.dtype)
-                else:
-                    env[node] = UNKNOWN
-                continue
-            if is_assert(node):
-                env[node] = None
-                continue
-            args = map_aggregate(node.args, lambda a: env[a] if isinstance(a, Node) else a)
-            kwargs = map_aggregate(node.kwargs, lambda a: env[a] if isinstance(a, Node) else a)
-            sources = node.all_input_nodes
-            unknown = []
-            map_aggregate((args, kwargs), lambda v: unknown.append(v) if v is UNKNOWN else None)
-            guards_before = len(shape_env.guards)
-            if unknown:
-                value = UNKNOWN
-                if any(i in failed for i in sources):
-                    failed.add(node)
-            else:
-                # A tensor operation may assume things about B for its own bookkeeping (contiguity:
-                # B != 1): keep those out of the shape env, so that the only guards it records are the
-                # decisions that Python-level nodes (not, int(), shape comparisons) make on B.
-                tensor_op = not reads_metadata(node) and any(_tensorish(env[i]) for i in sources)
-                try:
-                    with shape_env.suppress_guards() if tensor_op else contextlib.nullcontext():
-                        if _keeps_shape(gm, node) and isinstance(args[0], torch.Tensor):
-                            value = torch.empty_like(args[0])  # GroupNorm under symbolic shapes is slow
-                        else:
-                            value = getattr(interp, node.op)(node.target, args, kwargs)
-                except data_errors:
-                    value = UNKNOWN
-                except Exception:
-                    value = UNKNOWN
-                    failed.add(node)
-            env[node] = value
-            if _tensorish(value):
-                continue
-            if node in failed:
-                found[node] = "cannot be computed at another batch size"
-            elif len(shape_env.guards) > guards_before:
-                found[node] = "is decided on the batch size"
-            elif symbolic(value):
-                found[node] = _READS
-            else:  # a plain value: batch-dependent only if computed from a decision (symbols were tracked)
-                reason = next((found[i] for i in sources if found.get(i, _READS) != _READS), None)
-                if reason is not None:
-                    found[node] = reason
-    return found
 
 
 _READS = "reads the batch size"

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fxpass import capture
-from fxpass.capture import ASSERT_PREFIX, GUARD_PREFIX
 from fxpass.checkpoint import init_model
+from fxpass.concrete_tracer import ASSERT_PREFIX, GUARD_PREFIX
 from fxpass.errors import FxpassError
 
 from user_models import BadBranch, FailingAssert, Unsupported, UserUNet

@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fxpass
-from fxpass.capture import GUARD_PREFIX
 from fxpass.checkpoint import init_model
+from fxpass.concrete_tracer import GUARD_PREFIX
 from fxpass.config import CAMUS
 from fxpass.schedule import respaced
 
