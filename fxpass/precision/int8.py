@@ -9,7 +9,7 @@ What fxpass adds to ``onnxruntime.quantization.quantize_static`` (which does the
 * a gate: the written model's ratio is measured on an evaluation set kept apart from calibration,
   and a model over budget is refused (a reused plan included).
 
-Choices measured on the trained digits reference (see the README): per-channel int8 weights, uint8
+Choices measured on the trained digits reference (see docs/precision.md): per-channel int8 weights, uint8
 activations (ORT 1.32 rejects the int8-activation model: its Softmax output gets a uint8 zero point),
 MinMax ranges, Conv and MatMul quantized.  The fully quantized model's eps-MSE was 6.8x float32's at
 t_index 0 and 1.06-1.18x elsewhere; the input convolution alone accounts for most of it: at small t
@@ -310,7 +310,7 @@ def quantize_int8(proto: onnx.ModelProto, config=None, options: Int8Options | No
     lines.insert(1, "weights 7-bit (reduce_range: x86 without VNNI saturates 8-bit weights in ONNX Runtime)"
                  if reduce_range else "weights 8-bit: on an x86 CPU without VNNI ONNX Runtime saturates them; "
                  "--reduce-range on for such targets")
-    if options.calibration_data is None and plan_in is None:  # measured on the digits reference: see README
+    if options.calibration_data is None and plan_in is None:  # measured on the digits reference: see docs/precision.md
         lines.insert(1, "judged on the model's own samples (no --calibration-data): on a trained model give "
                         "images; on the reference these kept 2 layers in float where real images needed 15")
     info = {"plan": plan.to_dict(), "plan_lines": lines, "reused_plan": plan_in is not None,
