@@ -97,76 +97,18 @@ def _ort_feed(session, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def run_cpu(setup: Setup, opts: Options, *, config_path: str | None, load: LoadSampler,
             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every CPU section; a section that fails records ``{"error": ...}`` and the rest go on."""
-    from fxpass.pipeline import lower_with_report
-
     out: dict[str, Any] = {"batch": 1, "image_size": setup.cfg.image_size, "t_index": setup.t_index,
                            "timestep": setup.kept[setup.t_index], "schedule_length": len(setup.kept)}
     skip = opts.skip
-    x_np = setup.inputs["x"].numpy()
     with torch.inference_mode():
         ref = setup.model(*setup.eager_args()).numpy()
 
     # ---- build: fxpass in process, and the naive export -----------------------------------------
-    fx_session = naive_session = None
-    if "fxpass" not in skip:
-        log("fxpass: lower_with_report (table mode) ...")
-        try:
-            start = time.perf_counter()
-            lowered = lower_with_report(setup.model, config=setup.cfg)
-            out["fxpass_build"] = {"lower_s": time.perf_counter() - start, "stages_s": dict(lowered.stages),
-                                   "mode": lowered.mode, "report": _small_report(lowered.report),
-                                   "graph": _graph_summary(lowered.model)}
-            fx_session = ort_session(lowered.model, opts.threads)
-            if "precision" not in skip:
-                setup.fxpass_proto = lowered.model
-            del lowered
-        except Exception as exc:
-            out["fxpass_build"] = {"error": short_error(exc)}
-        load.sample("after fxpass lower")
-    if "naive" not in skip:
-        log("naive: torch.onnx.export(dynamo=True) of the hand-patched model ...")
-        try:
-            from .naive import export_naive
-
-            proto, seconds = export_naive(setup.model, setup.eager_args())
-            out["naive_build"] = {"export_s": seconds, "graph": _graph_summary(proto)}
-            naive_session = ort_session(proto, opts.threads)
-            del proto
-        except Exception as exc:
-            out["naive_build"] = {"error": short_error(exc)}
-        load.sample("after naive export")
+    fx_session = _build_fxpass(setup, opts, out, load, log) if "fxpass" not in skip else None
+    naive_session = _build_naive(setup, opts, out, load, log) if "naive" not in skip else None
 
     # ---- per-step latency, batch 1, interleaved (alternating rounds) -------------------------------------
-    contenders: dict[str, Callable[[], object]] = {}
-    results: dict[str, dict[str, Any]] = {}
-    if "eager" not in skip:
-        args = setup.eager_args()
-
-        def eager_step():
-            with torch.inference_mode():
-                return setup.model(*args)
-
-        contenders["eager"] = eager_step
-    for key, session, arrays in (
-        ("naive_ort", naive_session, {"x": x_np, "timesteps": setup.inputs["timesteps"].numpy()}),
-        ("fxpass_ort", fx_session, {"x": x_np, "t_index": np.array([setup.t_index], dtype=np.int64)}),
-    ):
-        if session is None:
-            continue
-        if "y" in setup.inputs:
-            arrays["y"] = setup.inputs["y"].numpy()
-        try:
-            feed = _ort_feed(session, arrays)
-            results[key] = _diff(session.run(None, feed)[0], ref)
-            contenders[key] = (lambda s=session, f=feed: s.run(None, f))
-        except Exception as exc:
-            out[key] = {"error": short_error(exc)}
-    if contenders:
-        log(f"{', '.join(contenders)}: {opts.runs} timed runs each, interleaved ...")
-        for key, timing in measure_interleaved(contenders, runs=opts.runs, warmup=opts.warmup).items():
-            out[key] = {**timing, **results.get(key, {})}
-        load.sample("after per-step timings")
-
+    _time_steps(setup, opts, out, ref, {"naive_ort": naive_session, "fxpass_ort": fx_session}, load, log)
     for key, section in (("fxpass_build", "fxpass"), ("fxpass_ort", "fxpass"), ("naive_build", "naive"),
                          ("naive_ort", "naive"), ("eager", "eager")):
         if section in skip:
@@ -202,6 +144,85 @@ def run_cpu(setup: Setup, opts: Options, *, config_path: str | None, load: LoadS
     else:
         out["schedule"] = {"skipped": "--skip schedule"}
     return out
+
+
+def _build_fxpass(setup: Setup, opts: Options, out: dict[str, Any], load: LoadSampler,
+                  log: Callable[[str], None]):
+    """fxpass's lowering, in process: ``out["fxpass_build"]``, and an ONNX Runtime session on it (None when
+    either fails); keeps the ONNX in ``setup`` for the precision section."""
+    from fxpass.pipeline import lower_with_report
+
+    log("fxpass: lower_with_report (table mode) ...")
+    session = None
+    try:
+        start = time.perf_counter()
+        lowered = lower_with_report(setup.model, config=setup.cfg)
+        out["fxpass_build"] = {"lower_s": time.perf_counter() - start, "stages_s": dict(lowered.stages),
+                               "mode": lowered.mode, "report": _small_report(lowered.report),
+                               "graph": _graph_summary(lowered.model)}
+        session = ort_session(lowered.model, opts.threads)
+        if "precision" not in opts.skip:
+            setup.fxpass_proto = lowered.model
+        del lowered
+    except Exception as exc:
+        out["fxpass_build"] = {"error": short_error(exc)}
+    load.sample("after fxpass lower")
+    return session
+
+
+def _build_naive(setup: Setup, opts: Options, out: dict[str, Any], load: LoadSampler,
+                 log: Callable[[str], None]):
+    """The naive export: ``out["naive_build"]``, and an ONNX Runtime session on it (None when either fails)."""
+    log("naive: torch.onnx.export(dynamo=True) of the hand-patched model ...")
+    session = None
+    try:
+        from .naive import export_naive
+
+        proto, seconds = export_naive(setup.model, setup.eager_args())
+        out["naive_build"] = {"export_s": seconds, "graph": _graph_summary(proto)}
+        session = ort_session(proto, opts.threads)
+        del proto
+    except Exception as exc:
+        out["naive_build"] = {"error": short_error(exc)}
+    load.sample("after naive export")
+    return session
+
+
+def _time_steps(setup: Setup, opts: Options, out: dict[str, Any], ref: np.ndarray, sessions: dict[str, Any],
+                load: LoadSampler, log: Callable[[str], None]) -> None:
+    """One step of eager and of each ONNX Runtime session (``naive_ort``, ``fxpass_ort``; None: not built),
+    timed in alternating rounds; each output's difference from eager's ``ref`` beside its timing."""
+    x_np = setup.inputs["x"].numpy()
+    contenders: dict[str, Callable[[], object]] = {}
+    results: dict[str, dict[str, Any]] = {}
+    if "eager" not in opts.skip:
+        args = setup.eager_args()
+
+        def eager_step():
+            with torch.inference_mode():
+                return setup.model(*args)
+
+        contenders["eager"] = eager_step
+    for key, arrays in (
+        ("naive_ort", {"x": x_np, "timesteps": setup.inputs["timesteps"].numpy()}),
+        ("fxpass_ort", {"x": x_np, "t_index": np.array([setup.t_index], dtype=np.int64)}),
+    ):
+        session = sessions[key]
+        if session is None:
+            continue
+        if "y" in setup.inputs:
+            arrays["y"] = setup.inputs["y"].numpy()
+        try:
+            feed = _ort_feed(session, arrays)
+            results[key] = _diff(session.run(None, feed)[0], ref)
+            contenders[key] = (lambda s=session, f=feed: s.run(None, f))
+        except Exception as exc:
+            out[key] = {"error": short_error(exc)}
+    if contenders:
+        log(f"{', '.join(contenders)}: {opts.runs} timed runs each, interleaved ...")
+        for key, timing in measure_interleaved(contenders, runs=opts.runs, warmup=opts.warmup).items():
+            out[key] = {**timing, **results.get(key, {})}
+        load.sample("after per-step timings")
 
 
 def _small_report(report: dict[str, Any]) -> dict[str, Any]:

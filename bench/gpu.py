@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,85 +84,107 @@ def run_gpu(setup, opts, *, flops_per_step: float | None, log: Callable[[str], N
                                         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
                                         "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
                                         "compile_mode": compile_mode}}
-    cfg, seen, i = setup.cfg, setup.seen, setup.t_index
-    sync = torch.cuda.synchronize if on_cuda else None
+    rows = _Rows(out["rows"], opts, torch.cuda.synchronize if on_cuda else None, flops_per_step, peak, log)
     model32 = copy.deepcopy(setup.model).to(device)  # setup.model stays on the CPU
     model16 = fp16_model(setup.model).to(device)
     trt_state = _trt_available() if on_cuda else "dry run on the CPU"
     compiled_name = f"fxpass fx graph + torch.compile({compile_mode})" if compile_mode else "fxpass fx graph (eager)"
-
-    def row(name: str, precision: str, batch: int, fn: Callable[[], object] | None, error: str | None = None,
-            **extra):
-        entry: dict[str, Any] = {"name": name, "precision": precision, "batch": batch, **extra}
-        if error is None and fn is not None:
-            try:
-                entry.update(measure(fn, runs=opts.runs, warmup=max(opts.warmup, 3), sync=sync))
-                if flops_per_step:
-                    entry.update(utilisation(flops_per_step, batch, entry["median_s"],
-                                             peak[1][precision] if peak else None))
-            except Exception as exc:
-                entry["error"] = short_error(exc)
-        elif error is not None:
-            entry["skipped" if error.startswith("skipped: ") else "error"] = error.removeprefix("skipped: ")
-        out["rows"].append(entry)
-        log(f"gpu: {name} batch {batch}: " + (f"{entry['median_s'] * 1e3:.2f} ms" if "median_s" in entry
-                                              else entry.get("error") or entry.get("skipped")))
-
     try:
         for batch in BATCHES:
             gen = torch.Generator().manual_seed(opts.seed)
-            x = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=gen).to(device)
-            t = torch.full((batch,), seen[i], dtype=setup.inputs["timesteps"].dtype, device=device)
-            y = torch.zeros(batch, dtype=torch.int64, device=device) if cfg.class_cond else None
+            x = torch.randn(batch, 3, setup.cfg.image_size, setup.cfg.image_size, generator=gen).to(device)
+            t = torch.full((batch,), setup.seen[setup.t_index], dtype=setup.inputs["timesteps"].dtype, device=device)
+            y = torch.zeros(batch, dtype=torch.int64, device=device) if setup.cfg.class_cond else None
             eager_args = (x, t) + ((y,) if y is not None else ())
-
-            def eager(m=None):
-                def step():
-                    with torch.inference_mode():
-                        return m(*eager_args)
-                return step
-
-            row("eager PyTorch", "fp32", batch, eager(model32))
-            row("eager PyTorch (use_fp16)", "fp16", batch, eager(model16))
-
+            rows.add("eager PyTorch", "fp32", batch, _eager_step(model32, eager_args))
+            rows.add("eager PyTorch (use_fp16)", "fp16", batch, _eager_step(model16, eager_args))
             # fxpass GraphModule, float16, torch.compile reduce-overhead (CUDA graphs)
-            try:
-                gm, names = fx_graph(model16, cfg, seen, batch, device)
-                compiled = torch.compile(gm, mode=compile_mode) if compile_mode else gm
-                args = fx_args(names, x, i, y)
-
-                def fx_step(c=compiled, a=args):
-                    with torch.no_grad():  # CUDA graph trees and inference-mode tensors do not always mix
-                        return c(*a)
-
-                skips_before = _cudagraph_skips()
-                row(compiled_name, "fp16", batch, fx_step)
-                if compile_mode == "reduce-overhead" and on_cuda:
-                    # non-zero: inductor fell back to running without CUDA graphs (the log says why)
-                    out["rows"][-1]["cudagraph_skips"] = _cudagraph_skips() - skips_before
-                del compiled, gm
-            except Exception as exc:
-                row(compiled_name, "fp16", batch, None, short_error(exc))
+            _fx_row(rows, compiled_name, model16, setup, batch, x, y, device=device, compile_mode=compile_mode,
+                    count_cudagraph_skips=compile_mode == "reduce-overhead" and on_cuda)
             torch.compiler.reset()
-
             # TensorRT fp16 through targets/trt.py
-            if trt_state is not None:
-                row("TensorRT (fxpass ONNX)", "fp16", batch, None, f"skipped: {trt_state}")
-            else:
-                try:
-                    step, cleanup = _trt_step(setup, batch, x, i, y)
-                except Exception as exc:
-                    row("TensorRT (fxpass ONNX)", "fp16", batch, None, short_error(exc))
-                else:
-                    try:
-                        row("TensorRT (fxpass ONNX)", "fp16", batch, step)
-                    finally:
-                        cleanup()
+            _trt_row(rows, trt_state, setup, batch, x, y)
     finally:
         del model32, model16
         if on_cuda:
             torch.cuda.empty_cache()
     return out
+
+
+@dataclass
+class _Rows:
+    """Measures the section's rows into ``rows`` (utilisation from the FLOPs and the device's peak where
+    known); a row that fails, or cannot run here, records why."""
+
+    rows: list
+    opts: Any
+    sync: Callable[[], object] | None
+    flops_per_step: float | None
+    peak: tuple[str, dict[str, float]] | None
+    log: Callable[[str], None]
+
+    def add(self, name: str, precision: str, batch: int, fn: Callable[[], object] | None, error: str | None = None,
+            **extra) -> None:
+        entry: dict[str, Any] = {"name": name, "precision": precision, "batch": batch, **extra}
+        if error is None and fn is not None:
+            try:
+                entry.update(measure(fn, runs=self.opts.runs, warmup=max(self.opts.warmup, 3), sync=self.sync))
+                if self.flops_per_step:
+                    entry.update(utilisation(self.flops_per_step, batch, entry["median_s"],
+                                             self.peak[1][precision] if self.peak else None))
+            except Exception as exc:
+                entry["error"] = short_error(exc)
+        elif error is not None:
+            entry["skipped" if error.startswith("skipped: ") else "error"] = error.removeprefix("skipped: ")
+        self.rows.append(entry)
+        self.log(f"gpu: {name} batch {batch}: " + (f"{entry['median_s'] * 1e3:.2f} ms" if "median_s" in entry
+                                                   else entry.get("error") or entry.get("skipped")))
+
+
+def _eager_step(model: torch.nn.Module, args: tuple) -> Callable[[], object]:
+    def step():
+        with torch.inference_mode():
+            return model(*args)
+    return step
+
+
+def _fx_row(rows: _Rows, name: str, model16: torch.nn.Module, setup, batch: int, x: torch.Tensor, y, *,
+            device: str, compile_mode: str | None, count_cudagraph_skips: bool) -> None:
+    """fxpass's rewritten GraphModule of the float16 model, under ``torch.compile(mode=compile_mode)``."""
+    try:
+        gm, names = fx_graph(model16, setup.cfg, setup.seen, batch, device)
+        compiled = torch.compile(gm, mode=compile_mode) if compile_mode else gm
+        args = fx_args(names, x, setup.t_index, y)
+
+        def fx_step(c=compiled, a=args):
+            with torch.no_grad():  # CUDA graph trees and inference-mode tensors do not always mix
+                return c(*a)
+
+        skips_before = _cudagraph_skips()
+        rows.add(name, "fp16", batch, fx_step)
+        if count_cudagraph_skips:
+            # non-zero: inductor fell back to running without CUDA graphs (the log says why)
+            rows.rows[-1]["cudagraph_skips"] = _cudagraph_skips() - skips_before
+        del compiled, gm
+    except Exception as exc:
+        rows.add(name, "fp16", batch, None, short_error(exc))
+
+
+def _trt_row(rows: _Rows, trt_state: str | None, setup, batch: int, x: torch.Tensor, y) -> None:
+    """TensorRT fp16 through targets/trt.py, or why it is skipped (``trt_state``)."""
+    name = "TensorRT (fxpass ONNX)"
+    if trt_state is not None:
+        rows.add(name, "fp16", batch, None, f"skipped: {trt_state}")
+        return
+    try:
+        step, cleanup = _trt_step(setup, batch, x, setup.t_index, y)
+    except Exception as exc:
+        rows.add(name, "fp16", batch, None, short_error(exc))
+        return
+    try:
+        rows.add(name, "fp16", batch, step)
+    finally:
+        cleanup()
 
 
 def _cudagraph_skips() -> int:

@@ -66,10 +66,24 @@ def stage_text(stages: dict[str, float]) -> str:
 
 def print_results(results: dict[str, Any], console=None) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     console = console or Console(highlight=False)
-    machine, settings, cpu = results["machine"], results["settings"], results.get("cpu", {})
+    console.print(_cpu_table(results))
+    print_precision(results.get("precision"), console)
+    targets = results.get("targets")
+    if targets:
+        console.print(_targets_table(targets))
+    gpu = results.get("gpu")
+    if gpu is not None:
+        _print_gpu(gpu, console)
+
+
+def _cpu_table(results: dict[str, Any]):
+    """The CPU sections: per-step latency, node counts and build times, ``fxpass lower``, the schedule,
+    FLOPs and the load average."""
+    from rich.table import Table
+
+    machine, cpu = results["machine"], results.get("cpu", {})
     ram = machine.get("ram_bytes")
     title = (f"fxpass bench — {results['config']['name']} ({cpu.get('image_size')}×{cpu.get('image_size')}, "
              f"batch 1) — {machine['cpu_model']}, {machine['cores']} cores"
@@ -79,6 +93,19 @@ def print_results(results: dict[str, Any], console=None) -> None:
     table.add_column("value", justify="right")
     table.add_column("vs eager", justify="right")
     table.add_column("notes")
+    _latency_rows(table, cpu, results["settings"])
+    _build_rows(table, cpu)
+    _cli_row(table, cpu.get("lower_cli"))
+    _schedule_rows(table, cpu.get("schedule"))
+    _flops_row(table, results.get("flops", {}), cpu)
+    load = results.get("load", {})
+    if load.get("max_load1") is not None:
+        table.add_row("load average (1 min) during run", f"max {load['max_load1']:.2f}", "",
+                      f"mean {load['mean_load1']:.2f} over {len(load['samples'])} samples")
+    return table
+
+
+def _latency_rows(table, cpu: dict[str, Any], settings: dict[str, Any]) -> None:
     eager = cpu.get("eager", {}).get("median_s")
     runs = f"median of {settings['runs']} (warm-up {settings['warmup']}), {settings['threads']} threads"
 
@@ -101,12 +128,16 @@ def print_results(results: dict[str, Any], console=None) -> None:
                 f"{naive_graph['nodes']} nodes, opset {naive_graph['opset']}" if naive_graph else "")
     latency_row("fxpass (table mode) on ORT", "fxpass_ort",
                 f"{fx_graph['nodes']} nodes, opset {fx_graph['opset']}, fed t_index" if fx_graph else "")
+
+
+def _build_rows(table, cpu: dict[str, Any]) -> None:
+    """The ratios, the node counts and how long each build took."""
     r = cpu.get("ratios", {})
     table.add_row("fxpass / eager", ratio(r.get("fxpass_over_eager")), "", "")
     table.add_row("fxpass / naive", ratio(r.get("fxpass_over_naive")), "", "")
     nodes = cpu.get("nodes", {})
     table.add_row("ONNX nodes: naive → fxpass", f"{nodes.get('naive') or '—'} → {nodes.get('fxpass') or '—'}", "",
-                  _top_ops(naive_graph, fx_graph))
+                  _top_ops(cpu.get("naive_build", {}).get("graph", {}), cpu.get("fxpass_build", {}).get("graph", {})))
     naive_build = cpu.get("naive_build", {})
     if "export_s" in naive_build:
         table.add_row("naive export time", secs(naive_build["export_s"]), "", "torch.onnx.export(dynamo=True)")
@@ -114,7 +145,9 @@ def print_results(results: dict[str, Any], console=None) -> None:
     if "lower_s" in fx_build:
         table.add_row("fxpass lower_with_report (in process)", secs(fx_build["lower_s"]), "",
                       stage_text(fx_build.get("stages_s", {})))
-    cli = cpu.get("lower_cli")
+
+
+def _cli_row(table, cli: dict[str, Any] | None) -> None:
     problem = _problem(cli)
     if problem and not (cli and "wall_s" in cli):
         table.add_row("`fxpass lower` end to end", "—", "", problem)
@@ -127,7 +160,9 @@ def print_results(results: dict[str, Any], console=None) -> None:
             passed = passed if isinstance(passed, bool) else str(passed).lower() == "true"
             notes += "; ORT check " + ("passed" if passed else "FAILED")
         table.add_row("`fxpass lower` end to end", secs(cli["wall_s"]), "", notes)
-    sched = cpu.get("schedule")
+
+
+def _schedule_rows(table, sched: dict[str, Any] | None) -> None:
     problem = _problem(sched)
     if problem:
         table.add_row("schedule", "—", "", problem)
@@ -138,7 +173,9 @@ def print_results(results: dict[str, Any], console=None) -> None:
                       ratio(sched["fxpass_over_eager"]), f"{label}: {how}")
         table.add_row(f"{sched['steps_total']}-step schedule: eager", secs(sched["eager"]["total_s"]), "1.00×",
                       f"{label}")
-    flops = results.get("flops", {})
+
+
+def _flops_row(table, flops: dict[str, Any], cpu: dict[str, Any]) -> None:
     problem = _problem(flops)
     if problem:
         table.add_row("FLOPs per step", "—", "", problem)
@@ -150,52 +187,48 @@ def print_results(results: dict[str, Any], console=None) -> None:
                 achieved.append(f"{name} {flops['flops'] / t / 1e9:.0f}")
         table.add_row("FLOPs per step", f"{flops['gflop']:.1f} GFLOP", "",
                       "FlopCounterMode; achieved GFLOP/s: " + ", ".join(achieved))
-    load = results.get("load", {})
-    if load.get("max_load1") is not None:
-        table.add_row("load average (1 min) during run", f"max {load['max_load1']:.2f}", "",
-                      f"mean {load['mean_load1']:.2f} over {len(load['samples'])} samples")
-    console.print(table)
-    print_precision(results.get("precision"), console)
 
-    targets = results.get("targets")
-    if targets:
-        t = Table(title=f"targets (defined for {targets['defined_for']}"
-                        + ("" if targets["applies_here"] else "; NOT this run's machine/config, shown for reference")
-                        + ")", title_justify="left")
-        t.add_column("target")
-        t.add_column("measured", justify="right")
-        t.add_column("")
-        for row in targets["rows"]:
-            value = row["value"]
-            shown = "—" if value is None else (f"{value:.2f}×" if row["unit"] == "×" else f"{value:.1f} s")
-            status = ("[yellow]not measured[/]" if row["met"] is None else
-                      "[green]met[/]" if row["met"] else "[red]not met[/]")
-            t.add_row(row["what"], shown, status)
-        console.print(t)
 
-    gpu = results.get("gpu")
-    if gpu is not None:
-        if "skipped" in gpu or "error" in gpu:
-            console.print(f"GPU section {_problem(gpu)}")
+def _targets_table(targets: dict[str, Any]):
+    from rich.table import Table
+
+    t = Table(title=f"targets (defined for {targets['defined_for']}"
+                    + ("" if targets["applies_here"] else "; NOT this run's machine/config, shown for reference")
+                    + ")", title_justify="left")
+    t.add_column("target")
+    t.add_column("measured", justify="right")
+    t.add_column("")
+    for row in targets["rows"]:
+        value = row["value"]
+        shown = "—" if value is None else (f"{value:.2f}×" if row["unit"] == "×" else f"{value:.1f} s")
+        status = ("[yellow]not measured[/]" if row["met"] is None else
+                  "[green]met[/]" if row["met"] else "[red]not met[/]")
+        t.add_row(row["what"], shown, status)
+    return t
+
+
+def _print_gpu(gpu: dict[str, Any], console) -> None:
+    from rich.table import Table
+
+    if "skipped" in gpu or "error" in gpu:
+        console.print(f"GPU section {_problem(gpu)}")
+        return
+    g = Table(title=f"GPU — {gpu['device'].get('name')} (CUDA {gpu['device'].get('cuda')})", title_justify="left")
+    for col in ("runtime", "precision", "batch", "per step", "TFLOP/s", "% of peak", "notes"):
+        g.add_column(col, justify="left" if col in ("runtime", "notes") else "right")
+    for row in gpu["rows"]:
+        if "median_s" in row:
+            note = (f"CUDA graphs skipped {row['cudagraph_skips']}× (ran without them)"
+                    if row.get("cudagraph_skips") else "")
+            g.add_row(row["name"], row["precision"], str(row["batch"]), ms(row["median_s"]),
+                      f"{row['achieved_tflops']:.1f}" if "achieved_tflops" in row else "—",
+                      f"{row['percent_of_peak']:.0f} %" if "percent_of_peak" in row else "—", note)
         else:
-            g = Table(title=f"GPU — {gpu['device'].get('name')} (CUDA {gpu['device'].get('cuda')})",
-                      title_justify="left")
-            for col in ("runtime", "precision", "batch", "per step", "TFLOP/s", "% of peak", "notes"):
-                g.add_column(col, justify="left" if col in ("runtime", "notes") else "right")
-            for row in gpu["rows"]:
-                if "median_s" in row:
-                    note = (f"CUDA graphs skipped {row['cudagraph_skips']}× (ran without them)"
-                            if row.get("cudagraph_skips") else "")
-                    g.add_row(row["name"], row["precision"], str(row["batch"]), ms(row["median_s"]),
-                              f"{row['achieved_tflops']:.1f}" if "achieved_tflops" in row else "—",
-                              f"{row['percent_of_peak']:.0f} %" if "percent_of_peak" in row else "—", note)
-                else:
-                    g.add_row(row["name"], row["precision"], str(row["batch"]), "—", "—", "—",
-                              _problem(row) or "")
-            console.print(g)
-            if gpu.get("peak"):
-                console.print(f"peak: nominal dense figures for {gpu['peak']['matched']} "
-                              f"(fp16 {gpu['peak']['fp16']:.0f}, fp32 {gpu['peak']['fp32']:.1f} TFLOP/s)")
+            g.add_row(row["name"], row["precision"], str(row["batch"]), "—", "—", "—", _problem(row) or "")
+    console.print(g)
+    if gpu.get("peak"):
+        console.print(f"peak: nominal dense figures for {gpu['peak']['matched']} "
+                      f"(fp16 {gpu['peak']['fp16']:.0f}, fp32 {gpu['peak']['fp32']:.1f} TFLOP/s)")
 
 
 # ---- the precision section ----------------------------------------------------------------------

@@ -150,24 +150,7 @@ def main(argv=None) -> int:
 
     # 1. held-out eps-MSE per respaced step
     if not args.skip_mse:
-        stats = (train.images.mean(axis=0), train.images.var(axis=0))
-        sub = np.random.default_rng(args.seed).choice(len(train.images), size=len(held.images), replace=False)
-        rows = eps_mse_table(fn, diffusion, held.images, train.images[np.sort(sub)], stats, args.seed,
-                             noise_schedule=cfg.noise_schedule, diffusion_steps=cfg.diffusion_steps)
-        report["eps_mse"] = rows
-        keys = ("model", "model_train_subset", "zero", "shrink", "gaussian")
-        report["eps_mse_mean_over_steps"] = {k: float(np.mean([r[k] for r in rows])) for k in keys}
-        print(f"held-out eps-MSE ({len(held.images)} images, seeded eps), eager model vs trivial predictors")
-        print(f"{'i':>3} {'t':>4} {'abar':>7} {'model':>8} {'train197':>8} {'zero':>7} {'shrink':>7} {'gauss':>7} "
-              f"{'model/shrink':>12}")
-        show = sorted(set(range(0, len(rows), 5)) | {len(rows) - 1})
-        for i in show:
-            r = rows[i]
-            print(f"{r['index']:3d} {r['timestep']:4d} {r['alpha_bar']:7.4f} {r['model']:8.4f} "
-                  f"{r['model_train_subset']:8.4f} {r['zero']:7.4f} {r['shrink']:7.4f} {r['gaussian']:7.4f} "
-                  f"{r['model'] / r['shrink']:12.3f}")
-        m = report["eps_mse_mean_over_steps"]
-        print(f"mean over the {len(rows)} steps: " + "  ".join(f"{k} {v:.4f}" for k, v in m.items()))
+        report.update(heldout_eps_mse(fn, diffusion, cfg, train, held, args.seed))
         print(f"({time.monotonic() - start:.0f} s)", flush=True)
 
     # 2. samples
@@ -182,6 +165,46 @@ def main(argv=None) -> int:
     print(f"sampled {args.num_samples} digits in {time.monotonic() - t0:.0f} s -> {samples_png}", flush=True)
 
     # 3. classifier
+    report.update(classify(train, held, samples))
+    print_classification(report)
+    report["seconds"] = round(time.monotonic() - start, 1)
+    out_json.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {out_json}")
+    return 0
+
+
+def heldout_eps_mse(fn, diffusion: Diffusion, cfg, train, held, seed: int) -> dict:
+    """The eager model's eps-MSE on the held-out images at each respaced step, beside the trivial
+    predictors' and the same model's on as many training images; printed every 5 steps."""
+    stats = (train.images.mean(axis=0), train.images.var(axis=0))
+    sub = np.random.default_rng(seed).choice(len(train.images), size=len(held.images), replace=False)
+    rows = eps_mse_table(fn, diffusion, held.images, train.images[np.sort(sub)], stats, seed,
+                         noise_schedule=cfg.noise_schedule, diffusion_steps=cfg.diffusion_steps)
+    keys = ("model", "model_train_subset", "zero", "shrink", "gaussian")
+    means = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    print(f"held-out eps-MSE ({len(held.images)} images, seeded eps), eager model vs trivial predictors")
+    print(f"{'i':>3} {'t':>4} {'abar':>7} {'model':>8} {'train197':>8} {'zero':>7} {'shrink':>7} {'gauss':>7} "
+          f"{'model/shrink':>12}")
+    show = sorted(set(range(0, len(rows), 5)) | {len(rows) - 1})
+    for i in show:
+        r = rows[i]
+        print(f"{r['index']:3d} {r['timestep']:4d} {r['alpha_bar']:7.4f} {r['model']:8.4f} "
+              f"{r['model_train_subset']:8.4f} {r['zero']:7.4f} {r['shrink']:7.4f} {r['gaussian']:7.4f} "
+              f"{r['model'] / r['shrink']:12.3f}")
+    print(f"mean over the {len(rows)} steps: " + "  ".join(f"{k} {v:.4f}" for k, v in means.items()))
+    return {"eps_mse": rows, "eps_mse_mean_over_steps": means}
+
+
+def _nearest_rms(x: np.ndarray, flat_train: np.ndarray) -> np.ndarray:
+    """RMS distance of each image (channel mean) to its nearest training image."""
+    flat = np.clip(x, -1, 1).mean(axis=1).reshape(len(x), -1)
+    d = ((flat[:, None, :] - flat_train[None]) ** 2).mean(-1)
+    return np.sqrt(d.min(1))
+
+
+def classify(train, held, samples: np.ndarray) -> dict:
+    """A logistic-regression classifier's view of the samples (and of the held-out images), their
+    backgrounds and colour casts, and how far they are from the nearest training image."""
     from sklearn.linear_model import LogisticRegression
 
     clf = LogisticRegression(max_iter=5000)
@@ -195,50 +218,51 @@ def main(argv=None) -> int:
     hist_conf = np.bincount(labels[confident], minlength=10)
     # nearest training image (L2 on the 32x32 images), samples vs held-out images
     flat_train = train.images[:, 0].reshape(len(train.images), -1)
-
-    def nearest(x):
-        flat = np.clip(x, -1, 1).mean(axis=1).reshape(len(x), -1)
-        d = ((flat[:, None, :] - flat_train[None]) ** 2).mean(-1)
-        return np.sqrt(d.min(1))
-
-    nn_samples, nn_held = nearest(samples), nearest(held.images)
+    nn_samples, nn_held = _nearest_rms(samples, flat_train), _nearest_rms(held.images, flat_train)
     stretched_held = clf.predict_proba(features(stretched(held.images))).max(1)
     stretched_samples = clf.predict_proba(features(stretched(samples))).max(1)
     bg_samples, bg_held = border_mean(samples), border_mean(held.images)
     spread = np.abs(samples - samples.mean(axis=1, keepdims=True)).mean(axis=(1, 2, 3))
-    report["classifier"] = {
-        "model": "sklearn LogisticRegression(max_iter=5000) on 8x8 average-pooled images, training split",
-        "heldout_accuracy": acc,
-        "heldout_fraction_p_ge_0.8": float(np.mean(held_prob.max(1) >= 0.8)),
-        "samples_fraction_p_ge_0.8": float(np.mean(confident)),
-        "samples_mean_max_prob": float(prob.max(1).mean()),
-        "samples_label_histogram": hist.tolist(),
-        "samples_confident_label_histogram": hist_conf.tolist(),
-        "samples_labels_grid_row_major": labels.tolist(),
-        "diagnostic_stretched": {
-            "what": "each image's channel mean min-max stretched to [-1, 1] before classifying: "
-                    "removes colour casts and background offsets, keeps the shape",
-            "heldout_fraction_p_ge_0.8": float(np.mean(stretched_held >= 0.8)),
-            "samples_fraction_p_ge_0.8": float(np.mean(stretched_samples >= 0.8)),
+    return {
+        "classifier": {
+            "model": "sklearn LogisticRegression(max_iter=5000) on 8x8 average-pooled images, training split",
+            "heldout_accuracy": acc,
+            "heldout_fraction_p_ge_0.8": float(np.mean(held_prob.max(1) >= 0.8)),
+            "samples_fraction_p_ge_0.8": float(np.mean(confident)),
+            "samples_mean_max_prob": float(prob.max(1).mean()),
+            "samples_label_histogram": hist.tolist(),
+            "samples_confident_label_histogram": hist_conf.tolist(),
+            "samples_labels_grid_row_major": labels.tolist(),
+            "diagnostic_stretched": {
+                "what": "each image's channel mean min-max stretched to [-1, 1] before classifying: "
+                        "removes colour casts and background offsets, keeps the shape",
+                "heldout_fraction_p_ge_0.8": float(np.mean(stretched_held >= 0.8)),
+                "samples_fraction_p_ge_0.8": float(np.mean(stretched_samples >= 0.8)),
+            },
+        },
+        "colour_and_background": {
+            "what": "border = mean of the outer 2 px (real digits: about -1); channel spread = mean |x_c - mean_c x|"
+                    " per image (real digits: 0)",
+            "samples_border_median": float(np.median(bg_samples)), "heldout_border_median": float(np.median(bg_held)),
+            "samples_border_fraction_below_-0.8": float(np.mean(bg_samples < -0.8)),
+            "heldout_border_fraction_below_-0.8": float(np.mean(bg_held < -0.8)),
+            "samples_channel_spread_median": float(np.median(spread)),
+        },
+        "nearest_training_image_rms": {
+            "samples_median": float(np.median(nn_samples)), "samples_min": float(nn_samples.min()),
+            "heldout_median": float(np.median(nn_held)), "heldout_min": float(nn_held.min()),
         },
     }
-    report["colour_and_background"] = {
-        "what": "border = mean of the outer 2 px (real digits: about -1); channel spread = mean |x_c - mean_c x|"
-                " per image (real digits: 0)",
-        "samples_border_median": float(np.median(bg_samples)), "heldout_border_median": float(np.median(bg_held)),
-        "samples_border_fraction_below_-0.8": float(np.mean(bg_samples < -0.8)),
-        "heldout_border_fraction_below_-0.8": float(np.mean(bg_held < -0.8)),
-        "samples_channel_spread_median": float(np.median(spread)),
-    }
-    report["nearest_training_image_rms"] = {
-        "samples_median": float(np.median(nn_samples)), "samples_min": float(nn_samples.min()),
-        "heldout_median": float(np.median(nn_held)), "heldout_min": float(nn_held.min()),
-    }
+
+
+def print_classification(report: dict) -> None:
     c = report["classifier"]
-    print(f"classifier held-out accuracy {acc:.3f}; held-out images with p >= 0.8: "
+    labels = c["samples_labels_grid_row_major"]
+    print(f"classifier held-out accuracy {c['heldout_accuracy']:.3f}; held-out images with p >= 0.8: "
           f"{c['heldout_fraction_p_ge_0.8']:.3f}; samples with p >= 0.8: {c['samples_fraction_p_ge_0.8']:.3f} "
           f"(mean max p {c['samples_mean_max_prob']:.3f})")
-    print(f"sample labels 0..9: {hist.tolist()}; confident only: {hist_conf.tolist()}")
+    print(f"sample labels 0..9: {c['samples_label_histogram']}; confident only: "
+          f"{c['samples_confident_label_histogram']}")
     d = c["diagnostic_stretched"]
     print(f"diagnostic, contrast-stretched grey images: p >= 0.8 for {d['samples_fraction_p_ge_0.8']:.3f} of the "
           f"samples, {d['heldout_fraction_p_ge_0.8']:.3f} of the held-out images")
@@ -252,10 +276,6 @@ def main(argv=None) -> int:
     n = report["nearest_training_image_rms"]
     print(f"RMS distance to the nearest training image: samples median {n['samples_median']:.3f} "
           f"(min {n['samples_min']:.3f}), held-out median {n['heldout_median']:.3f} (min {n['heldout_min']:.3f})")
-    report["seconds"] = round(time.monotonic() - start, 1)
-    out_json.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    print(f"wrote {out_json}")
-    return 0
 
 
 if __name__ == "__main__":

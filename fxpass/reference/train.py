@@ -122,6 +122,125 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+class Trainer:
+    """One training run (or the continuation of one): the model, its optimiser, EMA weights and random
+    generator, the step it is at and the loss history; everything random comes from ``--seed``."""
+
+    def __init__(self, args, cfg):
+        self.args, self.cfg = args, cfg
+        self.data = torch.from_numpy(load_train().images)
+        self.tables = Tables(cfg.noise_schedule, cfg.diffusion_steps)
+        torch.manual_seed(args.seed)
+        self.model = build_model(cfg).train()
+        skip_attention_recompute(self.model)
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=0.0)
+        self.ema = EMA(self.model, args.ema)
+        self.gen = torch.Generator().manual_seed(args.seed)
+        self.step = 0
+        self.history: list[dict] = []
+        self.prior_seconds = 0.0
+        self.phases: list[dict] = []
+        if args.resume is not None:
+            state = torch.load(args.resume, map_location="cpu", weights_only=False)
+            self.model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["opt"])
+            self.ema.shadow = state["ema"]
+            self.gen.set_state(state["gen"])
+            self.step, self.history, self.prior_seconds = state["step"], state["history"], state["seconds"]
+            self.phases = state.get("phases", [])
+        self.first_step = self.step
+        self.seconds = 0.0  # of this run's training loop
+        self.recent: list[float] = []  # the last 200 losses
+
+    def this_phase(self, seconds: float) -> dict:
+        return {"args": {k: str(v) for k, v in vars(self.args).items()}, "start_step": self.first_step,
+                "end_step": self.step, "seconds": round(seconds, 1)}
+
+    def write_state(self, path: Path, seconds: float) -> None:
+        torch.save({"model": self.model.state_dict(), "opt": self.opt.state_dict(), "ema": self.ema.shadow,
+                    "gen": self.gen.get_state(), "step": self.step, "history": self.history, "seconds": seconds,
+                    "phases": self.phases + [self.this_phase(seconds - self.prior_seconds)]}, path)
+
+    def save(self, seconds: float) -> None:
+        """The EMA checkpoint, and with ``--state`` the resumable state, ``seconds`` into this run."""
+        save_ema(self.cfg, self.ema, self.args.out)
+        if self.args.state is not None:
+            self.write_state(self.args.state, self.prior_seconds + seconds)
+
+    def losses(self) -> dict[str, torch.Tensor]:
+        """The hybrid loss terms of one batch at this step's learning rate (draws the batch, t and noise)."""
+        args = self.args
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.step, args.lr, args.warmup, args.steps, args.decay_steps)
+        idx = torch.randint(0, len(self.data), (args.batch,), generator=self.gen)
+        x0 = shift_horizontally(self.data[idx], args.shift, self.gen)
+        t = torch.randint(0, self.cfg.diffusion_steps, (args.batch,), generator=self.gen)
+        noise = torch.randn(x0.shape, generator=self.gen)
+        x_t = self.tables.q_sample(x0, t, noise)
+        return hybrid_losses(self.tables, self.model(x_t, t), x0, x_t, t, noise)
+
+    def update(self, loss: torch.Tensor) -> torch.Tensor:
+        """One optimiser step on ``loss`` (gradient-norm clipping, then EMA); the gradient norm."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = self.args.clip if self.args.clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.opt.step()
+        self.step += 1
+        self.ema.update(self.model, self.step)
+        return grad_norm
+
+    def train(self) -> bool:
+        """Train until ``--steps`` or ``--minutes``, printing progress and saving on the way; False when the
+        loss stops being finite."""
+        args = self.args
+        start = time.monotonic()
+        last_print = last_save = start
+        budget = args.minutes * 60.0
+        window = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "n": 0}
+        while True:
+            elapsed = time.monotonic() - start
+            if (args.steps and self.step >= args.steps) or elapsed >= budget:
+                break
+            terms = self.losses()
+            loss = terms["loss"].mean()
+            if not torch.isfinite(loss):
+                print(f"step {self.step}: loss is {loss.item()}; stopping", flush=True)
+                return False
+            grad_norm = self.update(loss)
+            window["loss"] += loss.item()
+            window["mse"] += terms["mse"].mean().item()
+            window["vb"] += terms["vb"].mean().item()
+            window["n"] += 1
+            self.recent = (self.recent + [loss.item()])[-200:]
+            now = time.monotonic()
+            if now - last_print >= args.print_every:
+                self.progress(window, grad_norm, now - start, budget)
+                window = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "n": 0}
+                last_print = now
+            if now - last_save >= args.save_every:
+                self.save(now - start)
+                last_save = now
+        self.seconds = time.monotonic() - start
+        return True
+
+    def progress(self, window: dict, grad_norm: torch.Tensor, elapsed: float, budget: float) -> None:
+        """A history entry of the mean losses since the last one, and its progress line."""
+        n = window["n"]
+        rate = elapsed / max(1, self.step - self.first_step)
+        left = budget - elapsed
+        if self.args.steps:
+            left = min(left, (self.args.steps - self.step) * rate)
+        entry = {"step": self.step, "seconds": round(self.prior_seconds + elapsed, 1),
+                 "lr": self.opt.param_groups[0]["lr"], "loss": window["loss"] / n, "mse": window["mse"] / n,
+                 "vb": window["vb"] / n, "grad_norm": float(grad_norm)}
+        self.history.append(entry)
+        print(f"step {self.step:5d}  loss {entry['loss']:.4f}  mse {entry['mse']:.4f}  vb {entry['vb']:.4f}  "
+              f"|g| {entry['grad_norm']:.2f}  lr {entry['lr']:.2e}  {rate:.2f} s/step  "
+              f"elapsed {_fmt_time(elapsed)}  ETA {_fmt_time(left)}", flush=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -130,117 +249,27 @@ def main(argv=None) -> int:
         raise SystemExit("--decay-steps needs --steps")
     cfg = load_config(args.config)
     log_json = args.log_json or args.out.with_suffix(".train.json")
-
-    train = load_train()
-    data = torch.from_numpy(train.images)
-    tables = Tables(cfg.noise_schedule, cfg.diffusion_steps)
-    T = cfg.diffusion_steps
-
-    torch.manual_seed(args.seed)
-    model = build_model(cfg).train()
-    skip_attention_recompute(model)
-    n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    ema = EMA(model, args.ema)
-    gen = torch.Generator().manual_seed(args.seed)
-    step = 0
-    history: list[dict] = []
-    prior_seconds = 0.0
-    phases: list[dict] = []
-    if args.resume is not None:
-        state = torch.load(args.resume, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        ema.shadow = state["ema"]
-        gen.set_state(state["gen"])
-        step, history, prior_seconds = state["step"], state["history"], state["seconds"]
-        phases = state.get("phases", [])
-
-    print(f"fxpass.reference.train: {n_params:,} parameters, {len(data)} training images, batch {args.batch}, "
-          f"lr {args.lr:g} (warm-up {args.warmup}), EMA {args.ema}, shift {args.shift}, seed {args.seed}, "
-          f"{torch.get_num_threads()} thread(s); budget {args.minutes:g} min"
-          + (f", {args.steps} steps" if args.steps else "") + (f"; resumed at step {step}" if args.resume else ""),
-          flush=True)
-
-    def write_state(path: Path, seconds: float) -> None:
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema.shadow, "gen": gen.get_state(),
-                    "step": step, "history": history, "seconds": seconds,
-                    "phases": phases + [this_phase(seconds - prior_seconds)]}, path)
-
-    def this_phase(seconds: float) -> dict:
-        return {"args": {k: str(v) for k, v in vars(args).items()}, "start_step": first_step, "end_step": step,
-                "seconds": round(seconds, 1)}
-
-    start = time.monotonic()
-    last_print = last_save = start
-    budget = args.minutes * 60.0
-    window = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "n": 0}
-    recent: list[float] = []
-    first_step = step
-    while True:
-        elapsed = time.monotonic() - start
-        if (args.steps and step >= args.steps) or elapsed >= budget:
-            break
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.lr, args.warmup, args.steps, args.decay_steps)
-        idx = torch.randint(0, len(data), (args.batch,), generator=gen)
-        x0 = shift_horizontally(data[idx], args.shift, gen)
-        t = torch.randint(0, T, (args.batch,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        x_t = tables.q_sample(x0, t, noise)
-        terms = hybrid_losses(tables, model(x_t, t), x0, x_t, t, noise)
-        loss = terms["loss"].mean()
-        if not torch.isfinite(loss):
-            print(f"step {step}: loss is {loss.item()}; stopping", flush=True)
-            return 1
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip if args.clip > 0 else math.inf)
-        opt.step()
-        step += 1
-        ema.update(model, step)
-
-        window["loss"] += loss.item()
-        window["mse"] += terms["mse"].mean().item()
-        window["vb"] += terms["vb"].mean().item()
-        window["n"] += 1
-        recent = (recent + [loss.item()])[-200:]
-        now = time.monotonic()
-        if now - last_print >= args.print_every:
-            n = window["n"]
-            rate = (now - start) / max(1, step - first_step)
-            left = budget - (now - start)
-            if args.steps:
-                left = min(left, (args.steps - step) * rate)
-            entry = {"step": step, "seconds": round(prior_seconds + now - start, 1), "lr": opt.param_groups[0]["lr"],
-                     "loss": window["loss"] / n, "mse": window["mse"] / n, "vb": window["vb"] / n,
-                     "grad_norm": float(grad_norm)}
-            history.append(entry)
-            print(f"step {step:5d}  loss {entry['loss']:.4f}  mse {entry['mse']:.4f}  vb {entry['vb']:.4f}  "
-                  f"|g| {entry['grad_norm']:.2f}  lr {entry['lr']:.2e}  {rate:.2f} s/step  "
-                  f"elapsed {_fmt_time(now - start)}  ETA {_fmt_time(left)}", flush=True)
-            window = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "n": 0}
-            last_print = now
-        if now - last_save >= args.save_every:
-            save_ema(cfg, ema, args.out)
-            if args.state is not None:
-                write_state(args.state, prior_seconds + now - start)
-            last_save = now
-
-    seconds = time.monotonic() - start
-    save_ema(cfg, ema, args.out)
-    if args.state is not None:
-        write_state(args.state, prior_seconds + seconds)
-    final = float(np.mean(recent)) if recent else float("nan")
+    run = Trainer(args, cfg)
+    print(f"fxpass.reference.train: {run.n_params:,} parameters, {len(run.data)} training images, "
+          f"batch {args.batch}, lr {args.lr:g} (warm-up {args.warmup}), EMA {args.ema}, shift {args.shift}, "
+          f"seed {args.seed}, {torch.get_num_threads()} thread(s); budget {args.minutes:g} min"
+          + (f", {args.steps} steps" if args.steps else "")
+          + (f"; resumed at step {run.step}" if args.resume else ""), flush=True)
+    if not run.train():
+        return 1
+    run.save(run.seconds)
+    seconds, prior_seconds = run.seconds, run.prior_seconds
+    final = float(np.mean(run.recent)) if run.recent else float("nan")
     log = {
-        "config": cfg.to_dict(), "parameters": n_params, "phases": phases + [this_phase(seconds)],
-        "steps": step, "seconds_this_run": round(seconds, 1), "seconds_total": round(prior_seconds + seconds, 1),
+        "config": cfg.to_dict(), "parameters": run.n_params, "phases": run.phases + [run.this_phase(seconds)],
+        "steps": run.step, "seconds_this_run": round(seconds, 1), "seconds_total": round(prior_seconds + seconds, 1),
         "final_loss_last_200_steps": final, "torch": torch.__version__, "python": sys.version.split()[0],
-        "machine": platform.machine(), "history": history,
+        "machine": platform.machine(), "history": run.history,
     }
     log_json.write_text(json.dumps(log, indent=1) + "\n", encoding="utf-8")
-    print(f"done: {step} steps in {_fmt_time(prior_seconds + seconds)} (this run {_fmt_time(seconds)}); "
-          f"mean loss of the last {len(recent)} steps {final:.4f}; wrote {args.out} (EMA) and {log_json}", flush=True)
+    print(f"done: {run.step} steps in {_fmt_time(prior_seconds + seconds)} (this run {_fmt_time(seconds)}); "
+          f"mean loss of the last {len(run.recent)} steps {final:.4f}; wrote {args.out} (EMA) and {log_json}",
+          flush=True)
     return 0
 
 
