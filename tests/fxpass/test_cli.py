@@ -101,14 +101,15 @@ def test_init_output_is_far_from_zero(tmp_path, capsys, small_yaml):
     assert out.std() > 1e-2, f"output std {out.std():.3g}"  # guided-diffusion's zero init would give 0
 
 
-def test_init_refuses_an_existing_output_unless_forced(tmp_path, capsys, small_yaml):
+def test_init_refuses_an_existing_output_unless_forced(tmp_path, capsys, small_yaml, small_cfg):
     path = tmp_path / "m.pt"
     path.write_bytes(b"precious")
     line = fails(capsys, ["init", path, "--config", small_yaml])
     assert line == f"fxpass: error: {path}: already exists (pass --force to overwrite)"
     assert path.read_bytes() == b"precious"
     assert main(["init", str(path), "--config", str(small_yaml), "--force"]) == 0
-    assert load_model(path, small_yaml) is not None
+    written, expected = load_model(path, small_yaml).state_dict(), init_model(small_cfg, seed=0).state_dict()
+    assert list(written) == list(expected) and all(torch.equal(written[k], expected[k]) for k in expected)
 
 
 def test_init_and_inspect_camus(tmp_path, capsys):

@@ -216,8 +216,3 @@ def test_a_custom_op_is_an_error_row_not_a_crash(workspace, capsys, monkeypatch)
     captured = capsys.readouterr()
     assert code == 1 and "onnxrt-cpu: error:" in captured.out and "internal error" not in captured.err + captured.out
     assert _snapshot(workspace) == before
-
-
-def test_case_counts_by_kind():
-    """The note quotes these counts."""
-    assert len(CASES) == 43

@@ -7,16 +7,19 @@ when called); the tests marked ``trt`` build engines and skip with the reason wh
 from __future__ import annotations
 
 import enum
+import importlib.machinery
 import importlib.util
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 from types import SimpleNamespace
 
 import onnx
 import pytest
 
+import targets.trt as trt_target
 from targets.trt import (
     FLOAT32_LAYER_TYPES,
     BuildOnce,
@@ -43,11 +46,16 @@ def relu_model(path: Path, batch: int | str = 1) -> Path:
 
 
 # ---- availability ----------------------------------------------------------------------------------
-def test_reason_names_what_is_missing():
-    if importlib.util.find_spec("tensorrt") is None:
-        assert REASON == "TensorRT is not installed (pip install 'fxpass[trt]')"
-    else:
-        assert REASON is None or (isinstance(REASON, str) and "\n" not in REASON)
+def test_reason_names_what_is_missing(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorrt" else real(name, *a))
+    assert trt_unavailable_reason() == "TensorRT is not installed (pip install 'fxpass[trt]')"
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    installed = types.ModuleType("tensorrt")  # a TensorRT that imports, on a machine without a CUDA device
+    installed.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
+    monkeypatch.setitem(sys.modules, "tensorrt", installed)
+    monkeypatch.setattr(trt_target, "_cuda_device_count", lambda: (0, "no CUDA device on this machine"))
+    assert trt_unavailable_reason() == "no CUDA device on this machine"
 
 
 def test_reason_when_tensorrt_is_installed_but_its_libraries_do_not_load(monkeypatch, tmp_path):
@@ -62,13 +70,36 @@ def test_reason_when_tensorrt_is_installed_but_its_libraries_do_not_load(monkeyp
                                         "(libnvinfer.so.10: cannot open shared object file: No such file or directory)")
 
 
-def test_cuda_device_count_says_why_there_is_none():
-    count, why = _cuda_device_count()
-    assert count >= 0
-    assert (count > 0) == (why is None)
-    if count == 0:
-        assert re.fullmatch(r"no (CUDA driver \(libcuda\) on this machine, so no CUDA device|usable CUDA device .*|"
-                            r"CUDA device on this machine)", why)
+class FakeLibcuda:
+    """The two driver calls ``_cuda_device_count`` makes, answering as a driver with ``devices`` would."""
+
+    def __init__(self, init_status=0, count_status=0, devices=0):
+        self.init_status, self.count_status, self.devices = init_status, count_status, devices
+
+    def cuInit(self, flags):
+        return self.init_status
+
+    def cuDeviceGetCount(self, ref):
+        ref._obj.value = self.devices
+        return self.count_status
+
+
+@pytest.mark.parametrize("lib, expected", [
+    (None, (0, "no CUDA driver (libcuda) on this machine, so no CUDA device")),
+    (FakeLibcuda(init_status=100), (0, "no usable CUDA device (cuInit returned CUDA error 100)")),
+    (FakeLibcuda(count_status=3), (0, "no usable CUDA device (cuDeviceGetCount returned CUDA error 3)")),
+    (FakeLibcuda(devices=0), (0, "no CUDA device on this machine")),
+    (FakeLibcuda(devices=2), (2, None)),
+], ids=["no-driver", "init-fails", "count-fails", "no-device", "two-devices"])
+def test_cuda_device_count_says_why_there_is_none(monkeypatch, lib, expected):
+    def cdll(name):
+        if lib is None:
+            raise OSError(f"{name}: cannot open shared object file")
+        return lib
+
+    monkeypatch.setattr(trt_target.ctypes.util, "find_library", lambda name: None)
+    monkeypatch.setattr(trt_target.ctypes, "CDLL", cdll)
+    assert _cuda_device_count() == expected
 
 
 def test_fxpass_never_imports_tensorrt():
