@@ -170,12 +170,16 @@ class LowerRequest:
 
     def to_dict(self, *, portable: bool = False) -> dict[str, Any]:
         """The request as plain JSON values; ``portable`` leaves out this machine's file paths (the
-        checkpoint, the outputs), as the ONNX metadata records it."""
+        checkpoint, the outputs, int8's calibration images and reused plan), as the ONNX metadata records
+        it: the same settings give the same bytes wherever the files lie."""
         out = {group: {f.name: _plain(getattr(getattr(self, group), f.name)) for f in fields(_GROUPS[group])}
                for group in _GROUPS}
         if portable:
             out["source"].pop("checkpoint")
             out["output"] = {k: v for k, v in out["output"].items() if k not in ("path", "report", "protected")}
+            if isinstance(out["rewrite"]["int8"], dict):  # the calibration images and a reused plan file
+                out["rewrite"]["int8"] = {k: v for k, v in out["rewrite"]["int8"].items()
+                                          if k not in ("calibration_data", "plan")}
         return out
 
 

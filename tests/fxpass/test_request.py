@@ -62,14 +62,19 @@ def test_validate_accepts_the_defaults():
 
 
 def test_to_dict_is_json_and_portable_leaves_out_paths(small_cfg):
+    from fxpass.precision import Int8Options
+
     req = LowerRequest.of(checkpoint="/home/me/m.pt", config=small_cfg, path="/tmp/o.onnx", report="/tmp/r.json",
-                          protected=("/tmp/c.yml",), timesteps=(999, 500), surgery_options={"a": {"b": 1}})
+                          protected=("/tmp/c.yml",), timesteps=(999, 500), surgery_options={"a": {"b": 1}},
+                          precision="int8", int8=Int8Options(calibration_data="/tmp/img", plan="/tmp/p.json"))
     whole = json.loads(json.dumps(req.to_dict()))
     assert whole["source"]["checkpoint"] == "/home/me/m.pt" and whole["output"]["path"] == "/tmp/o.onnx"
     assert whole["source"]["config"] == small_cfg.to_dict() and whole["rewrite"]["timesteps"] == [999, 500]
     portable = json.dumps(req.to_dict(portable=True))
     assert "/home/me" not in portable and "/tmp/" not in portable
-    assert json.loads(portable)["rewrite"] == whole["rewrite"]
+    assert whole["rewrite"]["int8"]["error_budget"] == 0.05 and whole["rewrite"]["int8"]["plan"] == "/tmp/p.json"
+    assert json.loads(portable)["rewrite"]["int8"] == {k: v for k, v in whole["rewrite"]["int8"].items()
+                                                       if k not in ("calibration_data", "plan")}
 
 
 def test_cli_flags_build_the_request_the_api_would(tiny_ckpt, tmp_path):
