@@ -6,11 +6,31 @@ __init__.py) then shadows the editable-installed fxpass package as a namespace p
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import onnx
 import pytest
 from check_helpers import PERTURBATION, scale_output_conv_weight
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one pytest-xdist worker per core (pyproject's addopts): each computes on one thread, and so do the CLI
+    # subprocesses it starts (they inherit OMP_NUM_THREADS), so the workers do not oversubscribe the cores
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+#: session fixtures too expensive to build on every worker: the tests using one run on one worker
+#: (pytest-xdist's loadgroup distribution)
+_SHARED_FIXTURES = {"camus_seed0": "camus-seed0", "digits_onnx": "digits-reference"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        group = next((g for name, g in _SHARED_FIXTURES.items() if name in getattr(item, "fixturenames", ())), None)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 # Small enough that a forward takes milliseconds, big enough to have every kind of block:
 # 32 px, channel_mult (1, 2, 2, 2), attention at 16 px and 8 px (downsample rates 2 and 4) plus the
