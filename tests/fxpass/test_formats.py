@@ -287,6 +287,7 @@ def test_a_report_that_cannot_be_written_takes_the_format_file_back(tiny_ckpt, t
     assert list(tmp_path.iterdir()) == []  # neither the .ort file nor the report
 
 
+@pytest.mark.slow
 @_needs("mlpackage")
 def test_cli_lower_format_mlpackage_writes_a_package_and_refuses_to_replace_it(tiny_ckpt, tiny_yaml, tiny_mlpackage,
                                                                               tmp_path, capsys):
@@ -385,6 +386,7 @@ def test_step_graph_as_pte_matches_eager_and_keeps_the_update_in_float32(tiny_mo
     assert step.step_coef1.data_ptr() == half.step_coef1.data_ptr()  # shared, not copied
 
 
+@pytest.mark.slow
 @_needs("mlpackage")
 def test_step_graph_as_mlpackage_validates_structurally(tiny_ckpt, tiny_yaml, tmp_path, capsys):
     from fxpass.cli import main

@@ -258,6 +258,7 @@ def test_evaluate_path_does_not_import_torch(tmp_path, digits_onnx):
 
 
 # ---- the trained reference: RePaint beats the trivial fills ---------------------------------
+@pytest.mark.slow
 def test_repaint_beats_trivial_fills_on_the_digits_reference(digits_onnx):
     """4 held-out digits x 3 masks, t_T 50, jump_length 5, jump_n_sample 2 (95 model calls a case):
     about 7 s on one thread."""

@@ -44,6 +44,7 @@ def _eps_rows(model, onnx_path, count=IMAGES):
                            seed=0)
 
 
+@pytest.mark.slow
 def test_it_learned_and_fp32_onnx_eps_mse_equals_eager_at_every_step(reference, digits_onnx):
     _, model = reference
     rows = _eps_rows(model, digits_onnx("fp32"))
@@ -65,6 +66,7 @@ def test_fp16_onnx_eps_mse_ratio_along_t(reference, digits_onnx):
     assert worst <= 2e-3, summarize(rows)
 
 
+@pytest.mark.slow
 def test_check_data_reports_and_gates_on_an_eps_budget(reference, digits_onnx, tmp_path, capsys):
     report = tmp_path / "r.json"
     code = main(["check", str(digits_onnx("fp32")), "--model", str(CHECKPOINT), "--data", str(HELDOUT_DIR),

@@ -92,6 +92,7 @@ configs = st.fixed_dictionaries({
 })
 
 
+@pytest.mark.slow
 @settings(max_examples=18, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(values=configs, seed=st.integers(0, 2**16))
 def test_property_capture_and_passes_match_eager(values, seed):
