@@ -4,7 +4,7 @@
     python -m bench --full                       # ... every step of the schedule timed
     python -m bench --config small.yml --runs 7  # another config (results file named after it)
     python -m bench --repaint-full               # ... and a whole RePaint run (2,410 calls) on the fastest gated row
-    python -m bench --readme                     # regenerate README.md's Performance section
+    python -m bench --readme                     # regenerate docs/performance.md
     python -m bench --show FILE.json             # print the tables of an earlier run
 """
 
@@ -50,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: every core)")
     p.add_argument("--out", metavar="FILE.json", help="results file (default: bench/results/<date>-<host-kind>.json)")
     p.add_argument("--results-dir", metavar="DIR", default=str(RESULTS_DIR))
-    p.add_argument("--readme", action="store_true", help="regenerate README.md's Performance section and exit")
-    p.add_argument("--readme-path", metavar="README.md", default=None, help="with --readme: the file to update")
+    p.add_argument("--readme", action="store_true", help="regenerate docs/performance.md (the Performance page) and exit")
+    p.add_argument("--readme-path", metavar="FILE.md", default=None,
+                   help="with --readme: the file to update (default docs/performance.md)")
     p.add_argument("--results", metavar="FILE.json", help="with --readme: results file (default: the latest CAMUS run)")
     p.add_argument("--show", metavar="FILE.json", help="print the tables of a results file and exit")
     return p
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         from . import report
 
         ns = argparse.Namespace(results=args.results, results_dir=args.results_dir, print_only=False,
-                                readme_path=args.readme_path or str(report.REPO / "README.md"))
+                                readme_path=args.readme_path or str(report.REPO / "docs" / "performance.md"))
         return report.run(ns)
     from rich.console import Console
 

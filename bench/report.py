@@ -1,7 +1,7 @@
-"""Regenerate README.md's "## Performance" section from the latest results JSON.
+"""Regenerate docs/performance.md's "## Performance" section from the latest results JSON.
 
-    python -m bench.report                     # latest CAMUS results in bench/results/ → README.md
-    python -m bench.report --results FILE --readme README.md
+    python -m bench.report                     # latest CAMUS results in bench/results/ → docs/performance.md
+    python -m bench.report --results FILE --readme-path docs/performance.md
     python -m bench.report --print             # show the section, write nothing
 
 Only the text between ``<!-- perf:start -->`` and ``<!-- perf:end -->`` is replaced; when the file has
@@ -210,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results", metavar="FILE.json", help="results file (default: the latest CAMUS run)")
     parser.add_argument("--results-dir", metavar="DIR", default=str(RESULTS_DIR))
-    parser.add_argument("--readme-path", "--readme-file", dest="readme_path", metavar="README.md",
-                        default=str(REPO / "README.md"))
+    parser.add_argument("--readme-path", "--readme-file", dest="readme_path", metavar="FILE.md",
+                        default=str(REPO / "docs" / "performance.md"))
     parser.add_argument("--print", dest="print_only", action="store_true", help="print the section, write nothing")
 
 

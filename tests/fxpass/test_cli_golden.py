@@ -83,6 +83,7 @@ def test_outputs_are_the_eager_model_on_the_inputs(tiny_golden, tiny_ckpt):
     model = load_model(tiny_ckpt, from_dict(manifest["config"]))
     feeds = load_json(str(tiny_golden / "inputs.json"))
     results = RunResults.load(str(tiny_golden / "outputs.json"))["torch-fp32"]
+    assert len(feeds) == len(results) == len(manifest["model_timesteps"]) == 2  # t_index 0 and 9
     for feed, result, timestep in zip(feeds, results, manifest["model_timesteps"]):
         with torch.no_grad():
             expected = model(torch.from_numpy(feed["x"]), torch.tensor([timestep])).numpy()
