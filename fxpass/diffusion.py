@@ -270,8 +270,11 @@ class Diffusion:
     def p_sample(self, model: Model, x: np.ndarray, t: int, noise: np.ndarray, clip: bool = True):
         """x_{t-1} ~ p(x_{t-1} | x_t), and the clipped x0 prediction; no noise is added at t = 0."""
         out = model(x, np.full((x.shape[0],), t, dtype=np.int64))
-        out = np.asarray(out, dtype=np.float32)
-        mean, log_var, pred_xstart = self.p_mean_variance(out, x, t, clip=clip)
+        return self.p_step(np.asarray(out, dtype=np.float32), x, t, noise, clip=clip)
+
+    def p_step(self, model_out: np.ndarray, x: np.ndarray, t: int, noise: np.ndarray, clip: bool = True):
+        """:meth:`p_sample` from the model's output at ``t`` already computed (the samplers' step)."""
+        mean, log_var, pred_xstart = self.p_mean_variance(model_out, x, t, clip=clip)
         if t == 0:
             return mean, pred_xstart
         return mean + np.exp(np.float32(0.5) * log_var) * noise, pred_xstart

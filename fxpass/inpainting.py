@@ -1,7 +1,7 @@
 """An inpainting evaluation of a lowered model on the user's images (``fxpass evaluate``), torch-free.
 
 Every image of a directory is cut with every one of a few fixed masks (:func:`fixed_masks`, 1 = known
-pixel kept, 0 = to inpaint), inpainted with RePaint (:func:`fxpass.sampler.repaint` over a runtime
+pixel kept, 0 = to inpaint), inpainted with RePaint (or DDIM/DDNM: :mod:`fxpass.samplers`, over a runtime
 denoiser) and with two trivial fills that need no model (:func:`fill_mean`, :func:`fill_nearest`), and
 each result is scored against the ground truth in the unknown region only (:func:`masked_psnr`,
 :func:`masked_ssim`).  A model that learned something beats both fills; the report says by how much.
@@ -206,21 +206,7 @@ def _means(rows: list[dict]) -> dict:
     return out
 
 
-def evaluate(denoiser, images: np.ndarray, masks: dict[str, np.ndarray], *, seed: int = 0, jump_length: int = 10,
-             jump_n_sample: int = 10, t_T: int | None = None, progress: Progress | None = None,
-             names: Sequence[str] | None = None) -> dict:
-    """Inpaint every image of ``images`` [N, 3, H, W] with every mask of ``masks`` (``{kind: [1, 1, H, W]}``)
-    by RePaint on ``denoiser`` and by the two trivial fills, and score all in the unknown region.
-
-    Returns ``{"settings", "masks", "cases", "per_mask", "overall", "seconds"}``: a row per case (image,
-    mask, its noise seed, PSNR/SSIM of each method), the means per mask and over all cases, each with
-    ``repaint_margin`` (RePaint's mean minus the better trivial fill's, for PSNR and SSIM separately).
-    ``progress(done, total)`` counts model calls over the whole run.  ``names`` label the images.
-    """
-    from .sampler import MAX_MODEL_CALLS, GeneratorNoise, jump_model_calls, repaint
-
-    images = np.asarray(images, dtype=np.float32)
-    size = int(denoiser.image_size)
+def _check_cases(images: np.ndarray, masks: dict[str, np.ndarray], size: int, names: Sequence[str] | None) -> None:
     if images.ndim != 4 or images.shape[0] < 1 or images.shape[1:] != (3, size, size):
         raise FxpassError(f"evaluate: images must be [N, 3, {size}, {size}] for this model, got {list(images.shape)}")
     if not masks:
@@ -233,17 +219,36 @@ def evaluate(denoiser, images: np.ndarray, masks: dict[str, np.ndarray], *, seed
             raise FxpassError(f"evaluate: mask {kind!r} has {'no' if frac == 0 else 'only'} unknown pixels")
     if names is not None and len(names) != len(images):
         raise ValueError(f"{len(names)} names for {len(images)} images")
+
+
+def evaluate(denoiser, images: np.ndarray, masks: dict[str, np.ndarray], *, seed: int = 0, jump_length: int = 10,
+             jump_n_sample: int = 10, t_T: int | None = None, progress: Progress | None = None,
+             names: Sequence[str] | None = None, settings=None) -> dict:
+    """Inpaint every image of ``images`` [N, 3, H, W] with every mask of ``masks`` (``{kind: [1, 1, H, W]}``)
+    by a diffusion sampler on ``denoiser`` and by the two trivial fills, and score all in the unknown region.
+
+    The sampler is ``settings`` (a :class:`fxpass.samplers.Settings`), or RePaint with ``t_T``,
+    ``jump_length`` and ``jump_n_sample`` when it is None; its results are the "repaint" method whichever
+    sampler made them.  Returns ``{"settings", "masks", "cases", "per_mask", "overall", "seconds"}``: a row
+    per case (image, mask, its noise seed, PSNR/SSIM of each method), the means per mask and over all
+    cases, each with ``repaint_margin`` (the sampler's mean minus the better trivial fill's, for PSNR and
+    SSIM separately).  ``progress(done, total)`` counts model calls over the whole run.  ``names`` label
+    the images.
+    """
+    from .sampler import GeneratorNoise
+    from .samplers import Settings, run_plan
+
+    images = np.asarray(images, dtype=np.float32)
+    size = int(denoiser.image_size)
+    _check_cases(images, masks, size, names)
+    if settings is None:
+        settings = Settings("repaint", t_T=t_T, jump_length=jump_length, jump_n_sample=jump_n_sample)
     steps = denoiser.diffusion.num_steps
-    t_T = steps if t_T is None else t_T
     try:
-        calls_per_case = jump_model_calls(t_T, jump_length, jump_n_sample)
+        sampler = settings.build(denoiser.diffusion)
     except ValueError as exc:
         raise FxpassError(f"evaluate: {exc}") from None
-    if t_T > steps:
-        raise FxpassError(f"evaluate: t_T {t_T} is more than the model's {steps} respaced steps")
-    if calls_per_case > MAX_MODEL_CALLS:
-        raise FxpassError(f"evaluate: this schedule makes {calls_per_case:,} model calls per case; at most "
-                          f"{MAX_MODEL_CALLS:,} are allowed")
+    calls_per_case = sampler.calls
     kinds = list(masks)
     total = calls_per_case * len(images) * len(kinds)
     rows: list[dict] = []
@@ -255,8 +260,8 @@ def evaluate(denoiser, images: np.ndarray, masks: dict[str, np.ndarray], *, seed
             mask = np.asarray(masks[kind], dtype=np.float32)
             done_before = k * calls_per_case
             on_step = None if progress is None else (lambda d, _t, base=done_before: progress(base + d, total))
-            x = repaint(denoiser, denoiser.diffusion, gt, mask, noise=GeneratorNoise(seed + k), t_T=t_T,
-                        jump_length=jump_length, jump_n_sample=jump_n_sample, on_step=on_step)
+            x = run_plan(sampler, denoiser, gt.shape, noise=GeneratorNoise(seed + k), gt=gt, mask=mask,
+                         on_step=on_step)
             if not np.isfinite(x).all():
                 where = getattr(denoiser, "path", "the model")
                 raise FxpassError(f"{where}: the model produced non-finite values (image {i}, mask {kind})")
@@ -273,8 +278,8 @@ def evaluate(denoiser, images: np.ndarray, masks: dict[str, np.ndarray], *, seed
             rows.append(row)
     seconds = time.perf_counter() - start
     return {
-        "settings": {"seed": seed, "t_T": t_T, "jump_length": jump_length, "jump_n_sample": jump_n_sample,
-                     "model_calls_per_case": calls_per_case, "images": len(images), "image_size": size,
+        "settings": {"seed": seed, "sampler": settings.sampler, **settings.knobs(steps),
+                     "method": settings.label(steps), "model_calls_per_case": calls_per_case, "images": len(images), "image_size": size,
                      "noise": "GeneratorNoise(seed + case), case = image * len(masks) + mask",
                      "metrics": "in the unknown region (mask 0) of results composited with the ground truth and "
                                 f"clipped to [-1, 1]; PSNR data range 2, capped at {PSNR_MAX:g} dB; SSIM "

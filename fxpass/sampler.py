@@ -8,6 +8,9 @@ where ``t_index`` indexes the respaced schedule (0 = least noisy); ``fxpass.deno
 ONNX Runtime, and any other runtime plugs in the same way.  The maths of one step live in
 :mod:`fxpass.diffusion`.
 
+The loop and the schedules live in :mod:`fxpass.samplers` (RePaint in :mod:`fxpass.samplers.repaint`,
+with DDIM and DDNM beside it); this module keeps the names the rest of fxpass uses.
+
 The maths follows guided-diffusion's Gaussian diffusion (epsilon prediction, learned-range or fixed
 variance, x0 clipped to [-1, 1]) on the respaced betas, and RePaint's resampling schedule: a pass
 down the schedule that jumps ``jump_length`` steps back up ``jump_n_sample - 1`` times at every
@@ -23,14 +26,14 @@ noise, and one draw per step up.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
 
 from .diffusion import Diffusion, Model
-
-Progress = Callable[[int, int], None]
+from .samplers.base import MAX_MODEL_CALLS, NoiseSource, Progress, run_plan  # noqa: F401  (re-exported)
+from .samplers.repaint import RePaint, jump_model_calls, jump_schedule  # noqa: F401  (re-exported)
 
 
 class Denoiser(Protocol):
@@ -42,47 +45,7 @@ class Denoiser(Protocol):
     def __call__(self, x: np.ndarray, t_index: np.ndarray) -> np.ndarray: ...
 
 
-# ---- RePaint's resampling schedule ---------------------------------------------------------
-#: the longest sampling run fxpass builds (RePaint's paper setting over 250 steps makes 2,410 calls)
-MAX_MODEL_CALLS = 1_000_000
-
-
-def jump_model_calls(t_T: int, jump_length: int = 10, jump_n_sample: int = 10) -> int:
-    """Model calls of :func:`jump_schedule` without building it: each jump point adds
-    ``(jump_n_sample - 1) * jump_length`` calls to the plain descent's ``t_T``."""
-    for name, value in (("t_T", t_T), ("jump_length", jump_length), ("jump_n_sample", jump_n_sample)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    jump_points = len(range(0, t_T - jump_length, jump_length))
-    return t_T + jump_points * (jump_n_sample - 1) * jump_length
-
-
-def jump_schedule(t_T: int, jump_length: int = 10, jump_n_sample: int = 10) -> list[int]:
-    """RePaint's time indices: from ``t_T - 1`` down to ``-1`` with jumps back up.
-
-    Every index ``j`` in ``range(0, t_T - jump_length, jump_length)`` is a jump point: the first
-    ``jump_n_sample - 1`` times the walk reaches it going down, it climbs back ``jump_length``
-    steps one at a time.  A step down from ``t`` is a model call at ``t``; a step up to ``t`` is
-    forward noising with beta_t.  ``jump_n_sample=1`` gives the plain descent.
-    """
-    calls = jump_model_calls(t_T, jump_length, jump_n_sample)
-    if calls > MAX_MODEL_CALLS:
-        raise ValueError(f"this schedule makes {calls:,} model calls (t_T {t_T}, jump_length {jump_length}, "
-                         f"jump_n_sample {jump_n_sample}); at most {MAX_MODEL_CALLS:,} are allowed")
-    left = {j: jump_n_sample - 1 for j in range(0, t_T - jump_length, jump_length)}
-    times: list[int] = []
-    t = t_T
-    while t > 0:
-        t -= 1
-        times.append(t)
-        if left.get(t, 0) > 0:
-            left[t] -= 1
-            times.extend(range(t + 1, t + jump_length + 1))
-            t += jump_length
-    times.append(-1)
-    return times
-
-
+# ---- RePaint's resampling schedule (fxpass.samplers.repaint) -------------------------------
 def descent_schedule(num_steps: int) -> list[int]:
     """The plain reverse pass ``num_steps - 1, ..., 0, -1`` (DDPM)."""
     return list(range(num_steps - 1, -2, -1))
@@ -94,11 +57,6 @@ def count_model_calls(times: Sequence[int]) -> int:
 
 
 # ---- randomness ----------------------------------------------------------------------------
-class NoiseSource(Protocol):
-    def normal(self, shape: tuple[int, ...]) -> np.ndarray:
-        """Standard normal float32 samples of ``shape``."""
-
-
 class GeneratorNoise:
     """Noise from one ``np.random.Generator`` (seeded with an int, or one you pass)."""
 
@@ -153,40 +111,8 @@ def sample_loop(model: Model, diffusion: Diffusion, times: Sequence[int], shape:
     ``inpa_inj_sched_prev``, every model call but the first sees the known pixels replaced by
     q(x_t | gt).  ``on_step(done, total)`` is called after each model call.
     """
-    times = [int(t) for t in times]
-    _check_times(times, diffusion.num_steps)
-    inpaint = gt is not None and inpa_inj_sched_prev
-    if (gt is None) != (mask is None):
-        raise ValueError("pass both gt and mask, or neither")
-    if inpaint:
-        gt = np.broadcast_to(np.asarray(gt, dtype=np.float32), shape)
-        keep = np.broadcast_to(np.asarray(mask, dtype=np.float32), shape)
-        drop = np.float32(1.0) - keep
-    total = count_model_calls(times)
-    done = 0
-    x = np.asarray(noise.normal(shape), dtype=np.float32)
-    for t_last, t_cur in zip(times[:-1], times[1:]):
-        if t_cur < t_last:
-            step_noise = noise.normal(shape)
-            if inpaint and done > 0:
-                known = diffusion.q_sample(gt, t_last, noise.normal(shape))
-                x = keep * known + drop * x
-            x, _ = diffusion.p_sample(model, x, t_last, step_noise)
-            done += 1
-            if on_step is not None:
-                on_step(done, total)
-        else:
-            x = diffusion.forward_step(x, t_cur, noise.normal(shape))
-    return x
-
-
-def _check_times(times: Sequence[int], num_steps: int) -> None:
-    if len(times) < 2 or times[-1] != -1 or times[1] >= times[0]:
-        raise ValueError("a schedule must start going down and end at -1")
-    if any(abs(a - b) != 1 for a, b in zip(times[:-1], times[1:])):
-        raise ValueError("a schedule moves by one step at a time")
-    if max(times) >= num_steps:
-        raise ValueError(f"schedule reaches index {max(times)}, the diffusion has {num_steps} steps")
+    sampler = RePaint(diffusion, times, inject=inpa_inj_sched_prev)
+    return run_plan(sampler, model, shape, noise=noise, gt=gt, mask=mask, on_step=on_step)
 
 
 def repaint(model: Model, diffusion: Diffusion, gt: np.ndarray, mask: np.ndarray, *, noise: NoiseSource,

@@ -13,6 +13,7 @@ import time
 
 from ..errors import FxpassError
 from . import args as shared
+from . import sampling
 from .output import console
 
 
@@ -26,18 +27,18 @@ def _mask_kinds(text: str) -> tuple[str, ...]:
 
 
 def _table(report: dict):
-    """Per mask (and all cases): the mean PSNR and SSIM of each method in the unknown region, and RePaint's
-    margin over the better trivial fill."""
+    """Per mask (and all cases): the mean PSNR and SSIM of each method in the unknown region, and the
+    diffusion sampler's margin over the better trivial fill (the report's "repaint" rows, whichever
+    --sampler made them)."""
     from rich import box
     from rich.table import Table
 
     from ..inpainting import METHODS
 
-    short = {"repaint": "RePaint", "mean_fill": "mean", "nearest_fill": "nearest"}
     s = report["settings"]
-    table = Table(title=f"inpainted region, mean of {s['images']} image(s): RePaint (t_T {s['t_T']}, jump_length "
-                        f"{s['jump_length']}, jump_n_sample {s['jump_n_sample']}, seed {s['seed']}) vs mean-colour "
-                        "and nearest-pixel fills (PSNR in dB)",
+    short = {"repaint": s["method"].partition(" ")[0], "mean_fill": "mean", "nearest_fill": "nearest"}
+    table = Table(title=f"inpainted region, mean of {s['images']} image(s): {s['method']}, seed {s['seed']} vs "
+                        "mean-colour and nearest-pixel fills (PSNR in dB)",
                   box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
     table.add_column("mask\n(unknown)", no_wrap=True)
     for metric in ("PSNR", "SSIM"):
@@ -69,10 +70,10 @@ def run(args) -> int:
     from ..inpainting import evaluate, fixed_masks, image_files, load_image_dir
 
     files = image_files(args.data, args.count)  # cheap checks before loading the model
+    settings = sampling.settings_from(args)
     model = OnnxDenoiser(args.model)
-    size, steps = model.image_size, model.diffusion.num_steps
-    if args.t_T is not None and args.t_T > steps:
-        raise FxpassError(f"{args.model}: --t-T {args.t_T} is more than the model's {steps} respaced steps")
+    size = model.image_size
+    sampling.plan(settings, model.diffusion, args.model, "evaluate")  # bad knobs before loading the images
     images = load_image_dir(args.data, size, args.count)
     masks = fixed_masks(size, args.masks, args.seed)
     t0 = time.perf_counter()
@@ -84,8 +85,7 @@ def run(args) -> int:
         def progress(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        report = evaluate(model, images, masks, seed=args.seed, jump_length=args.jump_length,
-                          jump_n_sample=args.jump_n_sample, t_T=args.t_T, progress=progress,
+        report = evaluate(model, images, masks, seed=args.seed, settings=settings, progress=progress,
                           names=[f.name for f in files])
     report = {"model": str(args.model), "data": str(args.data), "precision": model.meta.precision,
               "image_files": [f.name for f in files], **report}
@@ -105,7 +105,7 @@ def add_parser(sub, common) -> None:
 
     p = sub.add_parser("evaluate", parents=[common],
                        help="inpainting quality of a lowered model on your images: RePaint vs trivial fills (no torch)",
-                       description="Inpaint every image of --data with fixed masks by RePaint (ONNX Runtime, a "
+                       description="Inpaint every image of --data with fixed masks by RePaint, or --sampler ddim/ddnm (ONNX Runtime, a "
                                    "table-mode model from fxpass lower) and by two fills that need no model (the "
                                    "known pixels' mean colour; the nearest known pixel), and compare PSNR and SSIM "
                                    "in the inpainted region.")
@@ -120,10 +120,6 @@ def add_parser(sub, common) -> None:
                    help="evaluate the first N images (default: all)")
     p.add_argument("--seed", type=shared.seed_type, default=0,
                    help="seed of the strokes mask and of all the noise; case k uses seed + k (default 0)")
-    p.add_argument("--t-T", dest="t_T", type=shared.positive, default=None, metavar="N",
-                   help="start index of RePaint's schedule (default: the number of respaced steps)")
-    p.add_argument("--jump-length", type=shared.positive, default=10, metavar="N", help="steps per jump back (default 10)")
-    p.add_argument("--jump-n-sample", type=shared.positive, default=10, metavar="N",
-                   help="passes over each jump section (default 10; 1 = no resampling)")
+    sampling.add_arguments(p)
     shared.add_force(p, "overwrite an existing report")
     p.set_defaults(func=run)

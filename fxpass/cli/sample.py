@@ -1,4 +1,6 @@
-"""``fxpass sample MODEL.onnx``: RePaint inpainting (or DDPM) on a lowered model, without torch.
+"""``fxpass sample MODEL.onnx``: RePaint, DDIM or DDNM inpainting (or DDPM) on a lowered model, without torch.
+
+``--sampler repaint`` (default) | ``ddim`` | ``ddnm`` with their knobs (:mod:`fxpass.cli.sampling`).
 
 ``--runtime ort`` (default) | ``openvino`` | ``openvino-bf16`` (``fxpass.denoisers.RUNTIMES``).  Only
 NumPy, Pillow, rich, onnx and the runtime (ONNX Runtime, or OpenVINO behind Polygraphy) are imported on
@@ -15,6 +17,7 @@ import numpy as np
 from ..denoisers import RUNTIMES
 from ..errors import FxpassError
 from . import args as shared
+from . import sampling
 from .output import console
 
 
@@ -32,10 +35,12 @@ def run(args) -> int:
     from ..denoisers import make_denoiser, runtime_unavailable_reason
     from ..fileio import atomic_write_bytes, check_input_file, plan_outputs
     from ..images import encode_png, load_image, load_mask
-    from ..sampler import GeneratorNoise, count_model_calls, descent_schedule, jump_schedule, sample_loop
+    from ..sampler import GeneratorNoise, descent_schedule
+    from ..samplers import RePaint, run_plan
     from ..verify import EXIT_UNAVAILABLE
 
     out = plan_outputs({"-o": args.out}, inputs=[args.model, args.image, args.mask], force=args.force)["-o"]
+    settings = sampling.settings_from(args)  # knobs of another sampler, before loading the model
     if not args.ddpm:
         if args.image is None or args.mask is None:
             raise FxpassError("sample: --image IMG.png and --mask MASK.png are required (or --ddpm for plain generation)")
@@ -47,27 +52,22 @@ def run(args) -> int:
         return EXIT_UNAVAILABLE
     model = make_denoiser(args.model, args.runtime)
     steps, size = model.diffusion.num_steps, model.image_size
-    if args.ddpm:
-        gt = mask = None
-        times = descent_schedule(steps)
+    gt = mask = None
+    if args.ddpm and settings.sampler == "repaint":
+        sampler = RePaint(model.diffusion, descent_schedule(steps))
         what = f"DDPM generation over {steps} steps"
     else:
-        t_T = steps if args.t_T is None else args.t_T
-        if t_T > steps:
-            raise FxpassError(f"{args.model}: --t-T {t_T} is more than the model's {steps} respaced steps")
-        gt = load_image(args.image, size)
-        mask = load_mask(args.mask, size)
-        try:
-            times = jump_schedule(t_T, args.jump_length, args.jump_n_sample)
-        except ValueError as exc:
-            raise FxpassError(f"sample: {exc}") from None
-        what = f"RePaint (t_T {t_T}, jump_length {args.jump_length}, jump_n_sample {args.jump_n_sample})"
-    total = count_model_calls(times)
+        sampler = sampling.plan(settings, model.diffusion, args.model, "sample")
+        what = settings.label(steps) + (" generation" if args.ddpm else "")
+        if not args.ddpm:
+            gt = load_image(args.image, size)
+            mask = load_mask(args.mask, size)
+    total = sampler.calls
     t0 = time.perf_counter()
     with _progress_bar() as bar:
         task = bar.add_task("sampling", total=total)
-        x = sample_loop(model, model.diffusion, times, (1, 3, size, size), noise=GeneratorNoise(args.seed),
-                        gt=gt, mask=mask, on_step=lambda done, _total: bar.update(task, completed=done))
+        x = run_plan(sampler, model, (1, 3, size, size), noise=GeneratorNoise(args.seed), gt=gt, mask=mask,
+                     on_step=lambda done, _total: bar.update(task, completed=done))
     if not np.isfinite(x).all():
         raise FxpassError(f"{args.model}: the model produced non-finite values; nothing written")
     png = encode_png(x[0])
@@ -78,8 +78,8 @@ def run(args) -> int:
 
 
 def add_parser(sub, common) -> None:
-    p = sub.add_parser("sample", parents=[common], help="RePaint inpainting on a lowered ONNX model (no torch)",
-                       description="RePaint inpainting with ONNX Runtime or OpenVINO on a table-mode model from "
+    p = sub.add_parser("sample", parents=[common], help="RePaint, DDIM or DDNM inpainting on a lowered ONNX model (no torch)",
+                       description="RePaint (default), DDIM or DDNM inpainting with ONNX Runtime or OpenVINO on a table-mode model from "
                                    "fxpass lower. Mask: white = known pixels to keep, black = pixels to inpaint.",
                        epilog="exit status: 0 the image was written; 3 the --runtime cannot run here (OpenVINO "
                               "missing, no bf16 on this CPU), nothing done; 2 a usage or file error")
@@ -88,11 +88,7 @@ def add_parser(sub, common) -> None:
     p.add_argument("--mask", metavar="MASK.png", help="white = known pixels to keep, black = to inpaint")
     p.add_argument("-o", "--out", required=True, metavar="RESULT.png", help="output PNG (written atomically)")
     p.add_argument("--seed", type=shared.seed_type, default=0, help="seed of all the noise (default 0)")
-    p.add_argument("--t-T", dest="t_T", type=shared.positive, default=None, metavar="N",
-                   help="start index of RePaint's schedule (default: the number of respaced steps)")
-    p.add_argument("--jump-length", type=shared.positive, default=10, metavar="N", help="steps per jump back (default 10)")
-    p.add_argument("--jump-n-sample", type=shared.positive, default=10, metavar="N",
-                   help="passes over each jump section (default 10; 1 = no resampling)")
+    sampling.add_arguments(p)
     p.add_argument("--ddpm", action="store_true",
                    help="plain generation over the respaced schedule: no resampling, no image or mask")
     p.add_argument("--runtime", choices=list(RUNTIMES), default="ort",

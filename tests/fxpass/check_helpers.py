@@ -76,3 +76,24 @@ def sample_in_a_fresh_process(sample_args: list[str], runtime_module: str) -> st
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().splitlines()[-1]
+
+
+def gray_image_and_half_mask(directory: Path, size: int) -> tuple[Path, Path]:
+    """A seeded gray ``size`` x ``size`` PNG and a mask PNG whose left half is known (white)."""
+    from PIL import Image
+
+    img, mask = directory / "img.png", directory / "mask.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (size, size), dtype=np.uint8)).save(img)
+    keep = np.zeros((size, size), np.uint8)
+    keep[:, : size // 2] = 255
+    Image.fromarray(keep).save(mask)
+    return img, mask
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    """``fxpass *args`` in this process (arguments as str): (exit code, stdout, stderr)."""
+    from fxpass.cli import main
+
+    rc = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err

@@ -1,0 +1,79 @@
+"""``--sampler`` and its knobs, shared by ``fxpass sample`` and ``fxpass evaluate``.
+
+A knob given for a sampler that does not read it is refused in one line naming the flag (exit 2),
+as is an ``--eta`` outside [0, 1]; the knobs that depend on the model (``--steps``, ``--t-T`` more
+than its respaced steps, a plan over the call limit) are checked once its metadata is read.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import FxpassError
+from ..samplers import DEFAULT_ETA, KNOBS, SAMPLERS, Settings
+from . import args as shared
+
+#: each knob's flag -> its Settings field
+FLAGS = {"--t-T": "t_T", "--jump-length": "jump_length", "--jump-n-sample": "jump_n_sample", "--steps": "steps",
+         "--eta": "eta", "--travel-length": "travel_length", "--travel-repeat": "travel_repeat"}
+
+
+def unit_interval(text: str) -> float:
+    """An argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``--sampler`` with RePaint's, DDIM's and DDNM's knobs (each left None when not given)."""
+    p.add_argument("--sampler", choices=SAMPLERS, default="repaint",
+                   help="repaint: RePaint's resampling over every step (default); ddim: DDIM skip-step sampling, "
+                        "known pixels noised into x_t; ddnm: DDNM, known pixels projected into the predicted x0")
+    p.add_argument("--t-T", dest="t_T", type=shared.positive, default=None, metavar="N",
+                   help="repaint: start index of RePaint's schedule (default: the number of respaced steps)")
+    p.add_argument("--jump-length", type=shared.positive, default=None, metavar="N",
+                   help="repaint: steps per jump back (default 10)")
+    p.add_argument("--jump-n-sample", type=shared.positive, default=None, metavar="N",
+                   help="repaint: passes over each jump section (default 10; 1 = no resampling)")
+    p.add_argument("--steps", type=shared.positive, default=None, metavar="N",
+                   help="ddim, ddnm: model steps to walk, evenly spaced over the lowered schedule with its top "
+                        "and 0 included (default: all of them)")
+    p.add_argument("--eta", type=unit_interval, default=None, metavar="F",
+                   help="ddim, ddnm: stochasticity in [0, 1], 0 = deterministic DDIM, 1 = DDPM-like noise "
+                        f"(default {DEFAULT_ETA:g}, DDNM's setting)")
+    p.add_argument("--travel-length", type=shared.positive, default=None, metavar="L",
+                   help="ddnm: time travel jumps back L steps (default 1)")
+    p.add_argument("--travel-repeat", type=shared.positive, default=None, metavar="R",
+                   help="ddnm: passes over each time-travel section (default 1 = no time travel)")
+
+
+def settings_from(args) -> Settings:
+    """The :class:`fxpass.samplers.Settings` of parsed ``args``; FxpassError for a knob of another sampler."""
+    values = {"sampler": args.sampler}
+    for flag, field in FLAGS.items():
+        value = getattr(args, field, None)
+        if value is None:
+            continue
+        if field not in KNOBS[args.sampler]:
+            readers = [name for name in SAMPLERS if field in KNOBS[name]]
+            raise FxpassError(f"{flag} is for --sampler {' or '.join(readers)}, not --sampler {args.sampler}")
+        values[field] = value
+    return Settings(**values)
+
+
+def plan(settings, diffusion, model_path, command: str):
+    """The sampler of ``settings`` for ``diffusion``: FxpassError naming the model where a knob does not
+    fit it, naming ``command`` where the plan cannot be made (over the call limit)."""
+    try:
+        settings.check(diffusion.num_steps)
+    except ValueError as exc:
+        raise FxpassError(f"{model_path}: {exc}") from None
+    try:
+        return settings.build(diffusion)
+    except ValueError as exc:
+        raise FxpassError(f"{command}: {exc}") from None

@@ -1,0 +1,76 @@
+"""Samplers for lowered table-mode models, one module per method behind one contract (NumPy only).
+
+:mod:`.base` holds the contract (a plan of moves computed up front, one ``step``) and the only loop,
+:func:`run_plan`; :mod:`.repaint` is RePaint (Lugmayr et al., CVPR 2022), :mod:`.ddim` DDIM (Song et
+al., ICLR 2021), :mod:`.ddnm` DDNM (Wang et al., ICLR 2023).  :class:`Settings` is what the commands
+choose (``--sampler`` and its knobs): it checks them against a model and builds the sampler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..diffusion import Diffusion
+from .base import MAX_MODEL_CALLS, Known, Move, Sampler, count_calls, run_plan  # noqa: F401  (re-exported)
+from .ddim import DDIM
+from .ddnm import DDNM
+from .repaint import RePaint
+
+#: the samplers ``--sampler`` offers, the default first
+SAMPLERS = ("repaint", "ddim", "ddnm")
+#: DDNM's eta (the paper's setting), also DDIM's default here
+DEFAULT_ETA = 0.85
+#: the knobs each sampler reads (the others must be left at their defaults)
+KNOBS = {"repaint": ("t_T", "jump_length", "jump_n_sample"), "ddim": ("steps", "eta"),
+         "ddnm": ("steps", "eta", "travel_length", "travel_repeat")}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One sampler and its knobs: RePaint's ``t_T`` (None: all steps), ``jump_length``,
+    ``jump_n_sample``; DDIM's and DDNM's ``steps`` (None: all) and ``eta``; DDNM's ``travel_length``
+    and ``travel_repeat`` (1: no time travel)."""
+
+    sampler: str = "repaint"
+    t_T: int | None = None
+    jump_length: int = 10
+    jump_n_sample: int = 10
+    steps: int | None = None
+    eta: float = DEFAULT_ETA
+    travel_length: int = 1
+    travel_repeat: int = 1
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"--sampler {self.sampler}: expected one of {', '.join(SAMPLERS)}")
+
+    def check(self, num_steps: int) -> None:
+        """ValueError naming the flag where a knob does not fit a model of ``num_steps`` respaced steps."""
+        for flag, value in (("--t-T", self.t_T), ("--steps", self.steps)):
+            if value is not None and value > num_steps:
+                raise ValueError(f"{flag} {value} is more than the model's {num_steps} respaced steps")
+
+    def build(self, diffusion: Diffusion) -> Sampler:
+        """The sampler, its plan made (ValueError where the knobs are bad or the plan too long)."""
+        self.check(diffusion.num_steps)
+        if self.sampler == "repaint":
+            return RePaint.jumps(diffusion, self.t_T, self.jump_length, self.jump_n_sample)
+        if self.sampler == "ddim":
+            return DDIM(diffusion, self.steps, self.eta)
+        return DDNM(diffusion, self.steps, self.eta, travel_length=self.travel_length,
+                    travel_repeat=self.travel_repeat)
+
+    def knobs(self, num_steps: int) -> dict:
+        """The knobs this sampler reads, defaults resolved against the model (for reports)."""
+        values = {name: getattr(self, name) for name in KNOBS[self.sampler]}
+        for name in ("t_T", "steps"):
+            if name in values and values[name] is None:
+                values[name] = num_steps
+        return values
+
+    def label(self, num_steps: int) -> str:
+        """``RePaint (t_T 10, jump_length 10, jump_n_sample 10)``, ``DDNM (steps 10, eta 0.85, ...)``."""
+        title = {"repaint": "RePaint", "ddim": "DDIM", "ddnm": "DDNM"}[self.sampler]
+        knobs = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in self.knobs(num_steps).items())
+        return f"{title} ({knobs})"
