@@ -35,6 +35,9 @@ PSNR_MAX = 100.0
 #: the methods of a case, in report order
 METHODS = ("repaint", "mean_fill", "nearest_fill")
 TRIVIAL = ("mean_fill", "nearest_fill")
+#: how a report's scores are made
+METRICS_NOTE = ("in the unknown region (mask 0) of results composited with the ground truth and clipped to [-1, 1]; "
+                f"PSNR data range 2, capped at {PSNR_MAX:g} dB; SSIM (scikit-image) map averaged over the unknown pixels")
 
 Progress = Callable[[int, int], None]
 
@@ -206,7 +209,7 @@ def _means(rows: list[dict]) -> dict:
     return out
 
 
-def _check_cases(images: np.ndarray, masks: dict[str, np.ndarray], size: int, names: Sequence[str] | None) -> None:
+def check_cases(images: np.ndarray, masks: dict[str, np.ndarray], size: int, names: Sequence[str] | None) -> None:
     if images.ndim != 4 or images.shape[0] < 1 or images.shape[1:] != (3, size, size):
         raise FxpassError(f"evaluate: images must be [N, 3, {size}, {size}] for this model, got {list(images.shape)}")
     if not masks:
@@ -219,6 +222,20 @@ def _check_cases(images: np.ndarray, masks: dict[str, np.ndarray], size: int, na
             raise FxpassError(f"evaluate: mask {kind!r} has {'no' if frac == 0 else 'only'} unknown pixels")
     if names is not None and len(names) != len(images):
         raise ValueError(f"{len(names)} names for {len(images)} images")
+
+
+def inpaint(sampler, denoiser, gt: np.ndarray, mask: np.ndarray, seed: int, on_step: Progress | None = None,
+            what: str = "") -> np.ndarray:
+    """``sampler``'s inpainting of ``gt`` [1, 3, H, W] under ``mask`` on ``denoiser`` with noise
+    ``GeneratorNoise(seed)``, composited with the ground truth; FxpassError for non-finite output."""
+    from .sampler import GeneratorNoise
+    from .samplers import run_plan
+
+    x = run_plan(sampler, denoiser, gt.shape, noise=GeneratorNoise(seed), gt=gt, mask=mask, on_step=on_step)
+    if not np.isfinite(x).all():
+        where = getattr(denoiser, "path", "the model")
+        raise FxpassError(f"{where}: the model produced non-finite values ({what})")
+    return composite(gt, x, mask)
 
 
 def evaluate(denoiser, images: np.ndarray, masks: dict[str, np.ndarray], *, seed: int = 0, jump_length: int = 10,
@@ -235,12 +252,11 @@ def evaluate(denoiser, images: np.ndarray, masks: dict[str, np.ndarray], *, seed
     SSIM separately).  ``progress(done, total)`` counts model calls over the whole run.  ``names`` label
     the images.
     """
-    from .sampler import GeneratorNoise
-    from .samplers import Settings, run_plan
+    from .samplers import Settings
 
     images = np.asarray(images, dtype=np.float32)
     size = int(denoiser.image_size)
-    _check_cases(images, masks, size, names)
+    check_cases(images, masks, size, names)
     if settings is None:
         settings = Settings("repaint", t_T=t_T, jump_length=jump_length, jump_n_sample=jump_n_sample)
     steps = denoiser.diffusion.num_steps
@@ -260,13 +276,9 @@ def evaluate(denoiser, images: np.ndarray, masks: dict[str, np.ndarray], *, seed
             mask = np.asarray(masks[kind], dtype=np.float32)
             done_before = k * calls_per_case
             on_step = None if progress is None else (lambda d, _t, base=done_before: progress(base + d, total))
-            x = run_plan(sampler, denoiser, gt.shape, noise=GeneratorNoise(seed + k), gt=gt, mask=mask,
-                         on_step=on_step)
-            if not np.isfinite(x).all():
-                where = getattr(denoiser, "path", "the model")
-                raise FxpassError(f"{where}: the model produced non-finite values (image {i}, mask {kind})")
+            x = inpaint(sampler, denoiser, gt, mask, seed + k, on_step, f"image {i}, mask {kind}")
             results = {
-                "repaint": composite(gt, x, mask),
+                "repaint": x,
                 "mean_fill": fill_mean(gt, mask),
                 "nearest_fill": fill_nearest(gt, mask),
             }
@@ -281,9 +293,7 @@ def evaluate(denoiser, images: np.ndarray, masks: dict[str, np.ndarray], *, seed
         "settings": {"seed": seed, "sampler": settings.sampler, **settings.knobs(steps),
                      "method": settings.label(steps), "model_calls_per_case": calls_per_case, "images": len(images), "image_size": size,
                      "noise": "GeneratorNoise(seed + case), case = image * len(masks) + mask",
-                     "metrics": "in the unknown region (mask 0) of results composited with the ground truth and "
-                                f"clipped to [-1, 1]; PSNR data range 2, capped at {PSNR_MAX:g} dB; SSIM "
-                                "(scikit-image) map averaged over the unknown pixels"},
+                     "metrics": METRICS_NOTE},
         "masks": {kind: {"unknown_fraction": unknown_fraction(masks[kind])} for kind in kinds},
         "cases": rows,
         "per_mask": {kind: _means([r for r in rows if r["mask"] == kind]) for kind in kinds},

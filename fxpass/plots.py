@@ -1,4 +1,4 @@
-"""Plots (matplotlib, an optional extra): a check's error against the timestep."""
+"""Plots (matplotlib, an optional extra): a check's error against the timestep; quality against time."""
 
 from __future__ import annotations
 
@@ -6,6 +6,12 @@ import io
 from pathlib import Path
 
 from .fileio import atomic_write_bytes
+
+
+def _save_png(fig, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    atomic_write_bytes(path, lambda fh: fh.write(buffer.getvalue()))
 
 
 def plot_errors(path: Path, rows: list, info, tol: tuple[float, float]) -> None:
@@ -25,9 +31,7 @@ def plot_errors(path: Path, rows: list, info, tol: tuple[float, float]) -> None:
     ax.set_title(f"{info.path.name}: error against PyTorch over the schedule")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    atomic_write_bytes(path, lambda fh: fh.write(buffer.getvalue()))
+    _save_png(fig, path)
 
 
 def plot_eps_mse(path: Path, data: dict, title: str) -> None:
@@ -54,6 +58,23 @@ def plot_eps_mse(path: Path, data: dict, title: str) -> None:
     for ax in (top, bottom):
         ax.grid(True, which="both", alpha=0.3)
     top.set_title(f"{title}: {data['images']} held-out images, every schedule step")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    atomic_write_bytes(path, lambda fh: fh.write(buffer.getvalue()))
+    _save_png(fig, path)
+
+
+def plot_quality_vs_time(path: Path, summary: list[dict], title: str) -> None:
+    """Mean PSNR (left) and SSIM (right) against model seconds per image, one labelled point per run
+    (``fxpass evaluate --run``'s summary), as a PNG written atomically."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4.5), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, metric, unit in zip(axes, ("psnr", "ssim"), ("PSNR (dB)", "SSIM")):
+        for row in summary:
+            ax.plot(row["seconds_per_case"], row[metric], marker="o", linestyle="none")
+            ax.annotate(row["label"], (row["seconds_per_case"], row[metric]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7)
+        ax.set_xlabel("model seconds per image")
+        ax.set_ylabel(f"mean {unit}, unknown region")
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(title)
+    _save_png(fig, path)

@@ -1,19 +1,19 @@
 """``fxpass evaluate MODEL.onnx --data DIR``: RePaint against trivial fills on the user's images, without torch.
 
 Parses, plans the output, calls :func:`fxpass.inpainting.evaluate`, prints a table per mask and writes
-the JSON report atomically.  Only NumPy, Pillow, SciPy, scikit-image, rich and ONNX Runtime are
+the JSON report atomically; with ``--run``, :func:`fxpass.compare_runs.compare` and :mod:`.runs_view`.  Only NumPy, Pillow, SciPy, scikit-image, rich and ONNX Runtime are
 imported on this path (a test checks that torch stays out of ``sys.modules``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib.util
 import time
 
 from ..errors import FxpassError
 from . import args as shared
-from . import sampling
+from . import runs_view, sampling
 from .output import console
 
 
@@ -56,45 +56,86 @@ def _table(report: dict):
     return table
 
 
+def _runs(args):
+    """The ``--run`` entries as Settings (None without any); FxpassError for a bad entry, for ``--run``
+    beside the single-sampler flags, for ``--plot`` without ``--run`` or without matplotlib."""
+    if not args.run:
+        if args.plot:
+            raise FxpassError("--plot draws the --run entries against each other: give at least one --run")
+        return None
+    given = sampling.given_flags(args)
+    if given:
+        raise FxpassError(f"--run and {given[0]} do not go together: put the sampler and its knobs in the --run "
+                          "entries (e.g. --run ddim:steps=25)")
+    runs = [sampling.settings_from_spec(spec) for spec in args.run]
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise FxpassError("--plot: matplotlib is not installed (pip install 'fxpass[plot]')")
+    return runs
+
+
+def _load(args):
+    """(image files, the model, the images, the masks), each checked before the next is loaded."""
+    from ..denoisers import OnnxDenoiser
+    from ..inpainting import fixed_masks, image_files, load_image_dir
+
+    files = image_files(args.data, args.count)  # cheap checks before loading the model
+    model = OnnxDenoiser(args.model)
+    return files, model, load_image_dir(args.data, model.image_size, args.count), \
+        fixed_masks(model.image_size, args.masks, args.seed)
+
+
+def _with_progress(work):
+    """``work(progress)`` under a progress bar counting model calls."""
+    from .sample import _progress_bar
+
+    with _progress_bar() as bar:
+        task = bar.add_task("evaluating", total=None)
+        return work(lambda done, total: bar.update(task, completed=done, total=total))
+
+
+def _compare(args, runs, outs) -> int:
+    """The ``--run`` entries on the same cases: a table, the JSON report, the plot."""
+    from ..compare_runs import compare
+
+    files, model, images, masks = _load(args)
+    for spec, settings in zip(args.run, runs):  # bad knobs before any model call
+        sampling.plan(settings, model.diffusion, f"{args.model}: --run {spec}", f"evaluate: --run {spec}")
+    t0 = time.perf_counter()
+    report = _with_progress(lambda progress: compare(model, images, masks, runs, seed=args.seed, progress=progress,
+                                                     names=[f.name for f in files]))
+    report = {"model": str(args.model), "data": str(args.data), "precision": model.meta.precision,
+              "image_files": [f.name for f in files], **report}
+    return runs_view.show(report, outs, time.perf_counter() - t0)
+
+
 def run(args) -> int:
     from ..fileio import plan_outputs
 
-    out = plan_outputs({"-o": args.out}, inputs=[args.model, args.data], force=args.force).get("-o")
+    runs = _runs(args)
+    outs = plan_outputs({"-o": args.out, "--plot": args.plot}, inputs=[args.model, args.data], force=args.force)
     try:
         import scipy.ndimage  # noqa: F401  (scikit-image brings SciPy)
         import skimage.metrics  # noqa: F401
     except ImportError as exc:
         raise FxpassError(f"evaluate needs scikit-image (pip install 'fxpass[metrics]'): {exc}") from None
-    from ..denoisers import OnnxDenoiser
-    from ..fileio import atomic_write_bytes
-    from ..inpainting import evaluate, fixed_masks, image_files, load_image_dir
+    if runs is not None:
+        return _compare(args, runs, outs)
+    from ..inpainting import evaluate
 
-    files = image_files(args.data, args.count)  # cheap checks before loading the model
     settings = sampling.settings_from(args)
-    model = OnnxDenoiser(args.model)
-    size = model.image_size
-    sampling.plan(settings, model.diffusion, args.model, "evaluate")  # bad knobs before loading the images
-    images = load_image_dir(args.data, size, args.count)
-    masks = fixed_masks(size, args.masks, args.seed)
+    files, model, images, masks = _load(args)
+    sampling.plan(settings, model.diffusion, args.model, "evaluate")
     t0 = time.perf_counter()
-    from .sample import _progress_bar
-
-    with _progress_bar() as bar:
-        task = bar.add_task("evaluating", total=None)
-
-        def progress(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        report = evaluate(model, images, masks, seed=args.seed, settings=settings, progress=progress,
-                          names=[f.name for f in files])
+    report = _with_progress(lambda progress: evaluate(model, images, masks, seed=args.seed, settings=settings,
+                                                      progress=progress, names=[f.name for f in files]))
     report = {"model": str(args.model), "data": str(args.data), "precision": model.meta.precision,
               "image_files": [f.name for f in files], **report}
     console().print(_table(report), soft_wrap=True)
     summary = (f"{len(report['cases'])} cases, {report['settings']['model_calls_per_case']} model calls each, "
                f"{time.perf_counter() - t0:.1f} s")
+    out = outs.get("-o")
     if out is not None:
-        text = json.dumps(report, indent=1, allow_nan=False) + "\n"
-        atomic_write_bytes(out, lambda fh: fh.write(text.encode("utf-8")))
+        runs_view.write_json(out, report)
         summary = f"wrote {out}: {summary}"
     console().print(summary, soft_wrap=True)
     return 0
@@ -121,5 +162,14 @@ def add_parser(sub, common) -> None:
     p.add_argument("--seed", type=shared.seed_type, default=0,
                    help="seed of the strokes mask and of all the noise; case k uses seed + k (default 0)")
     sampling.add_arguments(p)
-    shared.add_force(p, "overwrite an existing report")
+    p.add_argument("--run", action="append", default=[], metavar="SPEC",
+                   help="compare samplers on the same cases (repeatable, instead of --sampler and its knobs): "
+                        "SAMPLER or SAMPLER:knob=value,... with knobs t_T, jump_length, jump_n_sample, steps, eta, "
+                        "travel_length, travel_repeat, e.g. ddnm:t_T=25,steps=25,travel_length=5,travel_repeat=3; "
+                        "reports PSNR, SSIM, model calls and model seconds per image, and each run's paired "
+                        "difference to the first")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="with --run: mean PSNR and SSIM against model seconds per image, a point per run "
+                        "(needs matplotlib: pip install 'fxpass[plot]')")
+    shared.add_force(p, "overwrite an existing report or plot")
     p.set_defaults(func=run)

@@ -3,6 +3,10 @@
 A knob given for a sampler that does not read it is refused in one line naming the flag (exit 2),
 as is an ``--eta`` outside [0, 1]; the knobs that depend on the model (``--steps``, ``--t-T`` more
 than its respaced steps, a plan over the call limit) are checked once its metadata is read.
+
+``fxpass evaluate --run SPEC`` (:func:`settings_from_spec`) names a sampler and its knobs in one
+argument, ``SAMPLER`` or ``SAMPLER:knob=value,...`` with the knobs' field names (``t_T``, ``steps``,
+...), each checked as its flag is, the message naming the entry.
 """
 
 from __future__ import annotations
@@ -31,11 +35,12 @@ def unit_interval(text: str) -> float:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """``--sampler`` with RePaint's, DDIM's and DDNM's knobs (each left None when not given)."""
-    p.add_argument("--sampler", choices=SAMPLERS, default="repaint",
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="repaint: RePaint's resampling over every step (default); ddim: DDIM skip-step sampling, "
                         "known pixels noised into x_t; ddnm: DDNM, known pixels projected into the predicted x0")
     p.add_argument("--t-T", dest="t_T", type=shared.positive, default=None, metavar="N",
-                   help="repaint: start index of RePaint's schedule (default: the number of respaced steps)")
+                   help="start from pure noise at level N-1 of the lowered schedule; ddim, ddnm: --steps are spread "
+                        "over levels 0..N-1 (default: the number of respaced steps)")
     p.add_argument("--jump-length", type=shared.positive, default=None, metavar="N",
                    help="repaint: steps per jump back (default 10)")
     p.add_argument("--jump-n-sample", type=shared.positive, default=None, metavar="N",
@@ -52,18 +57,57 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ddnm: passes over each time-travel section (default 1 = no time travel)")
 
 
+def _settings(sampler: str, values: dict, name, where: str = "") -> Settings:
+    """Settings of ``sampler`` with ``values`` (field -> value); FxpassError, prefixed with ``where``, for
+    a knob of another sampler (``name(field)`` says it) or ``steps`` over ``t_T``."""
+    for field in values:
+        if field not in KNOBS[sampler]:
+            readers = [s for s in SAMPLERS if field in KNOBS[s]]
+            raise FxpassError(f"{where}{name(field)} is for --sampler {' or '.join(readers)}, not --sampler {sampler}")
+    settings = Settings(sampler, **values)
+    try:
+        settings.check_knobs()
+    except ValueError as exc:
+        raise FxpassError(f"{where}{exc}") from None
+    return settings
+
+
 def settings_from(args) -> Settings:
     """The :class:`fxpass.samplers.Settings` of parsed ``args``; FxpassError for a knob of another sampler."""
-    values = {"sampler": args.sampler}
-    for flag, field in FLAGS.items():
-        value = getattr(args, field, None)
-        if value is None:
-            continue
-        if field not in KNOBS[args.sampler]:
-            readers = [name for name in SAMPLERS if field in KNOBS[name]]
-            raise FxpassError(f"{flag} is for --sampler {' or '.join(readers)}, not --sampler {args.sampler}")
-        values[field] = value
-    return Settings(**values)
+    values = {field: getattr(args, field) for field in FLAGS.values() if getattr(args, field, None) is not None}
+    flag_of = {field: flag for flag, field in FLAGS.items()}
+    return _settings(args.sampler or "repaint", values, flag_of.get)
+
+
+def given_flags(args) -> list[str]:
+    """The single-sampler flags given on the command line (``--sampler`` and the knobs)."""
+    given = ["--sampler"] if getattr(args, "sampler", None) is not None else []
+    return given + [flag for flag, field in FLAGS.items() if getattr(args, field, None) is not None]
+
+
+def settings_from_spec(spec: str) -> Settings:
+    """``SAMPLER`` or ``SAMPLER:knob=value,...`` (knobs by field name, e.g. ``ddnm:steps=25,eta=0.5``) as
+    Settings; FxpassError naming the ``--run`` entry for an unknown sampler or knob, a bad value, a knob
+    of another sampler."""
+    where = f"--run {spec}: "
+    sampler, _, rest = spec.partition(":")
+    sampler = sampler.strip()
+    if sampler not in SAMPLERS:
+        raise FxpassError(f"{where}unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+    types = {"eta": unit_interval}
+    flag_of = {field: flag for flag, field in FLAGS.items()}
+    values: dict = {}
+    for item in filter(None, (i.strip() for i in rest.split(","))):
+        field, eq, text = (part.strip() for part in item.partition("="))
+        if field not in flag_of:
+            raise FxpassError(f"{where}unknown knob {field!r}; choose from {', '.join(flag_of)}")
+        if not eq or field in values:
+            raise FxpassError(f"{where}expected each knob once, as knob=value, got {item!r}")
+        try:
+            values[field] = types.get(field, shared.positive)(text)
+        except argparse.ArgumentTypeError as exc:
+            raise FxpassError(f"{where}argument {flag_of[field]}: {exc}") from None
+    return _settings(sampler, values, lambda field: field, where)
 
 
 def plan(settings, diffusion, model_path, command: str):

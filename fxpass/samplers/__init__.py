@@ -21,15 +21,15 @@ SAMPLERS = ("repaint", "ddim", "ddnm")
 #: DDNM's eta (the paper's setting), also DDIM's default here
 DEFAULT_ETA = 0.85
 #: the knobs each sampler reads (the others must be left at their defaults)
-KNOBS = {"repaint": ("t_T", "jump_length", "jump_n_sample"), "ddim": ("steps", "eta"),
-         "ddnm": ("steps", "eta", "travel_length", "travel_repeat")}
+KNOBS = {"repaint": ("t_T", "jump_length", "jump_n_sample"), "ddim": ("t_T", "steps", "eta"),
+         "ddnm": ("t_T", "steps", "eta", "travel_length", "travel_repeat")}
 
 
 @dataclass(frozen=True)
 class Settings:
-    """One sampler and its knobs: RePaint's ``t_T`` (None: all steps), ``jump_length``,
-    ``jump_n_sample``; DDIM's and DDNM's ``steps`` (None: all) and ``eta``; DDNM's ``travel_length``
-    and ``travel_repeat`` (1: no time travel)."""
+    """One sampler and its knobs: ``t_T`` (None: all steps; the start level is ``t_T - 1``), RePaint's
+    ``jump_length``, ``jump_n_sample``; DDIM's and DDNM's ``steps`` (None: all ``t_T``) and ``eta``;
+    DDNM's ``travel_length`` and ``travel_repeat`` (1: no time travel)."""
 
     sampler: str = "repaint"
     t_T: int | None = None
@@ -44,6 +44,11 @@ class Settings:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"--sampler {self.sampler}: expected one of {', '.join(SAMPLERS)}")
 
+    def check_knobs(self) -> None:
+        """ValueError naming both flags where ``steps`` is more than ``t_T`` (needs no model)."""
+        if self.sampler != "repaint" and None not in (self.steps, self.t_T) and self.steps > self.t_T:
+            raise ValueError(f"--steps {self.steps} is more than --t-T {self.t_T}")
+
     def check(self, num_steps: int) -> None:
         """ValueError naming the flag where a knob does not fit a model of ``num_steps`` respaced steps."""
         for flag, value in (("--t-T", self.t_T), ("--steps", self.steps)):
@@ -56,16 +61,19 @@ class Settings:
         if self.sampler == "repaint":
             return RePaint.jumps(diffusion, self.t_T, self.jump_length, self.jump_n_sample)
         if self.sampler == "ddim":
-            return DDIM(diffusion, self.steps, self.eta)
+            return DDIM(diffusion, self.steps, self.eta, t_T=self.t_T)
         return DDNM(diffusion, self.steps, self.eta, travel_length=self.travel_length,
-                    travel_repeat=self.travel_repeat)
+                    travel_repeat=self.travel_repeat, t_T=self.t_T)
 
     def knobs(self, num_steps: int) -> dict:
-        """The knobs this sampler reads, defaults resolved against the model (for reports)."""
+        """The knobs this sampler reads, defaults resolved against the model (for reports); DDIM's and
+        DDNM's ``t_T`` only where it was given."""
         values = {name: getattr(self, name) for name in KNOBS[self.sampler]}
+        if self.sampler != "repaint" and self.t_T is None:
+            del values["t_T"]
         for name in ("t_T", "steps"):
             if name in values and values[name] is None:
-                values[name] = num_steps
+                values[name] = num_steps if self.t_T is None else self.t_T
         return values
 
     def label(self, num_steps: int) -> str:

@@ -1,8 +1,8 @@
 """DDIM (Song, Meng & Ermon, "Denoising Diffusion Implicit Models", ICLR 2021): skip-step sampling
 over any subset of the lowered schedule.
 
-``steps`` evenly spaced t_index values, the top (``num_steps - 1``) and 0 included
-(:func:`skip_levels`); one model call per level.  The step from level t to the next lower level s
+``steps`` evenly spaced t_index values, the top (``t_T - 1``, by default ``num_steps - 1``) and 0
+included (:func:`skip_levels`); one model call per level.  The step from level t to the next lower level s
 (s = -1: the clean image, alpha_bar 1) is DDIM's generalized update, eq. 12 of the paper:
 
     x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s - sigma^2) eps + sigma z,
@@ -26,17 +26,26 @@ from .base import Known, Move, NoiseSource, Sampler, check_calls, moves_over, q_
 from .repaint import jump_model_calls, jump_schedule
 
 
-def skip_levels(num_steps: int, steps: int | None = None) -> list[int]:
-    """``steps`` t_index values evenly spaced over ``0..num_steps - 1``, both ends included (just the
-    top for one step), increasing; all of them for ``None``."""
-    steps = num_steps if steps is None else steps
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"--steps must be a positive integer, got {steps!r}")
-    if steps > num_steps:
-        raise ValueError(f"--steps {steps} is more than the model's {num_steps} respaced steps")
+def positive_knob(flag: str, value) -> int:
+    """``value`` as a positive integer; ValueError naming ``flag`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def skip_levels(num_steps: int, steps: int | None = None, t_T: int | None = None) -> list[int]:
+    """``steps`` t_index values evenly spaced over ``0..t_T - 1`` (``t_T`` None: the whole table of
+    ``num_steps``), both ends included (just the top for one step), increasing; all of them for ``None``."""
+    top_levels = num_steps if t_T is None else positive_knob("--t-T", t_T)
+    if top_levels > num_steps:
+        raise ValueError(f"--t-T {top_levels} is more than the model's {num_steps} respaced steps")
+    steps = top_levels if steps is None else positive_knob("--steps", steps)
+    if steps > top_levels:
+        raise ValueError(f"--steps {steps} is more than the model's {num_steps} respaced steps" if t_T is None
+                         else f"--steps {steps} is more than --t-T {top_levels}")
     if steps == 1:
-        return [num_steps - 1]
-    top, gaps = num_steps - 1, steps - 1
+        return [top_levels - 1]
+    top, gaps = top_levels - 1, steps - 1
     return [(2 * k * top + gaps) // (2 * gaps) for k in range(steps)]  # k * top / gaps, rounded half up
 
 
@@ -47,14 +56,14 @@ def check_eta(eta: float) -> float:
     return eta
 
 
-def skip_plan(num_steps: int, steps: int | None, travel_length: int = 1, travel_repeat: int = 1) -> list[Move]:
+def skip_plan(num_steps: int, steps: int | None, travel_length: int = 1, travel_repeat: int = 1,
+              t_T: int | None = None) -> list[Move]:
     """The moves over :func:`skip_levels`: the descent, with DDNM's time travel when ``travel_repeat``
     > 1 (RePaint's jump schedule over the levels: at every ``travel_length``-th level, back up
     ``travel_length`` levels, ``travel_repeat - 1`` times)."""
-    levels = skip_levels(num_steps, steps)
+    levels = skip_levels(num_steps, steps, t_T)
     for flag, value in (("--travel-length", travel_length), ("--travel-repeat", travel_repeat)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+        positive_knob(flag, value)
     calls = jump_model_calls(len(levels), travel_length, travel_repeat)
     check_calls(calls, f"steps {len(levels)}, travel_length {travel_length}, travel_repeat {travel_repeat}")
     return moves_over(levels, jump_schedule(len(levels), travel_length, travel_repeat))
@@ -96,12 +105,13 @@ def eps_and_x0(diffusion: Diffusion, x: np.ndarray, model_out: np.ndarray, t: in
 
 
 class DDIM(Sampler):
-    """DDIM with eta over ``steps`` evenly spaced levels of the lowered schedule."""
+    """DDIM with eta over ``steps`` evenly spaced levels of the lowered schedule (of its ``t_T`` lowest)."""
 
     name = "ddim"
 
-    def __init__(self, diffusion: Diffusion, steps: int | None = None, eta: float = 0.85, *, inject: bool = True):
-        super().__init__(diffusion, skip_plan(diffusion.num_steps, steps))
+    def __init__(self, diffusion: Diffusion, steps: int | None = None, eta: float = 0.85, *, inject: bool = True,
+                 t_T: int | None = None):
+        super().__init__(diffusion, skip_plan(diffusion.num_steps, steps, t_T=t_T))
         self.eta = check_eta(eta)
         self.inject = inject
 

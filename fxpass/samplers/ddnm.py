@@ -21,13 +21,14 @@ from .ddim import check_eta, ddim_update, eps_and_x0, renoise, skip_plan
 
 
 class DDNM(Sampler):
-    """DDNM over ``steps`` evenly spaced levels, eta, and time travel (``travel_length``, ``travel_repeat``)."""
+    """DDNM over ``steps`` evenly spaced levels (of the ``t_T`` lowest), eta, and time travel
+    (``travel_length``, ``travel_repeat``)."""
 
     name = "ddnm"
 
     def __init__(self, diffusion: Diffusion, steps: int | None = None, eta: float = 0.85, *,
-                 travel_length: int = 1, travel_repeat: int = 1):
-        super().__init__(diffusion, skip_plan(diffusion.num_steps, steps, travel_length, travel_repeat))
+                 travel_length: int = 1, travel_repeat: int = 1, t_T: int | None = None):
+        super().__init__(diffusion, skip_plan(diffusion.num_steps, steps, travel_length, travel_repeat, t_T))
         self.eta = check_eta(eta)
         self.travel_length, self.travel_repeat = travel_length, travel_repeat
 

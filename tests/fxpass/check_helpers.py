@@ -60,13 +60,13 @@ def input_shapes(path) -> dict[str, list[int]]:
     return {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
 
 
-def sample_in_a_fresh_process(sample_args: list[str], runtime_module: str) -> str:
-    """Run ``fxpass sample *sample_args`` in a new interpreter; asserts it succeeded and imported
-    ``runtime_module``; returns "torch-free" or "torch imported"."""
+def sample_in_a_fresh_process(sample_args: list[str], runtime_module: str, command: str = "sample") -> str:
+    """Run ``fxpass sample *sample_args`` (or another ``command``) in a new interpreter; asserts it
+    succeeded and imported ``runtime_module``; returns "torch-free" or "torch imported"."""
     code = (
         "import sys\n"
         "from fxpass.cli import main\n"
-        f"rc = main(['sample', *{sample_args!r}])\n"
+        f"rc = main([{command!r}, *{sample_args!r}])\n"
         "assert rc == 0, rc\n"
         "import fxpass, fxpass.sampler, fxpass.fileio, fxpass.denoisers\n"
         f"assert {runtime_module!r} in sys.modules\n"

@@ -348,3 +348,40 @@ def test_cli_generation_with_ddim_needs_no_image(tmp_path, capsys, tiny_onnx):
     rc, stdout, err = _sample(capsys, tiny_onnx, "--ddpm", "--sampler", "ddim", "--steps", 4, "-o", out)
     assert rc == 0, err
     assert "DDIM (steps 4, eta 0.85) generation, 4 model calls" in stdout and out.is_file()
+
+
+# ---- --t-T for ddim and ddnm --------------------------------------------------------------------
+@pytest.mark.parametrize(("make", "calls"), [
+    (lambda d: DDIM(d, 4, t_T=7), 4), (lambda d: DDIM(d, None, t_T=5), 5), (lambda d: DDIM(d, 1, t_T=3), 1),
+    (lambda d: DDNM(d, 4, t_T=7, travel_length=1, travel_repeat=2), 7),
+    (lambda d: Settings("ddnm", t_T=6, steps=6).build(d), 6), (lambda d: Settings("ddim", t_T=10).build(d), 10),
+])
+def test_ddim_and_ddnm_start_at_t_T(make, calls):
+    d = _diffusion()
+    sampler = make(d)
+    model = TableModel(d)
+    gt, mask = _case()
+    run_plan(sampler, model, SHAPE, noise=GeneratorNoise(0), gt=gt, mask=mask)
+    top = max(m.t for m in sampler.plan)
+    assert sampler.plan[0].t == top == model.calls[0] and sampler.calls == calls == len(model.calls)
+    assert top == {4: 6, 5: 4, 1: 2, 7: 6, 6: 5, 10: 9}[calls]
+    assert skip_levels(10, 4, t_T=7) == [0, 2, 4, 6] and skip_levels(10, None, t_T=3) == [0, 1, 2]
+
+
+def test_t_T_over_steps_is_refused_naming_both_flags(tmp_path, capsys, tiny_onnx, tiny_images):
+    with pytest.raises(ValueError, match="--steps 6 is more than --t-T 5"):
+        DDNM(_diffusion(), 6, t_T=5)
+    with pytest.raises(ValueError, match="--t-T 11 is more than the model's 10 respaced steps"):
+        Settings("ddim", t_T=11).build(_diffusion())
+    assert Settings("ddim", t_T=5).knobs(10) == {"t_T": 5, "steps": 5, "eta": 0.85}
+    assert Settings("ddnm", t_T=5, steps=3).label(10).startswith("DDNM (t_T 5, steps 3, eta 0.85")
+    img, mask = tiny_images
+    out = tmp_path / "o.png"
+    for sampler in ("ddim", "ddnm"):
+        rc, _, err = _sample(capsys, tiny_onnx, "--image", img, "--mask", mask, "-o", out, "--sampler", sampler,
+                             "--t-T", 3, "--steps", 4)
+        assert rc == 2 and err == "fxpass: error: --steps 4 is more than --t-T 3\n"
+    rc, stdout, err = _sample(capsys, tiny_onnx, "--image", img, "--mask", mask, "-o", out, "--sampler", "ddim",
+                              "--t-T", 4, "--steps", 2)
+    assert rc == 0, err
+    assert "DDIM (t_T 4, steps 2, eta 0.85), 2 model calls" in stdout and out.is_file()
