@@ -11,6 +11,7 @@ come from ``python -m bench`` (whose tables live in docs/performance.md):
     python docs/figures.py fidelity            # lowers the trained reference fp32 + fp16, check --data, evaluate
     python docs/figures.py sample-runtimes     # tiny config: fxpass sample on OpenVINO against ONNX Runtime
     python docs/figures.py formats             # every mobile route of CAMUS (heavy: several minutes per route)
+    python docs/figures.py presets             # --preset paper/balanced/fast on the trained reference (minutes)
 
 ``--write`` (anywhere on the line) also replaces the body of every figure block whose command is this
 command line without ``--write``, in README.md, docs/*.md, bench/README.md and golden/README.md.  The
@@ -351,9 +352,46 @@ def formats(args) -> str:
 
 
 # ---- the command line ------------------------------------------------------------------------------
+def presets(args) -> str:
+    """``fxpass evaluate --run paper --run balanced --run fast`` on held-out images ``first``..``first+count-1``
+    (sorted by name) of the trained reference, fp32: quality against model time, paired to paper."""
+    import shutil
+
+    names = ("paper", "balanced", "fast")
+    with tempfile.TemporaryDirectory(prefix="fxpass-figures-") as tmp:
+        tmp = Path(tmp)
+        data = tmp / "images"
+        data.mkdir()
+        for path in sorted((REFERENCE / "heldout").glob("*.png"))[args.first:args.first + args.count]:
+            shutil.copy(path, data / path.name)
+        _progress("lower the reference")
+        _fxpass("lower", str(REFERENCE / "digits.pt"), "--config", str(REFERENCE / "digits.yml"), "-o",
+                str(tmp / "digits.onnx"), cwd=tmp)
+        _progress("evaluate the presets")
+        _fxpass("evaluate", str(tmp / "digits.onnx"), "--data", str(data), "--seed", str(args.seed), "-o",
+                str(tmp / "runs.json"), *[a for n in names for a in ("--run", n)], cwd=tmp)
+        report = _load(tmp / "runs.json")
+    rows = ["| preset | sampler | model calls / image | model s / image | speed-up | PSNR | SSIM | Δ PSNR vs paper "
+            "| Δ SSIM vs paper |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    paper_s = report["summary"][0]["seconds_per_case"]
+    for run, summary in zip(report["runs"], report["summary"]):
+        label = run["settings"]["label"].split(": ", 1)
+        diff = summary.get("diff_to_first")
+        delta = (f"{diff['psnr']['mean']:+.2f} ± {diff['psnr']['se']:.2f} dB | {diff['ssim']['mean']:+.3f} ± "
+                 f"{diff['ssim']['se']:.3f}") if diff else "— | —"
+        rows.append(f"| {label[0]} | {label[-1]} | {summary['calls_per_case']:.0f} | {summary['seconds_per_case']:.3f} "
+                    f"| {paper_s / summary['seconds_per_case']:.1f}× | {summary['psnr']:.2f} dB | "
+                    f"{summary['ssim']:.3f} | {delta} |")
+    cases = report["summary"][0]["cases"]
+    return "\n".join([*rows, "", f"{cases} cases: held-out images {args.first}..{args.first + args.count - 1} "
+                                  f"(sorted) × box, half, strokes, seed {args.seed}; Δ is the mean of the paired "
+                                  "per-case differences ± its standard error. " + _machine_line()])
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], str]] = {
     "golden-sets": golden_sets, "golden-tolerances": golden_tolerances, "reference": reference,
     "precision": precision, "fidelity": fidelity, "sample-runtimes": sample_runtimes, "formats": formats,
+    "presets": presets,
 }
 #: the subcommands that read committed files only (tests/test_docs.py regenerates and compares them)
 COMMITTED = ("golden-sets", "golden-tolerances", "reference", "precision")
@@ -380,6 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("formats", help="every mobile route (default: CAMUS, heavy)")
     m.add_argument("--config", metavar="FILE", help="another config (default: built-in CAMUS)")
     m.add_argument("--routes", metavar="K,...", help="only these routes (0-based indices into the table)")
+    r = sub.add_parser("presets", help="--preset paper, balanced, fast on held-out images of the trained reference")
+    r.add_argument("--first", type=int, default=150, help="first held-out image, sorted by name (default 150: the "
+                                                          "presets were chosen on images 0..31)")
+    r.add_argument("--count", type=int, default=32, help="images, each under three masks (default 32: 96 cases)")
+    r.add_argument("--seed", type=int, default=11)
     return p
 
 

@@ -163,8 +163,8 @@ def add_parser(sub, common) -> None:
                    help="seed of the strokes mask and of all the noise; case k uses seed + k (default 0)")
     sampling.add_arguments(p)
     p.add_argument("--run", action="append", default=[], metavar="SPEC",
-                   help="compare samplers on the same cases (repeatable, instead of --sampler and its knobs): "
-                        "SAMPLER or SAMPLER:knob=value,... with knobs t_T, jump_length, jump_n_sample, steps, eta, "
+                   help="compare samplers on the same cases (repeatable, instead of --sampler and its knobs): a "
+                        "preset name, SAMPLER or SAMPLER:knob=value,... with knobs t_T, jump_length, jump_n_sample, steps, eta, "
                         "travel_length, travel_repeat, e.g. ddnm:t_T=25,steps=25,travel_length=5,travel_repeat=3; "
                         "reports PSNR, SSIM, model calls and model seconds per image, and each run's paired "
                         "difference to the first")

@@ -5,7 +5,7 @@ as is an ``--eta`` outside [0, 1]; the knobs that depend on the model (``--steps
 than its respaced steps, a plan over the call limit) are checked once its metadata is read.
 
 ``fxpass evaluate --run SPEC`` (:func:`settings_from_spec`) names a sampler and its knobs in one
-argument, ``SAMPLER`` or ``SAMPLER:knob=value,...`` with the knobs' field names (``t_T``, ``steps``,
+argument, a preset name, ``SAMPLER`` or ``SAMPLER:knob=value,...`` with the knobs' field names (``t_T``, ``steps``,
 ...), each checked as its flag is, the message naming the entry.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import FxpassError
-from ..samplers import DEFAULT_ETA, KNOBS, SAMPLERS, Settings
+from ..samplers import DEFAULT_ETA, KNOBS, PRESETS, SAMPLERS, Settings
 from . import args as shared
 
 #: each knob's flag -> its Settings field
@@ -34,7 +34,10 @@ def unit_interval(text: str) -> float:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """``--sampler`` with RePaint's, DDIM's and DDNM's knobs (each left None when not given)."""
+    """``--preset``, or ``--sampler`` with RePaint's, DDIM's and DDNM's knobs (each left None when not given)."""
+    p.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                   help="paper: RePaint's paper setting (the default); balanced, fast: DDNM with time travel from "
+                        "the middle of the schedule, chosen by measurement on the trained reference (docs/sampling.md)")
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="repaint: RePaint's resampling over every step (default); ddim: DDIM skip-step sampling, "
                         "known pixels noised into x_t; ddnm: DDNM, known pixels projected into the predicted x0")
@@ -73,7 +76,13 @@ def _settings(sampler: str, values: dict, name, where: str = "") -> Settings:
 
 
 def settings_from(args) -> Settings:
-    """The :class:`fxpass.samplers.Settings` of parsed ``args``; FxpassError for a knob of another sampler."""
+    """The :class:`fxpass.samplers.Settings` of parsed ``args``; FxpassError for a knob of another sampler,
+    or for a knob given with ``--preset`` (which sets them all)."""
+    if getattr(args, "preset", None) is not None:
+        given = [flag for flag in given_flags(args) if flag != "--preset"]
+        if given:
+            raise FxpassError(f"--preset {args.preset} sets the sampler and its knobs: drop {', '.join(given)}")
+        return PRESETS[args.preset]
     values = {field: getattr(args, field) for field in FLAGS.values() if getattr(args, field, None) is not None}
     flag_of = {field: flag for flag, field in FLAGS.items()}
     return _settings(args.sampler or "repaint", values, flag_of.get)
@@ -81,15 +90,18 @@ def settings_from(args) -> Settings:
 
 def given_flags(args) -> list[str]:
     """The single-sampler flags given on the command line (``--sampler`` and the knobs)."""
-    given = ["--sampler"] if getattr(args, "sampler", None) is not None else []
+    given = [flag for flag, dest in (("--preset", "preset"), ("--sampler", "sampler"))
+             if getattr(args, dest, None) is not None]
     return given + [flag for flag, field in FLAGS.items() if getattr(args, field, None) is not None]
 
 
 def settings_from_spec(spec: str) -> Settings:
-    """``SAMPLER`` or ``SAMPLER:knob=value,...`` (knobs by field name, e.g. ``ddnm:steps=25,eta=0.5``) as
+    """A preset name, ``SAMPLER`` or ``SAMPLER:knob=value,...`` (knobs by field name, e.g. ``ddnm:steps=25,eta=0.5``) as
     Settings; FxpassError naming the ``--run`` entry for an unknown sampler or knob, a bad value, a knob
     of another sampler."""
     where = f"--run {spec}: "
+    if spec.strip() in PRESETS:
+        return PRESETS[spec.strip()]
     sampler, _, rest = spec.partition(":")
     sampler = sampler.strip()
     if sampler not in SAMPLERS:

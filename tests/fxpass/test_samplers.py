@@ -385,3 +385,63 @@ def test_t_T_over_steps_is_refused_naming_both_flags(tmp_path, capsys, tiny_onnx
                               "--t-T", 4, "--steps", 2)
     assert rc == 0, err
     assert "DDIM (t_T 4, steps 2, eta 0.85), 2 model calls" in stdout and out.is_file()
+
+
+# ---- presets ------------------------------------------------------------------------------------------
+def test_presets_start_at_a_fraction_of_the_table_whatever_its_length():
+    from fxpass.samplers import PRESETS
+
+    assert PRESETS["paper"].resolved(250) == Settings("repaint", preset="paper")  # every step, jumps 10 x 10
+    for name in ("balanced", "fast"):
+        preset = PRESETS[name]
+        for steps in (50, 100):
+            resolved = preset.resolved(steps)
+            assert resolved.t_T == steps // 2 and resolved.steps == preset.steps and resolved.start is None
+            assert resolved.build(_diffusion(steps=steps)).plan[0].t == steps // 2 - 1
+        small = preset.resolved(10)  # a table shorter than the preset's steps: the steps fit in it
+        assert small.t_T == 5 and small.steps == 5
+        assert preset.label(50).startswith(f"{name}: DDNM (t_T 25, steps {preset.steps}")
+
+
+def test_presets_are_cheaper_in_that_order():
+    from fxpass.samplers import PRESETS
+
+    d = _diffusion(steps=50)
+    calls = [PRESETS[name].build(d).calls for name in ("paper", "balanced", "fast")]
+    assert calls[0] == 410 and calls[0] >= 5 * calls[1] and calls[0] >= 10 * calls[2], calls
+
+
+def test_cli_preset_is_the_sampler_it_names(tmp_path, capsys, tiny_onnx, tiny_images):
+    img, mask = tiny_images
+    base = [tiny_onnx, "--image", img, "--mask", mask, "--seed", 1]
+    rc, stdout, err = _sample(capsys, *base, "-o", tmp_path / "p.png", "--preset", "fast")
+    assert rc == 0, err
+    assert "fast: DDNM (t_T 5, steps 5, eta 1" in stdout
+    from fxpass.samplers import PRESETS
+
+    fast = PRESETS["fast"]
+    knobs = ["--sampler", "ddnm", "--t-T", 5, "--steps", 5, "--eta", fast.eta, "--travel-length", fast.travel_length,
+             "--travel-repeat", fast.travel_repeat]
+    rc, _, err = _sample(capsys, *base, "-o", tmp_path / "k.png", *knobs)
+    assert rc == 0, err
+    assert (tmp_path / "p.png").read_bytes() == (tmp_path / "k.png").read_bytes()
+    rc, _, err = _sample(capsys, *base, "-o", tmp_path / "d.png")  # no preset: paper, as before
+    rc2, _, _ = _sample(capsys, *base, "-o", tmp_path / "q.png", "--preset", "paper")
+    assert rc == rc2 == 0 and (tmp_path / "d.png").read_bytes() == (tmp_path / "q.png").read_bytes()
+
+
+def test_cli_preset_with_a_knob_is_refused_in_one_line(tmp_path, capsys, tiny_onnx, tiny_images):
+    img, mask = tiny_images
+    rc, _, err = _sample(capsys, tiny_onnx, "--image", img, "--mask", mask, "-o", tmp_path / "x.png",
+                         "--preset", "balanced", "--steps", 4)
+    assert rc == 2 and err == "fxpass: error: --preset balanced sets the sampler and its knobs: drop --steps\n"
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_evaluate_run_takes_a_preset_name():
+    from fxpass.cli.sampling import settings_from_spec
+    from fxpass.samplers import PRESETS
+
+    assert settings_from_spec("balanced") == PRESETS["balanced"]
+    with pytest.raises(FxpassError, match="unknown sampler 'quick'"):
+        settings_from_spec("quick")
