@@ -247,12 +247,21 @@ class Diffusion:
     def predict_xstart(self, x: np.ndarray, t: int, eps: np.ndarray) -> np.ndarray:
         return self._at(self.sqrt_recip_alphas_cumprod, t) * x - self._at(self.sqrt_recipm1_alphas_cumprod, t) * eps
 
-    def p_mean_variance(self, model_out: np.ndarray, x: np.ndarray, t: int, clip: bool = True):
-        """(mean, log variance, pred_xstart) of p(x_{t-1} | x_t) from the model's output at ``t``."""
+    def predict_eps(self, x: np.ndarray, t: int, xstart: np.ndarray) -> np.ndarray:
+        """The eps that :meth:`predict_xstart` maps to ``xstart`` at ``t`` (its inverse)."""
+        return (self._at(self.sqrt_recip_alphas_cumprod, t) * x - xstart) / self._at(self.sqrt_recipm1_alphas_cumprod, t)
+
+    def check_output(self, model_out: np.ndarray, x: np.ndarray) -> None:
+        """ValueError unless ``model_out`` is what the model gives for ``x``: eps (and v with a learned sigma)."""
         c = x.shape[1]
         want = (x.shape[0], 2 * c if self.learn_sigma else c, *x.shape[2:])
         if model_out.shape != want:
             raise ValueError(f"model output has shape {tuple(model_out.shape)}, expected {want}")
+
+    def p_mean_variance(self, model_out: np.ndarray, x: np.ndarray, t: int, clip: bool = True):
+        """(mean, log variance, pred_xstart) of p(x_{t-1} | x_t) from the model's output at ``t``."""
+        self.check_output(model_out, x)
+        c = x.shape[1]
         eps = model_out[:, :c]
         if self.learn_sigma:
             frac = (model_out[:, c:] + np.float32(1.0)) / np.float32(2.0)

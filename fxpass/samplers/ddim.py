@@ -96,11 +96,8 @@ def renoise(diffusion: Diffusion, x: np.ndarray, move: Move, noise: NoiseSource)
 def eps_and_x0(diffusion: Diffusion, x: np.ndarray, model_out: np.ndarray, t: int):
     """(the model's eps, x0 predicted from it and clipped to [-1, 1]) at ``t``; a learned variance is
     ignored."""
-    c = x.shape[1]
-    if model_out.shape[1] != diffusion.out_channels or model_out.shape[2:] != x.shape[2:]:
-        raise ValueError(f"model output has shape {tuple(model_out.shape)}, expected "
-                         f"{(x.shape[0], diffusion.out_channels, *x.shape[2:])}")
-    eps = model_out[:, :c]
+    diffusion.check_output(model_out, x)
+    eps = model_out[:, :x.shape[1]]
     return eps, np.clip(diffusion.predict_xstart(x, t, eps), -1.0, 1.0)
 
 
@@ -121,7 +118,7 @@ class DDIM(Sampler):
     def step(self, x, model_out, move: Move, known: Known | None, z):
         d = self.diffusion
         _, x0 = eps_and_x0(d, x, model_out, move.t)
-        eps = (d._at(d.sqrt_recip_alphas_cumprod, move.t) * x - x0) / d._at(d.sqrt_recipm1_alphas_cumprod, move.t)
+        eps = d.predict_eps(x, move.t, x0)
         x_next = ddim_update(d, x0, eps, move, self.eta, z)
         if move.to < 0 and known is not None and self.inject:
             x_next = known.paste(known.gt, x_next)
