@@ -23,8 +23,7 @@ import torch
 from . import metadata, stages
 from .config import ModelConfig
 from .errors import FxpassError
-from .load import load, sized_config  # noqa: F401  (the load stage's functions, for the commands that load)
-from .request import FORMATS, GROUP_NORM_FORMS, PRECISIONS, LowerRequest  # noqa: F401
+from .request import LowerRequest
 
 Progress = Callable[[str, str], None]
 
@@ -130,7 +129,7 @@ def run(request: LowerRequest, model: torch.nn.Module | None = None,
         if stage.applies(state):
             with _timed(stage.name, times, progress):
                 stage.run(state)
-    return state.lowered or _lowered(state, times)
+    return state.lowered  # made before the write stage, which always comes last
 
 
 def _lowered(state: stages.Lowering, times: dict[str, float]) -> Lowered:

@@ -100,7 +100,7 @@ def run(args) -> int:
     golden = load_golden(args.golden) if args.golden else None
     model = None
     if "torch" in targets:
-        from ..pipeline import load
+        from ..load import load
 
         model = load(args.model, config=cfg, model_class=args.model_class, model_kwargs=args.model_kwargs,
                      trust_pickle=args.trust_pickle, allow_nonfinite=args.allow_nonfinite,

@@ -84,6 +84,12 @@ def _load(args):
         fixed_masks(model.image_size, args.masks, args.seed)
 
 
+def _with_model(args, model, files, report: dict) -> dict:
+    """``report`` headed by what it was made from: the model, the data, its precision and the image files."""
+    return {"model": str(args.model), "data": str(args.data), "precision": model.meta.precision,
+            "image_files": [f.name for f in files], **report}
+
+
 def _with_progress(work):
     """``work(progress)`` under a progress bar counting model calls."""
     from .sample import _progress_bar
@@ -103,8 +109,7 @@ def _compare(args, runs, outs) -> int:
     t0 = time.perf_counter()
     report = _with_progress(lambda progress: compare(model, images, masks, runs, seed=args.seed, progress=progress,
                                                      names=[f.name for f in files]))
-    report = {"model": str(args.model), "data": str(args.data), "precision": model.meta.precision,
-              "image_files": [f.name for f in files], **report}
+    report = _with_model(args, model, files, report)
     return runs_view.show(report, outs, time.perf_counter() - t0)
 
 
@@ -128,8 +133,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     report = _with_progress(lambda progress: evaluate(model, images, masks, seed=args.seed, settings=settings,
                                                       progress=progress, names=[f.name for f in files]))
-    report = {"model": str(args.model), "data": str(args.data), "precision": model.meta.precision,
-              "image_files": [f.name for f in files], **report}
+    report = _with_model(args, model, files, report)
     console().print(_table(report), soft_wrap=True)
     summary = (f"{len(report['cases'])} cases, {report['settings']['model_calls_per_case']} model calls each, "
                f"{time.perf_counter() - t0:.1f} s")

@@ -50,7 +50,7 @@ def run(args) -> int:
     from ..fileio import plan_outputs
     from ..golden import make_golden, refuse_replacing_other, write_golden
     from ..metadata import read_file
-    from ..pipeline import load
+    from ..load import load
     from . import user as user_flags
 
     user = user_flags.user_spec(args)

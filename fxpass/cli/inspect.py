@@ -33,7 +33,7 @@ def run(args) -> int:
     from ..checkpoint import first_nonfinite
     from ..config import CAMUS, load_config
     from ..errors import FxpassError
-    from ..pipeline import load
+    from ..load import load
     from . import user as user_flags
 
     user = user_flags.user_spec(args)

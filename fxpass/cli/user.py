@@ -52,7 +52,7 @@ def schedule_config(args, user: str):
 
 def sized(cfg, model):
     """``cfg`` with the model's ``image_size`` attribute where it has no size of its own."""
-    from ..pipeline import sized_config
+    from ..load import sized_config
 
     return sized_config(cfg, model)
 

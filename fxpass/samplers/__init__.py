@@ -65,32 +65,32 @@ class Settings:
 
     def check(self, num_steps: int) -> None:
         """ValueError naming the flag where a knob does not fit a model of ``num_steps`` respaced steps."""
-        self = self.resolved(num_steps)
-        for flag, value in (("--t-T", self.t_T), ("--steps", self.steps)):
+        resolved = self.resolved(num_steps)
+        for flag, value in (("--t-T", resolved.t_T), ("--steps", resolved.steps)):
             if value is not None and value > num_steps:
                 raise ValueError(f"{flag} {value} is more than the model's {num_steps} respaced steps")
 
     def build(self, diffusion: Diffusion) -> Sampler:
         """The sampler, its plan made (ValueError where the knobs are bad or the plan too long)."""
         self.check(diffusion.num_steps)
-        self = self.resolved(diffusion.num_steps)
-        if self.sampler == "repaint":
-            return RePaint.jumps(diffusion, self.t_T, self.jump_length, self.jump_n_sample)
-        if self.sampler == "ddim":
-            return DDIM(diffusion, self.steps, self.eta, t_T=self.t_T)
-        return DDNM(diffusion, self.steps, self.eta, travel_length=self.travel_length,
-                    travel_repeat=self.travel_repeat, t_T=self.t_T)
+        s = self.resolved(diffusion.num_steps)
+        if s.sampler == "repaint":
+            return RePaint.jumps(diffusion, s.t_T, s.jump_length, s.jump_n_sample)
+        if s.sampler == "ddim":
+            return DDIM(diffusion, s.steps, s.eta, t_T=s.t_T)
+        return DDNM(diffusion, s.steps, s.eta, travel_length=s.travel_length, travel_repeat=s.travel_repeat,
+                    t_T=s.t_T)
 
     def knobs(self, num_steps: int) -> dict:
         """The knobs this sampler reads, defaults resolved against the model (for reports); DDIM's and
         DDNM's ``t_T`` only where it was given."""
-        self = self.resolved(num_steps)
-        values = {name: getattr(self, name) for name in KNOBS[self.sampler]}
-        if self.sampler != "repaint" and self.t_T is None:
+        s = self.resolved(num_steps)
+        values = {name: getattr(s, name) for name in KNOBS[s.sampler]}
+        if s.sampler != "repaint" and s.t_T is None:
             del values["t_T"]
         for name in ("t_T", "steps"):
             if name in values and values[name] is None:
-                values[name] = num_steps if self.t_T is None else self.t_T
+                values[name] = num_steps if s.t_T is None else s.t_T
         return values
 
     def label(self, num_steps: int) -> str:
