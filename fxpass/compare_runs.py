@@ -37,12 +37,21 @@ class TimedDenoiser:
     def reset(self) -> None:
         self.calls, self.seconds = 0, 0.0
 
-    def __call__(self, x, t_index):
+    def _timed(self, call, *args):
         start = time.perf_counter()
-        out = self.denoiser(x, t_index)
+        out = call(*args)
         self.seconds += time.perf_counter() - start
         self.calls += 1
         return out
+
+    def __call__(self, x, t_index):
+        return self._timed(self.denoiser, x, t_index)
+
+    def full(self, x, t_index):  # a --deep-cache model's full call: (out, feature)
+        return self._timed(self.denoiser.full, x, t_index)
+
+    def shallow(self, x, t_index, feature):
+        return self._timed(self.denoiser.shallow, x, t_index, feature)
 
 
 def paired_difference(first: Sequence[float], other: Sequence[float]) -> dict:

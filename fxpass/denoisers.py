@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metadata
+from .deep_cache import SHALLOW_SUFFIX
 from .diffusion import Diffusion
 from .errors import FxpassError, first_line
 
@@ -84,8 +85,60 @@ class TableModel:
         self.timesteps = list(meta.timesteps)
         self.image_size = int(self.config["image_size"])
         check_input_fits((1, 3, self.image_size, self.image_size), f"metadata {metadata.CONFIG} image_size", str(path))
+        if meta.deep_cache is not None and meta.deep_cache["role"] == "shallow":
+            raise FxpassError(f"{path}: the shallow graph of a --deep-cache lowering; use its full graph "
+                              f"(the file without {SHALLOW_SUFFIX[:-len('.onnx')]!r} in its name)")
         self._check_signature(metadata.graph_inputs(graph), [o.name for o in graph.graph.output])
         self.calls = 0
+        self.shallow_path: Path | None = None
+
+    def load_shallow(self) -> None:
+        """Load the ``--deep-cache`` shallow graph beside this file (for :meth:`full` / :meth:`shallow`):
+        FxpassError where this file has none, or the one beside it is missing or another lowering's."""
+        from .deep_cache import sha256, shallow_path
+
+        entry = self.meta.deep_cache
+        if entry is None:
+            raise FxpassError(f"{self.path}: no deep-cache shallow graph (lower with --deep-cache to use "
+                              "--cache-interval)")
+        path = shallow_path(self.path)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise FxpassError(f"{path}: the shallow graph of {self.path.name} cannot be read "
+                              f"({exc.strerror or exc}); it is written beside the full graph") from None
+        if sha256(data) != entry["shallow_sha256"]:
+            raise FxpassError(f"{path}: not the shallow graph {self.path.name} was lowered with (SHA-256 differs)")
+        inputs = metadata.graph_inputs(_read_graph(path))
+        if set(inputs) != {"x", "t_index", "cache"}:
+            raise FxpassError(f"{path}: inputs are {sorted(inputs)}, expected x, t_index and cache")
+        self._load_shallow(path)
+        self.shallow_path = path
+
+    def _load_shallow(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def full(self, x: np.ndarray, t_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(out, the cached feature) of a full call (needs :meth:`load_shallow` first)."""
+        self.calls += 1
+        out, cache = self._run_full(self._x(x), np.ascontiguousarray(t_index, dtype=np.int64))
+        return self._checked(out, x), cache
+
+    def shallow(self, x: np.ndarray, t_index: np.ndarray, cache: np.ndarray) -> np.ndarray:
+        """out of a shallow call from the feature of an earlier full call."""
+        self.calls += 1
+        return self._checked(self._run_shallow(self._x(x), np.ascontiguousarray(t_index, dtype=np.int64), cache), x)
+
+    def _x(self, x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x, dtype=np.float32).astype(self.x_dtype, copy=False)
+
+    def _checked(self, out, x: np.ndarray) -> np.ndarray:
+        out = np.asarray(out, dtype=np.float32)
+        want = (x.shape[0], self.diffusion.out_channels, *x.shape[2:])
+        if out.shape != want:
+            raise FxpassError(f"{self.path}: output out has shape {list(out.shape)}, expected {list(want)} "
+                              f"(learn_sigma={self.diffusion.learn_sigma})")
+        return out
 
     def _check_signature(self, inputs: dict[str, tuple[str, list]], outputs: list[str]) -> None:
         if set(inputs) != {"x", "t_index"}:
@@ -113,12 +166,7 @@ class TableModel:
         if self.static_batch == 1 and x.shape[0] != 1:
             return np.concatenate([self(x[i:i + 1], t_index[i:i + 1]) for i in range(x.shape[0])])
         self.calls += 1
-        out = np.asarray(self._run(x.astype(self.x_dtype, copy=False), t_index), dtype=np.float32)
-        want = (x.shape[0], self.diffusion.out_channels, *x.shape[2:])
-        if out.shape != want:
-            raise FxpassError(f"{self.path}: output out has shape {list(out.shape)}, expected {list(want)} "
-                              f"(learn_sigma={self.diffusion.learn_sigma})")
-        return out
+        return self._checked(self._run(x.astype(self.x_dtype, copy=False), t_index), x)
 
 
 class OnnxDenoiser(TableModel):
@@ -141,8 +189,26 @@ class OnnxDenoiser(TableModel):
         except Exception as exc:  # onnxruntime raises its own exception types for unreadable files
             raise FxpassError(f"{self.path}: not a readable ONNX model ({ort_reason(exc)})") from None
 
+        self._options = options
+
     def _run(self, x: np.ndarray, t_index: np.ndarray) -> np.ndarray:
         (out,) = self.session.run(["out"], {"x": x, "t_index": t_index})
+        return out
+
+    def _load_shallow(self, path: Path) -> None:
+        import onnxruntime as ort
+
+        try:
+            self.shallow_session = ort.InferenceSession(str(path), sess_options=self._options,
+                                                        providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types for unreadable files
+            raise FxpassError(f"{path}: not a readable ONNX model ({ort_reason(exc)})") from None
+
+    def _run_full(self, x, t_index):
+        return self.session.run(["out", "cache"], {"x": x, "t_index": t_index})
+
+    def _run_shallow(self, x, t_index, cache):
+        (out,) = self.shallow_session.run(["out"], {"x": x, "t_index": t_index, "cache": cache})
         return out
 
 
@@ -166,9 +232,30 @@ class OpenVinoDenoiser(TableModel):
             raise FxpassError(f"{self.path}: OpenVINO cannot compile it for its CPU plugin "
                               f"({openvino_reason(exc, self.path)})") from None
 
+        self._threads = threads
+
     def _run(self, x: np.ndarray, t_index: np.ndarray) -> np.ndarray:
         with self.runner:  # an infer request per call: compiling happened once, requests are cheap
             return self.runner.infer({"x": x, "t_index": t_index})["out"]
+
+    def _load_shallow(self, path: Path) -> None:
+        from targets.openvino import openvino_runner
+
+        self.shallow_runner = openvino_runner(path, precision=self.precision, num_threads=self._threads)
+        try:
+            self.shallow_runner.compiled_model()
+        except Exception as exc:  # OpenVINO raises RuntimeError (and others) for models it cannot compile
+            raise FxpassError(f"{path}: OpenVINO cannot compile it for its CPU plugin "
+                              f"({openvino_reason(exc, path)})") from None
+
+    def _run_full(self, x, t_index):
+        with self.runner:
+            result = self.runner.infer({"x": x, "t_index": t_index})
+            return np.array(result["out"]), np.array(result["cache"])
+
+    def _run_shallow(self, x, t_index, cache):
+        with self.shallow_runner:
+            return np.array(self.shallow_runner.infer({"x": x, "t_index": t_index, "cache": cache})["out"])
 
 
 def runtime_unavailable_reason(runtime: str) -> str | None:

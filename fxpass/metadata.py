@@ -12,7 +12,10 @@ Keys: ``fxpass.version``; ``fxpass.mode`` ("table": inputs ``x``, ``t_index``; "
 ``[T]``); ``fxpass.model_timesteps`` (what the U-Net sees for each, rescaled when
 ``rescale_timesteps``); ``fxpass.config`` (the ModelConfig as a JSON object); ``fxpass.precision``;
 ``fxpass.request`` (the lowering request it was made from, :meth:`fxpass.request.LowerRequest.to_dict`
-without this machine's paths: a record, never read to decide anything).
+without this machine's paths: a record, never read to decide anything); ``fxpass.deep_cache`` (a
+``--deep-cache`` lowering: ``{"role": "full"|"shallow", "level", "feature", "shallow_sha256"}``; the
+shallow graph is the file ``NAME.shallow.onnx`` beside the full graph ``NAME.onnx``, its SHA-256 recorded
+in the full graph's entry).
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ MODEL_TIMESTEPS = "fxpass.model_timesteps"
 CONFIG = "fxpass.config"
 PRECISION = "fxpass.precision"
 REQUEST = "fxpass.request"
-KEYS = (VERSION, MODE, TIMESTEPS, MODEL_TIMESTEPS, CONFIG, PRECISION, REQUEST)
+DEEP_CACHE = "fxpass.deep_cache"
+KEYS = (VERSION, MODE, TIMESTEPS, MODEL_TIMESTEPS, CONFIG, PRECISION, REQUEST, DEEP_CACHE)
+#: the roles of a --deep-cache pair's files
+CACHE_ROLES = ("full", "shallow")
 
 MODES = ("table", "fixed", "step")
 #: fp32, fp16 (float32 islands), bf16 (a float32 file meant to run at bf16 inference precision, OpenVINO),
@@ -53,6 +59,7 @@ class ModelMeta:
     precision: str = "fp32"
     version: str | None = None
     request: dict[str, Any] | None = None
+    deep_cache: dict[str, Any] | None = None
 
     @property
     def steps(self) -> int:
@@ -75,6 +82,8 @@ def encode(meta: ModelMeta) -> dict[str, str]:
         props[CONFIG] = _json(meta.config)
     if meta.request is not None:
         props[REQUEST] = _json(meta.request)
+    if meta.deep_cache is not None:
+        props[DEEP_CACHE] = _json(meta.deep_cache)
     return props
 
 
@@ -146,7 +155,28 @@ def parse(props: Mapping[str, str], source: str = "model", *, require: tuple[str
     elif mode == "step":
         raise FxpassError(f"{source}: a step graph without {CONFIG} metadata")
     request = _load(props, REQUEST, dict, source) if REQUEST in props else None
-    return ModelMeta(mode, timesteps, model_ts, config, precision, props.get(VERSION), request)
+    deep_cache = _deep_cache(_load(props, DEEP_CACHE, dict, source), mode, source) if DEEP_CACHE in props else None
+    return ModelMeta(mode, timesteps, model_ts, config, precision, props.get(VERSION), request, deep_cache)
+
+
+def _deep_cache(entry: dict, mode: str, source: str) -> dict:
+    """A ``fxpass.deep_cache`` entry, checked: a table-mode file, a known role, a level (1 or more, or null
+    for a cut at a named tensor), the feature's name, and (the full graph) the shallow file's SHA-256."""
+    where = f"{source}: metadata {DEEP_CACHE}"
+    if mode != "table":
+        raise FxpassError(f"{where} on a {mode}-mode model (only table-mode models are cut)")
+    if entry.get("role") not in CACHE_ROLES:
+        raise FxpassError(f"{where}: role must be one of {', '.join(CACHE_ROLES)}, got {entry.get('role')!r}")
+    level = entry.get("level")
+    if level is not None and (isinstance(level, bool) or not isinstance(level, int) or level < 1):
+        raise FxpassError(f"{where}: level must be a positive integer or null, got {level!r}")
+    if not isinstance(entry.get("feature"), str) or not entry["feature"]:
+        raise FxpassError(f"{where}: feature must name a tensor")
+    digest = entry.get("shallow_sha256")
+    if entry["role"] == "full" and not (isinstance(digest, str) and len(digest) == 64
+                                        and all(c in "0123456789abcdef" for c in digest)):
+        raise FxpassError(f"{where}: shallow_sha256 must be 64 lowercase hex digits")
+    return entry
 
 
 def _check_config(config: dict, timesteps: tuple[int, ...], mode: str, source: str) -> None:

@@ -1,12 +1,12 @@
 """The lowering pipeline, one straight line; ``fxpass.lower()`` and ``fxpass lower`` both run it.
 
-    request ─▶ load ─▶ capture ─▶ passes ─▶ export ─▶ surgery ─▶ precision ─▶ verify ─▶ write
+    request ─▶ load ─▶ capture ─▶ passes ─▶ export ─▶ surgery ─▶ precision ─▶ verify ─▶ cut ─▶ write
 
 :func:`run` takes one :class:`~fxpass.request.LowerRequest` (the CLI builds it from its flags, the API
 from its keywords) and hands it, with the run's state, to each stage of :data:`STAGES` in turn
 (:mod:`fxpass.stages`); each is timed and reported, and a stage that does not apply to the request
 (``load`` without a checkpoint, ``precision`` at fp32, ``verify`` when opted out, ``write`` without an
-output) is left out.  The whole request is recorded in the report.
+output, ``cut`` without ``--deep-cache``) is left out.  The whole request is recorded in the report.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ STAGES = (
     Stage("surgery", stages.surgery_stage),
     Stage("precision", stages.precision_stage, lambda s: s.request.rewrite.precision != "fp32"),
     Stage("verify", stages.verify_stage, lambda s: s.request.check.verify),
+    Stage("cut", stages.cut_stage, lambda s: s.request.rewrite.deep_cache is not None),
     Stage("write", stages.write_stage, lambda s: s.output is not None),
 )
 
@@ -64,6 +65,8 @@ class Lowered:
     source: Any = None
     source_inputs: dict[str, Any] | None = None
     request: LowerRequest | None = None
+    #: the --deep-cache shallow graph (``model`` is then the full graph, with the ``cache`` output)
+    shallow: onnx.ModelProto | None = None
 
     @property
     def step_graph(self) -> bool:
@@ -113,11 +116,15 @@ def run(request: LowerRequest, model: torch.nn.Module | None = None,
     if model is None and request.source.checkpoint is None:
         raise FxpassError("lower: give a model or a request whose source names a checkpoint")
     out = request.output
-    planned = plan_outputs({"-o": out.path, "--report": out.report}, force=out.force,
+    from .deep_cache import shallow_path
+
+    shallow = shallow_path(out.path) if out.path is not None and request.rewrite.deep_cache is not None else None
+    planned = plan_outputs({"-o": out.path, "--deep-cache": shallow, "--report": out.report}, force=out.force,
                            inputs=[request.source.checkpoint, *out.protected],
                            directories=("-o",) if out.format == "mlpackage" else ())
     started = time.perf_counter()
-    state = stages.Lowering(request, progress, planned.get("-o"), planned.get("--report"), model, example_inputs)
+    state = stages.Lowering(request, progress, planned.get("-o"), planned.get("--report"), model, example_inputs,
+                            shallow_path=planned.get("--deep-cache"))
     state.report.update(fxpass_version=__version__, opset=request.rewrite.opset,
                         precision=request.rewrite.precision, request=request.to_dict())
     times: dict[str, float] = {}
@@ -134,7 +141,7 @@ def run(request: LowerRequest, model: torch.nn.Module | None = None,
 
 def _lowered(state: stages.Lowering, times: dict[str, float]) -> Lowered:
     return Lowered(state.proto, state.mode, state.kept, state.seen, times, state.report, state.check, state.gm,
-                   state.source, state.source_inputs, state.request)
+                   state.source, state.source_inputs, state.request, state.shallow)
 
 
 def lower_with_report(model: torch.nn.Module,

@@ -60,7 +60,7 @@ class Rewrite:
     ``t_index``; a sequence: those timesteps as tables; an int: that one folded), ``step_graph`` (one
     whole denoising step), the export's ``opset`` and ``dynamic_batch``, the surgery (``simplifier``,
     ``group_norm``, ``surgery_options`` by pass name) and the ``precision`` stage (``int8``: an
-    :class:`fxpass.precision.Int8Options`)."""
+    :class:`fxpass.precision.Int8Options`), and ``deep_cache`` (the level of a full + shallow graph cut)."""
 
     timesteps: str | int | Sequence[int] | None = "respaced"
     step_graph: bool = False
@@ -71,6 +71,8 @@ class Rewrite:
     surgery_options: dict[str, dict[str, Any]] | None = None
     precision: str = "fp32"
     int8: Any = None
+    #: cut at this skip connection (1 = nearest the output) into a full and a shallow graph (fxpass.deep_cache)
+    deep_cache: int | None = None
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,8 @@ class LowerRequest:
         if rw.precision == "int8" and out.format not in ("onnx", "ort"):
             raise FxpassError(f"--precision int8: ONNX Runtime's QDQ model, written as --format onnx or ort (not "
                               f"{out.format}; for a smaller Core ML package use --palettize-bits)")
+        if rw.deep_cache is not None:
+            self._validate_deep_cache()
         if out.palettize_bits is not None and out.format != "mlpackage":
             raise FxpassError(f"--palettize-bits {out.palettize_bits}: applies to --format mlpackage only")
         if rw.precision == "bf16":
@@ -167,6 +171,17 @@ class LowerRequest:
             reason = format_unavailable_reason(out.format)
             if reason:
                 raise FxpassError(reason)
+
+    def _validate_deep_cache(self) -> None:
+        rw, level = self.rewrite, self.rewrite.deep_cache
+        if isinstance(level, bool) or not isinstance(level, int) or level < 1:
+            raise FxpassError(f"--deep-cache {level!r}: expected a skip-connection level, 1 or more")
+        if rw.step_graph or self.output.format != "onnx":
+            raise FxpassError(f"--deep-cache: cuts the table-mode ONNX model (not {self.mode_flag})")
+        one = isinstance(rw.timesteps, int) or (isinstance(rw.timesteps, str) and rw.timesteps.strip().isdigit())
+        if rw.timesteps is None or one:
+            raise FxpassError("--deep-cache: cuts the table-mode model (its samplers need every step), not a model "
+                              "lowered at one timestep")
 
     def to_dict(self, *, portable: bool = False) -> dict[str, Any]:
         """The request as plain JSON values; ``portable`` leaves out this machine's file paths (the

@@ -2,7 +2,7 @@
 the previous stage's artifact and leaves its own.  :data:`fxpass.pipeline.STAGES` lists them in order;
 none calls another.
 
-    load ─▶ capture ─▶ passes ─▶ export ─▶ surgery ─▶ precision ─▶ verify ─▶ write
+    load ─▶ capture ─▶ passes ─▶ export ─▶ surgery ─▶ precision ─▶ verify ─▶ cut ─▶ write
 
 ``load`` reads the checkpoint (when the request names one; the API may hand a module instead);
 ``capture`` plans the schedule and the model's inputs, then traces the unmodified model
@@ -11,7 +11,8 @@ none calls another.
 around it; ``surgery`` is ``surgery.simplify``; ``precision`` converts to float16 with float32 islands,
 marks the float32 file for bf16 inference (checked on OpenVINO) or quantizes it to int8 with a measured
 plan (:mod:`fxpass.precision`); ``verify`` compares the runtime with the eager model through Polygraphy
-(:mod:`fxpass.gate`) and refuses a failing model; ``write`` writes the file and the report together
+(:mod:`fxpass.gate`) and refuses a failing model; ``cut`` (``--deep-cache``) makes the full and shallow
+graphs (:mod:`fxpass.deep_cache`); ``write`` writes the file and the report together
 (:mod:`fxpass.write`).
 """
 
@@ -53,6 +54,8 @@ class Lowering:
     report: dict[str, Any] = field(default_factory=dict)
     check: dict[str, Any] | None = None
     lowered: Any = None  # the Lowered handed to the write stage
+    shallow_path: Path | None = None  # --deep-cache: where the shallow graph goes
+    shallow: onnx.ModelProto | None = None
 
 
 def load_stage(state: Lowering) -> None:
@@ -260,7 +263,21 @@ def verify_stage(state: Lowering) -> None:
                       + ("; --force writes it anyway" if state.output is not None else ""), exit_code=1)
 
 
+def cut_stage(state: Lowering) -> None:
+    """``--deep-cache``: the verified graph cut into the full graph (+ the ``cache`` output) and the
+    shallow graph, the identity between them checked (:mod:`fxpass.deep_cache`)."""
+    from .deep_cache import cut
+
+    if state.mode != "table":
+        raise FxpassError("--deep-cache: cuts a table-mode model")
+    state.proto, state.shallow, state.report["deep_cache"] = cut(state.proto, state.request.rewrite.deep_cache,
+                                                                 force=state.request.output.force)
+    if state.shallow_path is not None:
+        state.report["deep_cache"]["shallow_output"] = str(state.shallow_path)
+
+
 def write_stage(state: Lowering) -> None:
     from .write import write_lowered
 
-    write_lowered(state.lowered, state.request, state.output, state.report_path, state.lowered.stages)
+    write_lowered(state.lowered, state.request, state.output, state.report_path, state.lowered.stages,
+                  state.shallow_path)

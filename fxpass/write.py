@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 
 
-def write_lowered(lowered, request, output: Path, report_path: Path | None, stages: dict[str, float]) -> None:
-    """The file the request's ``output.format`` names, and the report beside it."""
+def write_lowered(lowered, request, output: Path, report_path: Path | None, stages: dict[str, float],
+                  shallow_path: Path | None = None) -> None:
+    """The file the request's ``output.format`` names (and a --deep-cache shallow graph), and the report."""
     if request.output.format == "onnx":
-        _write_onnx(lowered, output, report_path, stages)
+        _write_onnx(lowered, output, report_path, stages, shallow_path)
     else:
         _write_format(lowered, request, output, report_path, stages)
 
@@ -26,9 +27,11 @@ def _report_text(lowered) -> str:
     return json.dumps(lowered.report, indent=2, sort_keys=True, default=str)
 
 
-def _write_onnx(lowered, output: Path, report_path: Path | None, stages: dict[str, float]) -> None:
-    """The ONNX file and the report as one transaction (a model over 2 GiB is written first, with its
-    external data file, and removed again if the report cannot be written)."""
+def _write_onnx(lowered, output: Path, report_path: Path | None, stages: dict[str, float],
+                shallow_path: Path | None = None) -> None:
+    """The ONNX file (and the --deep-cache shallow graph) and the report as one transaction (a model over
+    2 GiB is written first, with its external data file, and removed again if the report cannot be
+    written)."""
     from surgery.modelio import save_model, serialized
 
     from .fileio import Transaction
@@ -36,7 +39,14 @@ def _write_onnx(lowered, output: Path, report_path: Path | None, stages: dict[st
     t0 = time.perf_counter()
     data = serialized(lowered.model)
     lowered.report["output"] = str(output)
+    if lowered.shallow is not None and (data is None or shallow_path is None):
+        from .errors import FxpassError
+
+        raise FxpassError(f"{output}: --deep-cache writes models under 2 GiB, with the shallow graph beside them")
     with Transaction() as tx:
+        if lowered.shallow is not None:
+            shallow = lowered.shallow.SerializeToString()
+            tx.add_bytes(shallow_path, lambda fh: fh.write(shallow))
         if data is not None:
             tx.add_bytes(output, lambda fh: fh.write(data))
             lowered.report["file_bytes"] = len(data)

@@ -106,6 +106,7 @@ def _compare(args, runs, outs) -> int:
     files, model, images, masks = _load(args)
     for spec, settings in zip(args.run, runs):  # bad knobs before any model call
         sampling.plan(settings, model.diffusion, f"{args.model}: --run {spec}", f"evaluate: --run {spec}")
+    sampling.load_cache(model, runs)
     t0 = time.perf_counter()
     report = _with_progress(lambda progress: compare(model, images, masks, runs, seed=args.seed, progress=progress,
                                                      names=[f.name for f in files]))
@@ -130,6 +131,7 @@ def run(args) -> int:
     settings = sampling.settings_from(args)
     files, model, images, masks = _load(args)
     sampling.plan(settings, model.diffusion, args.model, "evaluate")
+    sampling.load_cache(model, [settings])
     t0 = time.perf_counter()
     report = _with_progress(lambda progress: evaluate(model, images, masks, seed=args.seed, settings=settings,
                                                       progress=progress, names=[f.name for f in files]))

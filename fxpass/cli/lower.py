@@ -46,6 +46,10 @@ def add_parser(sub, common) -> None:
     p.add_argument("--step-graph", action="store_true",
                    help="export one whole denoising step (U-Net + posterior update, coefficients gathered by "
                         "t_index): inputs x, t_index, noise; outputs x_prev, pred_xstart")
+    p.add_argument("--deep-cache", type=shared.positive, nargs="?", const=1, default=None, metavar="LEVEL",
+                   help="also write NAME.shallow.onnx: the graph a cached call runs once the deep feature at skip "
+                        "connection LEVEL (1, the default: the one nearest the output) is given; the full graph "
+                        "outputs that feature as 'cache' (for sample/evaluate --cache-interval)")
     p.add_argument("--format", choices=("onnx", "ort", "pte", "mlpackage"), default="onnx",
                    help="onnx (default); ort: ONNX Runtime's mobile format (with the CoreML/NNAPI coverage in the "
                         "report); pte: ExecuTorch with XNNPACK; mlpackage: Core ML (a directory). The non-ONNX "
@@ -91,7 +95,7 @@ def request_from(args):
                     inputs=tuple(args.inputs), timestep_values=args.timestep_values)
     rewrite = Rewrite(timesteps=args.timesteps, step_graph=args.step_graph, dynamic_batch=args.dynamic_batch,
                       opset=args.opset, simplifier=None if args.simplifier == "none" else args.simplifier,
-                      group_norm=args.group_norm, precision=args.precision, int8=int8)
+                      group_norm=args.group_norm, precision=args.precision, int8=int8, deep_cache=args.deep_cache)
     output = Output(path=args.output, report=args.report, format=args.format, palettize_bits=args.palettize_bits,
                     force=args.force, protected=(args.config,))
     return LowerRequest(source, rewrite, output, Check())
@@ -150,6 +154,13 @@ def _summary(lowered, args) -> None:
     if plan:
         table.add_row("int8 plan" + (" (reused)" if report["int8"].get("reused_plan") else ""), "\n".join(plan))
     table.add_row("file size", f"{(report.get('file_bytes') or 0) / 2**20:.1f} MiB")
+    cut = report.get("deep_cache")
+    if cut:
+        table.add_row("deep cache", f"level {cut['level']} of {cut['skip_connections']} ({cut['feature']}): shallow graph "
+                                    f"{cut['nodes']['shallow']} of {cut['nodes']['full']} nodes, "
+                                    f"{cut['gflop']['shallow']:.3g} of {cut['gflop']['full']:.3g} GFLOP, "
+                                    f"{cut['latency']['shallow_s'] * 1000:.1f} of {cut['latency']['full_s'] * 1000:.1f} ms; "
+                                    f"identity {cut['check']['max_rel_to_scale']:.2g}·max|ref|")
     fmt = report.get("format")
     if fmt:
         check_fmt = fmt.get("check") or {}

@@ -51,6 +51,7 @@ def run(args) -> int:
         console().print(f"unavailable: {reason}", soft_wrap=True)
         return EXIT_UNAVAILABLE
     model = make_denoiser(args.model, args.runtime)
+    sampling.load_cache(model, [settings])
     steps, size = model.diffusion.num_steps, model.image_size
     gt = mask = None
     if args.ddpm and settings.sampler == "repaint":

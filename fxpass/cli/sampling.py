@@ -19,7 +19,8 @@ from . import args as shared
 
 #: each knob's flag -> its Settings field
 FLAGS = {"--t-T": "t_T", "--jump-length": "jump_length", "--jump-n-sample": "jump_n_sample", "--steps": "steps",
-         "--eta": "eta", "--travel-length": "travel_length", "--travel-repeat": "travel_repeat"}
+         "--eta": "eta", "--travel-length": "travel_length", "--travel-repeat": "travel_repeat",
+         "--cache-interval": "cache_interval"}
 
 
 def unit_interval(text: str) -> float:
@@ -58,6 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ddnm: time travel jumps back L steps (default 1)")
     p.add_argument("--travel-repeat", type=shared.positive, default=None, metavar="R",
                    help="ddnm: passes over each time-travel section (default 1 = no time travel)")
+    p.add_argument("--cache-interval", type=shared.positive, default=None, metavar="N",
+                   help="every sampler, on a model lowered with --deep-cache: every N-th model call is full, the "
+                        "others run the shallow graph on the last full call's deep feature (default 1 = no cache)")
 
 
 def _settings(sampler: str, values: dict, name, where: str = "") -> Settings:
@@ -133,3 +137,9 @@ def plan(settings, diffusion, model_path, command: str):
         return settings.build(diffusion)
     except ValueError as exc:
         raise FxpassError(f"{command}: {exc}") from None
+
+
+def load_cache(model, runs) -> None:
+    """Load ``model``'s deep-cache shallow graph where one of ``runs`` (Settings) uses a cache interval."""
+    if any(settings.cache_interval > 1 for settings in runs):
+        model.load_shallow()

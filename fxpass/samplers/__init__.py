@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..diffusion import Diffusion
-from .base import MAX_MODEL_CALLS, Known, Move, Sampler, count_calls, run_plan  # noqa: F401  (re-exported)
+from .base import MAX_MODEL_CALLS, Known, Move, Sampler, count_calls, positive_interval, run_plan  # noqa: F401
 from .ddim import DDIM
 from .ddnm import DDNM
 from .repaint import RePaint
@@ -22,8 +22,9 @@ SAMPLERS = ("repaint", "ddim", "ddnm")
 #: DDNM's eta (the paper's setting), also DDIM's default here
 DEFAULT_ETA = 0.85
 #: the knobs each sampler reads (the others must be left at their defaults)
-KNOBS = {"repaint": ("t_T", "jump_length", "jump_n_sample"), "ddim": ("t_T", "steps", "eta"),
-         "ddnm": ("t_T", "steps", "eta", "travel_length", "travel_repeat")}
+KNOBS = {"repaint": ("t_T", "jump_length", "jump_n_sample", "cache_interval"),
+         "ddim": ("t_T", "steps", "eta", "cache_interval"),
+         "ddnm": ("t_T", "steps", "eta", "travel_length", "travel_repeat", "cache_interval")}
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class Settings:
     eta: float = DEFAULT_ETA
     travel_length: int = 1
     travel_repeat: int = 1
+    #: every cache_interval-th model call full, the others shallow (a --deep-cache model; 1: no cache)
+    cache_interval: int = 1
     #: a preset's start, as a fraction of the lowered table (t_T = round(start * its steps)), so one preset
     #: suits a 50-step and a 250-step schedule; and the preset's name, for labels
     start: float | None = None
@@ -75,11 +78,14 @@ class Settings:
         self.check(diffusion.num_steps)
         s = self.resolved(diffusion.num_steps)
         if s.sampler == "repaint":
-            return RePaint.jumps(diffusion, s.t_T, s.jump_length, s.jump_n_sample)
-        if s.sampler == "ddim":
-            return DDIM(diffusion, s.steps, s.eta, t_T=s.t_T)
-        return DDNM(diffusion, s.steps, s.eta, travel_length=s.travel_length, travel_repeat=s.travel_repeat,
-                    t_T=s.t_T)
+            sampler = RePaint.jumps(diffusion, s.t_T, s.jump_length, s.jump_n_sample)
+        elif s.sampler == "ddim":
+            sampler = DDIM(diffusion, s.steps, s.eta, t_T=s.t_T)
+        else:
+            sampler = DDNM(diffusion, s.steps, s.eta, travel_length=s.travel_length, travel_repeat=s.travel_repeat,
+                           t_T=s.t_T)
+        sampler.cache_interval = positive_interval(s.cache_interval)
+        return sampler
 
     def knobs(self, num_steps: int) -> dict:
         """The knobs this sampler reads, defaults resolved against the model (for reports); DDIM's and
@@ -88,6 +94,8 @@ class Settings:
         values = {name: getattr(s, name) for name in KNOBS[s.sampler]}
         if s.sampler != "repaint" and s.t_T is None:
             del values["t_T"]
+        if s.cache_interval == 1:
+            del values["cache_interval"]
         for name in ("t_T", "steps"):
             if name in values and values[name] is None:
                 values[name] = num_steps if s.t_T is None else s.t_T

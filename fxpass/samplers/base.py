@@ -17,6 +17,12 @@ noisy, ``diffusion.num_steps - 1`` = most), in the spirit of diffusers' ``Schedu
 noise (always, even where a method does not use it, so that the order of draws depends on the plan
 alone), then whatever :meth:`Sampler.model_input` draws; a jump draws what :meth:`Sampler.jump`
 draws.  ``on_step(done, total)`` reports each call.
+
+Cached calls (DeepCache, Ma et al., CVPR 2024, over a ``--deep-cache`` lowering): with
+``cache_interval`` N > 1, call k of a run is a full call when k % N == 0 (the model's ``full(x, t)``
+returns the output and the deep feature) and a shallow call otherwise (``shallow(x, t, feature)`` with
+the last full call's feature).  N = 1 calls the model as it always did.  The noise draws do not depend
+on N, so only the shallow calls' outputs differ between intervals.
 """
 
 from __future__ import annotations
@@ -93,6 +99,8 @@ class Sampler:
     """The base of the samplers: a diffusion, a plan, and the defaults (no injection, no jumps)."""
 
     name = "sampler"
+    #: every cache_interval-th model call is full, the others shallow (1: every call is a plain call)
+    cache_interval = 1
 
     def __init__(self, diffusion: Diffusion, plan: Sequence[Move]):
         self.diffusion = diffusion
@@ -122,6 +130,12 @@ class Sampler:
         raise ValueError(f"{self.name} makes no jumps up")
 
 
+def positive_interval(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"--cache-interval must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def run_plan(sampler: Sampler, model: Model, shape: tuple[int, ...], *, noise: NoiseSource,
              gt: np.ndarray | None = None, mask: np.ndarray | None = None,
              on_step: Progress | None = None) -> np.ndarray:
@@ -131,7 +145,9 @@ def run_plan(sampler: Sampler, model: Model, shape: tuple[int, ...], *, noise: N
         raise ValueError("pass both gt and mask, or neither")
     known = None if gt is None else Known(gt, mask, shape)
     total = sampler.calls
+    interval = positive_interval(sampler.cache_interval)
     done = 0
+    feature = None
     x = np.asarray(noise.normal(shape), dtype=np.float32)
     for move in sampler.plan:
         if not move.call:
@@ -139,7 +155,13 @@ def run_plan(sampler: Sampler, model: Model, shape: tuple[int, ...], *, noise: N
             continue
         z = noise.normal(shape)
         x = sampler.model_input(x, move, known, noise, done == 0)
-        out = model(x, np.full((shape[0],), move.t, dtype=np.int64))
+        t = np.full((shape[0],), move.t, dtype=np.int64)
+        if interval == 1:
+            out = model(x, t)
+        elif done % interval == 0:
+            out, feature = model.full(x, t)
+        else:
+            out = model.shallow(x, t, feature)
         x, _ = sampler.step(x, np.asarray(out, dtype=np.float32), move, known, z)
         done += 1
         if on_step is not None:

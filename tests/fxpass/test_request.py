@@ -90,7 +90,7 @@ def test_cli_flags_build_the_request_the_api_would(tiny_ckpt, tmp_path):
 
 def test_stages_are_data_in_pipeline_order():
     assert [s.name for s in STAGES] == ["load", "capture", "passes", "export", "surgery", "precision", "verify",
-                                        "write"]
+                                        "cut", "write"]
 
 
 def test_report_and_metadata_record_the_request(small_ckpt, small_cfg, tmp_path, one_thread):
