@@ -8,8 +8,11 @@ predicted noise gets when only those layers are quantized: the largest (eps-MSE 
 2. group testing: layers grouped by role and size (:func:`fxpass.precision.layers.groups_of`) are
    probed; a group whose damage is at most ``tau`` (a quarter of the budget at first) is quantized
    whole, a larger one is halved until single layers remain, which are recorded as sensitive;
-3. the sensitive layers, most damaging first, are kept in float; a binary search finds the shortest
-   prefix whose fully quantized rest meets the budget on the evaluation set;
+3. the sensitive layers are kept in float, in two orders: most damaging first, and most damage per
+   unit of measured cost first (``cost``: each layer's float32 time per call, from ONNX Runtime's
+   profiler, :mod:`fxpass.precision.cost`); for each order a binary search finds the shortest prefix
+   whose fully quantized rest meets the budget on the evaluation set, and the cheaper of the two float
+   sets is the plan (without costs, the first order alone), so the int8 graph stays fast;
 4. if even all of them do not suffice, ``tau`` drops fourfold and the quantized groups whose damage
    exceeds it are split again (at most four rounds); then the plan is refused, never returned unmet.
 
@@ -20,7 +23,7 @@ on CAMUS (201 layers) a probe is several seconds.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +109,9 @@ class PrecisionPlan:
         if counts:
             head += ": " + ", ".join(f"{g} x{c}" if c > 1 else g for g, c in counts.items())
         lines = [head]
+        share = self.measured.get("float_cost_share") if self.measured else None
+        if share is not None and self.float_layers:
+            lines.append(f"float layers: {100 * share:.1f}% of the quantizable layers' measured float32 time")
         if self.measured:
             lines.append(f"eps-MSE ratio to float32 (+ its standard error) at most {1 + self.measured['damage']:.4f} "
                          f"(t_index {self.measured['t_index']}; budget {1 + self.budget:g})")
@@ -117,8 +123,10 @@ Evaluate = Callable[[list[str]], Measured]
 
 
 def search(layers: Sequence[Layer], probe: Probe, evaluate: Evaluate, budget: float,
-           *, progress: Callable[[str], None] | None = None) -> tuple[list[str], list[dict], Measured]:
-    """(float layers, sensitivity records, measured) of the smallest float set found within ``budget``."""
+           *, progress: Callable[[str], None] | None = None,
+           cost: Mapping[str, float] | None = None) -> tuple[list[str], list[dict], Measured]:
+    """(float layers, sensitivity records, measured) of the cheapest float set found within ``budget``
+    (cheapest by ``cost``, layer name -> seconds per call; by count without it)."""
     say = progress or (lambda _msg: None)
     measured = evaluate([])
     say(f"all {len(layers)} layers int8: worst eps-MSE ratio {1 + measured.damage:.4f}")
@@ -144,7 +152,7 @@ def search(layers: Sequence[Layer], probe: Probe, evaluate: Evaluate, budget: fl
             else:
                 half = len(names) // 2
                 pending[:0] = [names[:half], names[half:]]
-        found = _shortest_prefix(sorted(sensitive, key=lambda n: -sensitive[n]), evaluate, budget, say)
+        found = _cheapest(sensitive, evaluate, budget, say, cost)
         if found is not None:
             return found[0], records, found[1]
         tau /= 4
@@ -155,6 +163,25 @@ def search(layers: Sequence[Layer], probe: Probe, evaluate: Evaluate, budget: fl
     raise FxpassError(f"int8: no precision plan keeps the eps-MSE ratio within {1 + budget:g} (kept "
                       f"{len(sensitive)} of {len(layers)} layers in float); raise --error-budget or use "
                       "--precision fp16 or bf16", exit_code=1)
+
+
+def _cheapest(sensitive: dict[str, float], evaluate: Evaluate, budget: float, say: Callable[[str], None],
+              cost: Mapping[str, float] | None) -> tuple[list[str], Measured] | None:
+    """The cheaper of the shortest prefixes of the damage order and (with ``cost``) the damage-per-cost order."""
+    by_damage = sorted(sensitive, key=lambda n: -sensitive[n])
+    found = _shortest_prefix(by_damage, evaluate, budget, say)
+    if found is None or not cost:
+        return found
+    price = lambda names: sum(cost.get(n, 0.0) for n in names)  # noqa: E731
+    by_value = sorted(sensitive, key=lambda n: -sensitive[n] / max(cost.get(n, 0.0), 1e-9))
+    if by_value[:len(found[0])] == found[0]:
+        return found
+    other = _shortest_prefix(by_value, evaluate, budget, say)
+    if other is not None and price(other[0]) < price(found[0]):
+        say(f"by damage per measured cost: {len(other[0])} layers in float, {price(other[0]) * 1e3:.2f} ms "
+            f"instead of {price(found[0]) * 1e3:.2f} ms")
+        return other
+    return found
 
 
 def _shortest_prefix(ranked: list[str], evaluate: Evaluate, budget: float,

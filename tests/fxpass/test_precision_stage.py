@@ -58,6 +58,22 @@ def test_search_finds_the_smallest_float_set_within_the_budget():
     assert {tuple(r["layers"]) for r in records} >= {("l3",), ("l17",), ("l30",)}
 
 
+def test_search_keeps_the_cheaper_float_set_by_measured_cost():
+    costs = {f"l{i}": 0.0005 for i in range(28)}
+    costs.update({"A": 0.06, "B": 0.05, "C": 0.05, "D": 0.03})
+    layers, probe, evaluate, _ = _oracle(costs)
+    # by damage alone: A first; A, B, C are needed (0.044 <= 0.08)
+    floats, _, measured = search(layers, probe, evaluate, 0.08)
+    assert floats == ["A", "B", "C"] and measured.damage <= 0.08
+    # A costs ten times B, C or D: B, C, D meet the budget too (0.074) at a quarter of the time
+    seconds = {name: 1e-3 for name in costs} | {"A": 1e-2}
+    floats, _, measured = search(layers, probe, evaluate, 0.08, cost=seconds)
+    assert floats == ["B", "C", "D"] and measured.damage == pytest.approx(0.074)
+    # where the damage order is also the cheaper one it is kept
+    floats, _, _ = search(layers, probe, evaluate, 0.08, cost=dict.fromkeys(costs, 1e-3))
+    assert floats == ["A", "B", "C"]
+
+
 def test_search_lowers_its_threshold_when_small_damages_add_up():
     costs = {f"l{i}": 0.004 for i in range(32)}  # each below budget/4 alone, 0.128 together
     layers, probe, evaluate, _ = _oracle(costs)
@@ -86,6 +102,22 @@ def tiny_int8(tiny_onnx):
     quantized, info = quantize_int8(proto, options=Int8Options(calibration_steps=3, calibration_samples=2,
                                                                eval_samples=1, threads=1))
     return proto, quantized, info
+
+
+def test_layer_costs_are_measured_for_every_layer(tiny_onnx, tiny_int8):
+    import numpy as np
+
+    from fxpass.precision.cost import layer_costs
+
+    names = [layer.name for layer in layers_of(onnx.load(str(tiny_onnx)))]
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    costs = layer_costs(tiny_onnx, [{"x": x, "t_index": np.array([3])}], names)
+    assert set(costs) == set(names) and all(0 < c < 1 for c in costs.values())
+    assert layer_costs(tiny_onnx, [{"x": x, "t_index": np.array([3])}], ["no such layer"]) == {"no such layer": 0.0}
+    _, _, info = tiny_int8
+    assert info["layer_costs"]["float32_s_per_call"] > 0
+    share = info["plan"]["measured"]["float_cost_share"]
+    assert share is not None and 0 <= share <= 1
 
 
 def _float_inputs_of(proto: onnx.ModelProto) -> dict[str, bool]:
