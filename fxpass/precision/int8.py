@@ -307,22 +307,31 @@ def quantize_int8(proto: onnx.ModelProto, config=None, options: Int8Options | No
         final = quantizer.quantize(exclude=float_layers)
         quantized = onnx.load(str(final))
     metadata.write_props(quantized, {**props, metadata.PRECISION: "int8"})
-    total_cost = sum(costs.values())
-    share = sum(costs.get(n, 0.0) for n in float_layers) / total_cost if total_cost > 0 else None
     plan = PrecisionPlan(float_layers, float(options.error_budget), graph_print, len(layers),
                          {"damage": measured.damage, "t_index": measured.t_index, "ratios": measured.ratios,
-                          "float_cost_share": share}, records, about)
+                          "float_cost_share": _cost_share(costs, float_layers)}, records, about)
+    info = {"plan": plan.to_dict(), "plan_lines": _plan_lines(plan, layers, options, reduce_range, plan_in is None),
+            "reused_plan": plan_in is not None, "weight_bits": 7 if reduce_range else 8,
+            "reduce_range": options.reduce_range, "variants_tried": quantizer.count,
+            "layer_costs": {"float32_s_per_call": sum(costs.values()), "how": "ONNX Runtime profiler, graph "
+                            "optimizations off, per node, mean of 3 calls (relative costs for the plan, not the "
+                            "optimized latency)"},
+            "seconds": time.perf_counter() - started}
+    return quantized, info
+
+
+def _cost_share(costs: dict[str, float], float_layers: Sequence[str]) -> float | None:
+    total = sum(costs.values())
+    return sum(costs.get(n, 0.0) for n in float_layers) / total if total > 0 else None
+
+
+def _plan_lines(plan: PrecisionPlan, layers, options: Int8Options, reduce_range: bool, searched: bool) -> list[str]:
     lines = plan.describe(layers)
     lines.insert(1, "weights 7-bit (reduce_range: x86 without VNNI saturates 8-bit weights in ONNX Runtime)"
                  if reduce_range else "weights 8-bit: on an x86 CPU without VNNI ONNX Runtime saturates them; "
                  "--reduce-range on for such targets")
-    if options.calibration_data is None and plan_in is None:  # measured on the digits reference: see docs/precision.md
+    if options.calibration_data is None and searched:  # measured on the digits reference: see docs/precision.md
         lines.insert(1, "judged on the model's own samples (no --calibration-data): on a trained model give "
                         "images; on the reference these kept 2 layers in float where real images needed 15")
-    info = {"plan": plan.to_dict(), "plan_lines": lines, "reused_plan": plan_in is not None,
-            "weight_bits": 7 if reduce_range else 8, "reduce_range": options.reduce_range,
-            "variants_tried": quantizer.count,
-            "layer_costs": {"float32_s_per_call": total_cost, "how": "ONNX Runtime profiler, graph optimizations off, "
-                            "per node, mean of 3 calls (relative costs for the plan, not the optimized latency)"}, "seconds": time.perf_counter() - started}
-    return quantized, info
+    return lines
 
