@@ -8,6 +8,7 @@ come from ``python -m bench`` (whose tables live in docs/performance.md):
     python docs/figures.py golden-tolerances   # golden/camus-seed0/manifest.json: the regression command
     python docs/figures.py reference           # fxpass/reference/*.json: the trained reference (instant)
     python docs/figures.py precision           # the latest bench results' int8 / bf16 findings (instant)
+    python docs/figures.py sampling-time       # the latest bench/results/*-sampling.json: s and MiB per image (instant)
     python docs/figures.py fidelity            # lowers the trained reference fp32 + fp16, check --data, evaluate
     python docs/figures.py sample-runtimes     # tiny config: fxpass sample on OpenVINO against ONNX Runtime
     python docs/figures.py formats             # every mobile route of CAMUS (heavy: several minutes per route)
@@ -212,6 +213,18 @@ def precision(_args) -> str:
     return "\n".join(lines)
 
 
+def sampling_time(_args) -> str:
+    """The table of the latest CAMUS ``python -m bench.sampling_time`` results (bench/results/*-sampling.json)."""
+    sys.path.insert(0, str(REPO))
+    from bench.sampling_report import latest_sampling_results, render
+
+    try:
+        path = latest_sampling_results()
+    except FileNotFoundError as exc:
+        raise SystemExit(f"figures: sampling-time: {exc}") from None
+    return render(_load(path), _rel(path))
+
+
 # ---- measured here: the trained reference fp32 / fp16, the tiny config, mobile formats ----------
 def fidelity(args) -> str:
     data = REFERENCE / "heldout"
@@ -391,7 +404,7 @@ def presets(args) -> str:
 COMMANDS: dict[str, Callable[[argparse.Namespace], str]] = {
     "golden-sets": golden_sets, "golden-tolerances": golden_tolerances, "reference": reference,
     "precision": precision, "fidelity": fidelity, "sample-runtimes": sample_runtimes, "formats": formats,
-    "presets": presets,
+    "presets": presets, "sampling-time": sampling_time,
 }
 #: the subcommands that read committed files only (tests/test_docs.py regenerates and compares them)
 COMMITTED = ("golden-sets", "golden-tolerances", "reference", "precision")
@@ -403,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="\n".join(__doc__.splitlines()[1:]))
     p.add_argument("--write", action="store_true", help="also replace the figure blocks of this command line")
     sub = p.add_subparsers(dest="what", required=True)
-    for name in ("golden-sets", "golden-tolerances", "reference", "precision"):
+    for name in ("golden-sets", "golden-tolerances", "reference", "precision", "sampling-time"):
         sub.add_parser(name)
     f = sub.add_parser("fidelity", help="the trained reference lowered per precision: eps-MSE and inpainting")
     f.add_argument("--precisions", default="fp32,fp16", help="comma-separated (default fp32,fp16; int8 searches "
