@@ -39,7 +39,8 @@ def run(args) -> int:
     from ..samplers import RePaint, run_plan
     from ..verify import EXIT_UNAVAILABLE
 
-    out = plan_outputs({"-o": args.out}, inputs=[args.model, args.image, args.mask], force=args.force)["-o"]
+    out = plan_outputs({"-o": args.out}, inputs=[args.model, args.image, args.mask, *sampling.preset_files(args)],
+                       force=args.force)["-o"]
     settings = sampling.settings_from(args)  # knobs of another sampler, before loading the model
     if not args.ddpm:
         if args.image is None or args.mask is None:

@@ -4,14 +4,19 @@ A knob given for a sampler that does not read it is refused in one line naming t
 as is an ``--eta`` outside [0, 1]; the knobs that depend on the model (``--steps``, ``--t-T`` more
 than its respaced steps, a plan over the call limit) are checked once its metadata is read.
 
+``--preset`` takes a name (``paper``, ``balanced``, ``fast``) or a preset file (a path ending in ``.json``,
+written by ``fxpass evaluate --tune`` and read strictly by :func:`fxpass.tune.read_preset`); ``fxpass
+evaluate --preset A,B,...`` compares a list of them as ``--run`` entries would.
+
 ``fxpass evaluate --run SPEC`` (:func:`settings_from_spec`) names a sampler and its knobs in one
-argument, a preset name, ``SAMPLER`` or ``SAMPLER:knob=value,...`` with the knobs' field names (``t_T``, ``steps``,
-...), each checked as its flag is, the message naming the entry.
+argument, a preset name or file, ``SAMPLER`` or ``SAMPLER:knob=value,...`` with the knobs' field names (``t_T``,
+``steps``, ...), each checked as its flag is, the message naming the entry.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..errors import FxpassError
 from ..samplers import DEFAULT_ETA, KNOBS, PRESETS, SAMPLERS, Settings
@@ -34,11 +39,55 @@ def unit_interval(text: str) -> float:
     return value
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """``--preset``, or ``--sampler`` with RePaint's, DDIM's and DDNM's knobs (each left None when not given)."""
-    p.add_argument("--preset", choices=tuple(PRESETS), default=None,
+def is_preset_file(entry: str) -> bool:
+    """Whether a ``--preset`` entry names a preset file (a path ending in .json) rather than a preset."""
+    return entry.lower().endswith(".json")
+
+
+def preset_entries(text: str) -> list[str]:
+    """The entries of a ``--preset`` value: a name, a file, or a comma-separated list of them (a file whose
+    own name holds a comma is one entry where it exists)."""
+    text = text.strip()
+    if "," not in text or (is_preset_file(text) and Path(text).is_file()):
+        return [text]
+    return [entry.strip() for entry in text.split(",")]
+
+
+def preset_type(many: bool):
+    """An argparse type: a preset name or file; with ``many``, a comma-separated list of them."""
+    def parse(text: str) -> str:
+        entries = preset_entries(text)
+        if len(entries) > 1 and not many:
+            raise argparse.ArgumentTypeError(f"expected one preset, got {text!r} (fxpass evaluate compares a list)")
+        for entry in entries:
+            if entry not in PRESETS and not is_preset_file(entry):
+                raise argparse.ArgumentTypeError(f"expected {', '.join(PRESETS)} or a preset file FILE.json, got "
+                                                 f"{entry!r}")
+        return text
+    return parse
+
+
+def preset_settings(entry: str) -> Settings:
+    """The Settings of one ``--preset`` entry: a built-in preset, or a preset file read strictly."""
+    from ..tune import read_preset
+
+    return PRESETS[entry] if entry in PRESETS else read_preset(entry)
+
+
+def preset_files(args) -> list[str]:
+    """The preset files that ``--preset`` and ``--run`` name (inputs: an output must not overwrite them)."""
+    entries = preset_entries(args.preset) if getattr(args, "preset", None) else []
+    return [e for e in [*entries, *getattr(args, "run", [])] if is_preset_file(e.strip())]
+
+
+def add_arguments(p: argparse.ArgumentParser, many_presets: bool = False) -> None:
+    """``--preset`` (with ``many_presets``, a list of them too), or ``--sampler`` with RePaint's, DDIM's and DDNM's
+    knobs (each left None when not given)."""
+    p.add_argument("--preset", type=preset_type(many_presets), default=None, metavar="NAME|FILE.json",
                    help="paper: RePaint's paper setting (the default); balanced, fast: DDNM with time travel from "
-                        "the middle of the schedule, chosen by measurement on the trained reference (docs/sampling.md)")
+                        "the middle of the schedule, chosen by measurement on the trained reference "
+                        "(docs/sampling.md); FILE.json: a preset file written by fxpass evaluate --tune"
+                        + ("; a comma-separated list compares them, as --run entries" if many_presets else ""))
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="repaint: RePaint's resampling over every step (default); ddim: DDIM skip-step sampling, "
                         "known pixels noised into x_t; ddnm: DDNM, known pixels projected into the predicted x0")
@@ -86,7 +135,7 @@ def settings_from(args) -> Settings:
         given = [flag for flag in given_flags(args) if flag != "--preset"]
         if given:
             raise FxpassError(f"--preset {args.preset} sets the sampler and its knobs: drop {', '.join(given)}")
-        return PRESETS[args.preset]
+        return preset_settings(preset_entries(args.preset)[0])
     values = {field: getattr(args, field) for field in FLAGS.values() if getattr(args, field, None) is not None}
     flag_of = {field: flag for flag, field in FLAGS.items()}
     return _settings(args.sampler or "repaint", values, flag_of.get)
@@ -100,12 +149,12 @@ def given_flags(args) -> list[str]:
 
 
 def settings_from_spec(spec: str) -> Settings:
-    """A preset name, ``SAMPLER`` or ``SAMPLER:knob=value,...`` (knobs by field name, e.g. ``ddnm:steps=25,eta=0.5``) as
-    Settings; FxpassError naming the ``--run`` entry for an unknown sampler or knob, a bad value, a knob
-    of another sampler."""
+    """A preset name or file, ``SAMPLER`` or ``SAMPLER:knob=value,...`` (knobs by field name, e.g.
+    ``ddnm:steps=25,eta=0.5``) as Settings; FxpassError naming the ``--run`` entry for an unknown sampler or
+    knob, a bad value, a knob of another sampler (a preset file's own refusals name the file)."""
     where = f"--run {spec}: "
-    if spec.strip() in PRESETS:
-        return PRESETS[spec.strip()]
+    if spec.strip() in PRESETS or is_preset_file(spec.strip()):
+        return preset_settings(spec.strip())
     sampler, _, rest = spec.partition(":")
     sampler = sampler.strip()
     if sampler not in SAMPLERS:
