@@ -11,6 +11,7 @@ come from ``python -m bench`` (whose tables live in docs/performance.md):
     python docs/figures.py sampling-time       # the latest bench/results/*-sampling.json: s and MiB per image (instant)
     python docs/figures.py fidelity            # lowers the trained reference fp32 + fp16, check --data, evaluate
     python docs/figures.py sample-runtimes     # tiny config: fxpass sample on OpenVINO against ONNX Runtime
+    python docs/figures.py deep-cache          # the reference cut at levels 1..3: shallow graph sizes, latencies
     python docs/figures.py formats             # every mobile route of CAMUS (heavy: several minutes per route)
     python docs/figures.py presets             # --preset paper/balanced/fast on the trained reference (minutes)
 
@@ -401,10 +402,41 @@ def presets(args) -> str:
                                   "per-case differences ± its standard error. " + _machine_line()])
 
 
+def deep_cache(args) -> str:
+    """The reference lowered at fp32 and cut at each of the first ``levels`` skip connections (fxpass.deep_cache.cut):
+    what the shallow graph keeps, its multiply-adds and ONNX Runtime latency against the full graph's."""
+    import onnx
+
+    sys.path.insert(0, str(REPO))
+    from fxpass.deep_cache import cut
+
+    rows = ["| level | cached feature (shape) | shallow / full nodes | shallow / full GFLOP | shallow / full latency "
+            "| identity error |", "|---:|---|---:|---:|---:|---:|"]
+    with tempfile.TemporaryDirectory(prefix="fxpass-figures-") as tmp:
+        tmp = Path(tmp)
+        _progress("lower the reference")
+        _fxpass("lower", str(REFERENCE / "digits.pt"), "--config", str(REFERENCE / "digits.yml"), "-o",
+                str(tmp / "digits.onnx"), cwd=tmp)
+        proto = onnx.load(str(tmp / "digits.onnx"))
+        for level in range(1, args.levels + 1):
+            _progress(f"cut at level {level}")
+            full, _, r = cut(proto, level)
+            shape = next(list(d.dim_value for d in o.type.tensor_type.shape.dim) for o in full.graph.output
+                         if o.name == "cache")
+            lat = r["latency"]
+            rows.append(f"| {level} | `{r['feature']}` {'×'.join(map(str, shape))} | {r['nodes']['shallow']} / "
+                        f"{r['nodes']['full']} | {r['gflop']['shallow']:.3f} / {r['gflop']['full']:.3f} "
+                        f"({100 * r['gflop_ratio']:.0f}%) | {lat['shallow_s'] * 1e3:.2f} / {lat['full_s'] * 1e3:.2f} ms "
+                        f"({100 * r['latency_ratio']:.0f}%) | {r['check']['max_rel_to_scale']:.1g}·max\\|ref\\| |")
+    return "\n".join([*rows, "", "The trained reference (32 px, fp32), `fxpass lower --deep-cache LEVEL`; latency: ONNX "
+                                 "Runtime CPU, one thread, median of 5 interleaved calls; the identity is checked at "
+                                 "the gate's t_index values. " + _machine_line()])
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], str]] = {
     "golden-sets": golden_sets, "golden-tolerances": golden_tolerances, "reference": reference,
     "precision": precision, "fidelity": fidelity, "sample-runtimes": sample_runtimes, "formats": formats,
-    "presets": presets, "sampling-time": sampling_time,
+    "presets": presets, "sampling-time": sampling_time, "deep-cache": deep_cache,
 }
 #: the subcommands that read committed files only (tests/test_docs.py regenerates and compares them)
 COMMITTED = ("golden-sets", "golden-tolerances", "reference", "precision")
@@ -431,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("formats", help="every mobile route (default: CAMUS, heavy)")
     m.add_argument("--config", metavar="FILE", help="another config (default: built-in CAMUS)")
     m.add_argument("--routes", metavar="K,...", help="only these routes (0-based indices into the table)")
+    d = sub.add_parser("deep-cache", help="the trained reference cut at each skip connection: sizes and latencies")
+    d.add_argument("--levels", type=int, default=3)
     r = sub.add_parser("presets", help="--preset paper, balanced, fast on held-out images of the trained reference")
     r.add_argument("--first", type=int, default=150, help="first held-out image, sorted by name (default 150: the "
                                                           "presets were chosen on images 0..31)")
