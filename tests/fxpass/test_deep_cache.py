@@ -158,3 +158,19 @@ def test_evaluate_compares_cache_intervals(capsys, tmp_path, pair):
     assert report["runs"][1]["settings"]["cache_interval"] == 3
     assert "cache_interval" not in report["runs"][0]["settings"]
     assert [len(r["cases"]) for r in report["runs"]] == [2, 2]
+
+
+def test_cached_sampling_on_openvino_matches_onnx_runtime(capsys, tmp_path, pair):
+    from fxpass.denoisers import runtime_unavailable_reason
+
+    reason = runtime_unavailable_reason("openvino")
+    if reason:
+        pytest.skip(f"OpenVINO cannot run here: {reason}")
+    from PIL import Image
+
+    rc, ort_png, _ = _sample(capsys, tmp_path, pair[0], "ort.png", "--cache-interval", "2")
+    rc2, ov_png, err = _sample(capsys, tmp_path, pair[0], "ov.png", "--cache-interval", "2", "--runtime", "openvino")
+    assert rc == rc2 == 0, err
+    a = np.asarray(Image.open(ort_png), dtype=np.int16)
+    b = np.asarray(Image.open(ov_png), dtype=np.int16)
+    assert np.abs(a - b).max() <= 2  # 8-bit levels: OpenVINO f32 and ONNX Runtime round differently at most

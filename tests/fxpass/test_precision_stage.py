@@ -322,3 +322,13 @@ def test_cli_bf16_is_table_mode_onnx_only(tiny_ckpt, tiny_yaml, tmp_path, capsys
     err = capsys.readouterr().err
     assert code == 2 and "--precision bf16: an OpenVINO inference precision for the table-mode ONNX model" in err
     assert "use --precision fp16 for the mobile formats" in err and not out.exists()
+
+
+def test_an_int8_graph_cuts_into_a_deep_cache_pair(tiny_int8):
+    from fxpass.deep_cache import CUT_TOLERANCE, cut
+
+    _, quantized, _ = tiny_int8
+    full, shallow, report = cut(quantized, 1)
+    assert report["check"]["passed"] and report["check"]["max_rel_to_scale"] <= CUT_TOLERANCE
+    assert report["nodes"]["shallow"] < report["nodes"]["full"] / 4
+    assert metadata.read_props(full)[metadata.PRECISION] == "int8"
