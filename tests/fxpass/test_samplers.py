@@ -396,11 +396,12 @@ def test_presets_start_at_a_fraction_of_the_table_whatever_its_length():
         preset = PRESETS[name]
         for steps in (50, 100):
             resolved = preset.resolved(steps)
-            assert resolved.t_T == steps // 2 and resolved.steps == preset.steps and resolved.start is None
-            assert resolved.build(_diffusion(steps=steps)).plan[0].t == steps // 2 - 1
+            top = round(preset.start * steps)  # 60% of the way up the table
+            assert resolved.t_T == top and resolved.steps == preset.steps and resolved.start is None
+            assert resolved.build(_diffusion(steps=steps)).plan[0].t == top - 1
         small = preset.resolved(10)  # a table shorter than the preset's steps: the steps fit in it
-        assert small.t_T == 5 and small.steps == 5
-        assert preset.label(50).startswith(f"{name}: DDNM (t_T 25, steps {preset.steps}")
+        assert small.t_T == 6 and small.steps == 6
+        assert preset.label(50).startswith(f"{name}: DDNM (t_T 30, steps {preset.steps}")
 
 
 def test_presets_are_cheaper_in_that_order():
@@ -416,11 +417,11 @@ def test_cli_preset_is_the_sampler_it_names(tmp_path, capsys, tiny_onnx, tiny_im
     base = [tiny_onnx, "--image", img, "--mask", mask, "--seed", 1]
     rc, stdout, err = _sample(capsys, *base, "-o", tmp_path / "p.png", "--preset", "fast")
     assert rc == 0, err
-    assert "fast: DDNM (t_T 5, steps 5, eta 1" in stdout
+    assert "fast: DDNM (t_T 6, steps 6, eta 1" in stdout
     from fxpass.samplers import PRESETS
 
     fast = PRESETS["fast"]
-    knobs = ["--sampler", "ddnm", "--t-T", 5, "--steps", 5, "--eta", fast.eta, "--travel-length", fast.travel_length,
+    knobs = ["--sampler", "ddnm", "--t-T", 6, "--steps", 6, "--eta", fast.eta, "--travel-length", fast.travel_length,
              "--travel-repeat", fast.travel_repeat]
     rc, _, err = _sample(capsys, *base, "-o", tmp_path / "k.png", *knobs)
     assert rc == 0, err
