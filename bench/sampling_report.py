@@ -90,7 +90,7 @@ def render(results: dict[str, Any], source: str = "") -> str:
                   f"{v.get('openvino')}. Config {c['name']} ({c['image_size']}×{c['image_size']}, "
                   f"{c['respaced_steps']} respaced steps), random weights (`{s['weights']}`), lowered with "
                   "`--deep-cache`; wall time from the start of the sampling process to its written PNG, peak RSS "
-                  "its `ru_maxrss`"
+                  "its high-water mark (`VmHWM`)"
                   + (f"; 1-min load average at most {load:.2f}" if load is not None else "")
                   + (f". From `{source}`." if source else ".")]
     return "\n".join(lines)

@@ -11,7 +11,7 @@ The model is ``fxpass init --seed 0`` (random weights), lowered with ``--deep-ca
 calibrated on the model's own trajectories).  Each row runs ``fxpass sample`` on a seeded synthetic image
 with a centre box to inpaint, in a child Python process running fxpass's CLI in-process: the wall time
 is the child's whole life (start-up, imports, loading the model, sampling, the written PNG), the peak
-memory its own ``ru_maxrss``.  The paper setting (RePaint, 2,410 model calls on CAMUS) is estimated as its
+memory its own high-water mark (``VmHWM``; ``ru_maxrss`` where there is no /proc).  The paper setting (RePaint, 2,410 model calls on CAMUS) is estimated as its
 call count × the median time of ``--paper-calls`` calls of the same model and runtime, unless
 ``--paper-full`` runs it.  Results go to ``bench/results/<date>-<host-kind>-sampling.json``; benchmarks
 measure, they never assert (the target prints as met / not met).
@@ -38,7 +38,8 @@ from .sampling_report import KIND, add_speedups, evaluate_target, render
 REPO = Path(__file__).resolve().parent.parent
 RUNTIME_CHOICES = ("ort", "openvino", "openvino-bf16")
 PRESET_CHOICES = ("fast", "balanced", "paper")
-#: the child: fxpass's CLI in-process, then its own peak RSS (ru_maxrss: KiB on Linux, bytes on macOS)
+#: the child: fxpass's CLI in-process, then its own peak RSS in KiB: VmHWM from /proc/self/status on Linux
+#: (ru_maxrss there keeps the forking parent's high-water mark across exec), ru_maxrss elsewhere (bytes on macOS)
 CHILD = """\
 import resource, sys
 code = 1
@@ -48,8 +49,14 @@ try:
 except SystemExit as exc:
     code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
 finally:
+    try:
+        with open("/proc/self/status") as status:
+            peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = peak // 1024 if sys.platform == "darwin" else peak
     with open(sys.argv[1], "w") as fh:
-        fh.write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+        fh.write(str(peak))
 sys.exit(code)
 """
 
@@ -196,9 +203,8 @@ def run_sample(model: Path, image: Path, mask: Path, out: Path, flags: list[str]
         return {"skipped": last.removeprefix("unavailable: ")}
     if proc.returncode != 0 or not out.is_file():
         return {"error": f"exit {proc.returncode}: {last}" if proc.returncode else f"no {out.name} written"}
-    raw = int(peak_file.read_text(encoding="utf-8").strip())
+    kib = int(peak_file.read_text(encoding="utf-8").strip())  # the child writes KiB on every platform
     peak_file.unlink()
-    kib = raw / 1024 if sys.platform == "darwin" else raw
     found = re.search(r"([\d,]+) model calls", " ".join(text.split()))
     return {"wall_s": wall, "peak_rss_mib": kib / 1024, "png": out.name,
             "calls_reported": int(found.group(1).replace(",", "")) if found else None}

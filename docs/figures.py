@@ -17,7 +17,7 @@ come from ``python -m bench`` (whose tables live in docs/performance.md):
 
 ``--write`` (anywhere on the line) also replaces the body of every figure block whose command is this
 command line without ``--write``, in README.md, docs/*.md, bench/README.md and golden/README.md.  The
-first four read committed files only; tests/test_docs.py checks that their blocks equal this output.
+first five read committed files only; tests/test_docs.py checks that their blocks equal this output.
 The others run fxpass (``python -m fxpass``, so the working tree's code) and say which machine measured.
 """
 
@@ -439,7 +439,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], str]] = {
     "presets": presets, "sampling-time": sampling_time, "deep-cache": deep_cache,
 }
 #: the subcommands that read committed files only (tests/test_docs.py regenerates and compares them)
-COMMITTED = ("golden-sets", "golden-tolerances", "reference", "precision")
+COMMITTED = ("golden-sets", "golden-tolerances", "reference", "precision", "sampling-time")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,7 +44,7 @@ MAX_NAME = 255
 TOP_KEYS = (MARKER, "name", "settings", "budget", "model", "tuning", "measured", "note")
 #: the keys of "settings": the sampler, the knobs (Settings' field names), start (a fraction of the table)
 SETTINGS_KEYS = ("sampler", "start", "t_T", "steps", "eta", "jump_length", "jump_n_sample", "travel_length",
-                 "travel_repeat", "cache_interval")
+                 "travel_repeat", "travel_below", "cache_interval")
 NOTE = "chosen on the tuning images, measured once on the held-apart ones"
 
 #: the search grid: where DDNM starts (a fraction of the table), eta, time travel (length, repeat; (1, 1) is

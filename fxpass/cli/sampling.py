@@ -25,6 +25,7 @@ from . import args as shared
 #: each knob's flag -> its Settings field
 FLAGS = {"--t-T": "t_T", "--jump-length": "jump_length", "--jump-n-sample": "jump_n_sample", "--steps": "steps",
          "--eta": "eta", "--travel-length": "travel_length", "--travel-repeat": "travel_repeat",
+         "--travel-below": "travel_below",
          "--cache-interval": "cache_interval"}
 
 
@@ -108,6 +109,8 @@ def add_arguments(p: argparse.ArgumentParser, many_presets: bool = False) -> Non
                    help="ddnm: time travel jumps back L steps (default 1)")
     p.add_argument("--travel-repeat", type=shared.positive, default=None, metavar="R",
                    help="ddnm: passes over each time-travel section (default 1 = no time travel)")
+    p.add_argument("--travel-below", type=shared.positive, default=None, metavar="N",
+                   help="ddnm: time travel only from the N least noisy walked levels (default: from all of them)")
     p.add_argument("--cache-interval", type=shared.positive, default=None, metavar="N",
                    help="every sampler, on a model lowered with --deep-cache: every N-th model call is full, the "
                         "others run the shallow graph on the last full call's deep feature (default 1 = no cache)")

@@ -24,7 +24,7 @@ DEFAULT_ETA = 0.85
 #: the knobs each sampler reads (the others must be left at their defaults)
 KNOBS = {"repaint": ("t_T", "jump_length", "jump_n_sample", "cache_interval"),
          "ddim": ("t_T", "steps", "eta", "cache_interval"),
-         "ddnm": ("t_T", "steps", "eta", "travel_length", "travel_repeat", "cache_interval")}
+         "ddnm": ("t_T", "steps", "eta", "travel_length", "travel_repeat", "travel_below", "cache_interval")}
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,8 @@ class Settings:
     eta: float = DEFAULT_ETA
     travel_length: int = 1
     travel_repeat: int = 1
+    #: DDNM's time travel only from the travel_below least noisy walked levels (None: from all of them)
+    travel_below: int | None = None
     #: every cache_interval-th model call full, the others shallow (a --deep-cache model; 1: no cache)
     cache_interval: int = 1
     #: a preset's start, as a fraction of the lowered table (t_T = round(start * its steps)), so one preset
@@ -83,7 +85,7 @@ class Settings:
             sampler = DDIM(diffusion, s.steps, s.eta, t_T=s.t_T)
         else:
             sampler = DDNM(diffusion, s.steps, s.eta, travel_length=s.travel_length, travel_repeat=s.travel_repeat,
-                           t_T=s.t_T)
+                           t_T=s.t_T, travel_below=s.travel_below)
         sampler.cache_interval = positive_interval(s.cache_interval)
         return sampler
 
@@ -94,8 +96,9 @@ class Settings:
         values = {name: getattr(s, name) for name in KNOBS[s.sampler]}
         if s.sampler != "repaint" and s.t_T is None:
             del values["t_T"]
-        if s.cache_interval == 1:
-            del values["cache_interval"]
+        for name, default in (("cache_interval", 1), ("travel_below", None)):
+            if name in values and values[name] == default:
+                del values[name]
         for name in ("t_T", "steps"):
             if name in values and values[name] is None:
                 values[name] = num_steps if s.t_T is None else s.t_T

@@ -57,16 +57,18 @@ def check_eta(eta: float) -> float:
 
 
 def skip_plan(num_steps: int, steps: int | None, travel_length: int = 1, travel_repeat: int = 1,
-              t_T: int | None = None) -> list[Move]:
+              t_T: int | None = None, travel_below: int | None = None) -> list[Move]:
     """The moves over :func:`skip_levels`: the descent, with DDNM's time travel when ``travel_repeat``
     > 1 (RePaint's jump schedule over the levels: at every ``travel_length``-th level, back up
-    ``travel_length`` levels, ``travel_repeat - 1`` times)."""
+    ``travel_length`` levels, ``travel_repeat - 1`` times; with ``travel_below`` only at the levels
+    below that position, the least noisy ones)."""
     levels = skip_levels(num_steps, steps, t_T)
-    for flag, value in (("--travel-length", travel_length), ("--travel-repeat", travel_repeat)):
+    for flag, value in (("--travel-length", travel_length), ("--travel-repeat", travel_repeat),
+                        *((("--travel-below", travel_below),) if travel_below is not None else ())):
         positive_knob(flag, value)
-    calls = jump_model_calls(len(levels), travel_length, travel_repeat)
+    calls = jump_model_calls(len(levels), travel_length, travel_repeat, travel_below)
     check_calls(calls, f"steps {len(levels)}, travel_length {travel_length}, travel_repeat {travel_repeat}")
-    return moves_over(levels, jump_schedule(len(levels), travel_length, travel_repeat))
+    return moves_over(levels, jump_schedule(len(levels), travel_length, travel_repeat, travel_below))
 
 
 def alpha_bar(diffusion: Diffusion, t: int) -> float:

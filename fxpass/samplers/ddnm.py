@@ -10,7 +10,8 @@ the last step returns the projected x0, whose known pixels are the ground truth 
 Time travel (the paper's section 3.3): at every ``travel_length``-th level on the way down, the walk
 jumps back up ``travel_length`` levels ``travel_repeat - 1`` times (RePaint's jump schedule over the
 levels), each level up by forward noising of the current x_t through the product of the alphas
-between the two levels, and walks down again.  ``travel_repeat=1`` is no time travel.
+between the two levels, and walks down again.  ``travel_repeat=1`` is no time travel;
+``travel_below=N`` travels only from the N least noisy walked levels (the rest is a plain descent).
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ class DDNM(Sampler):
     name = "ddnm"
 
     def __init__(self, diffusion: Diffusion, steps: int | None = None, eta: float = 0.85, *,
-                 travel_length: int = 1, travel_repeat: int = 1, t_T: int | None = None):
-        super().__init__(diffusion, skip_plan(diffusion.num_steps, steps, travel_length, travel_repeat, t_T))
+                 travel_length: int = 1, travel_repeat: int = 1, t_T: int | None = None,
+                 travel_below: int | None = None):
+        super().__init__(diffusion, skip_plan(diffusion.num_steps, steps, travel_length, travel_repeat, t_T,
+                                              travel_below))
         self.eta = check_eta(eta)
         self.travel_length, self.travel_repeat = travel_length, travel_repeat
 

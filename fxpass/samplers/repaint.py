@@ -20,27 +20,35 @@ from ..diffusion import Diffusion
 from .base import Known, Move, NoiseSource, Sampler, check_calls, q_known
 
 
-def jump_model_calls(t_T: int, jump_length: int = 10, jump_n_sample: int = 10) -> int:
+def jump_points(t_T: int, jump_length: int, below: int | None = None) -> range:
+    """Where the walk jumps back up: every ``jump_length``-th index below ``t_T - jump_length`` (and below
+    ``below``, where given: resampling only at the lowest noise levels)."""
+    top = t_T - jump_length if below is None else min(t_T - jump_length, below)
+    return range(0, max(top, 0), jump_length)
+
+
+def jump_model_calls(t_T: int, jump_length: int = 10, jump_n_sample: int = 10, below: int | None = None) -> int:
     """Model calls of :func:`jump_schedule` without building it: each jump point adds
     ``(jump_n_sample - 1) * jump_length`` calls to the plain descent's ``t_T``."""
-    for name, value in (("t_T", t_T), ("jump_length", jump_length), ("jump_n_sample", jump_n_sample)):
+    for name, value in (("t_T", t_T), ("jump_length", jump_length), ("jump_n_sample", jump_n_sample),
+                        *((("below", below),) if below is not None else ())):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    jump_points = len(range(0, t_T - jump_length, jump_length))
-    return t_T + jump_points * (jump_n_sample - 1) * jump_length
+    return t_T + len(jump_points(t_T, jump_length, below)) * (jump_n_sample - 1) * jump_length
 
 
-def jump_schedule(t_T: int, jump_length: int = 10, jump_n_sample: int = 10) -> list[int]:
+def jump_schedule(t_T: int, jump_length: int = 10, jump_n_sample: int = 10, below: int | None = None) -> list[int]:
     """RePaint's time indices: from ``t_T - 1`` down to ``-1`` with jumps back up.
 
     Every index ``j`` in ``range(0, t_T - jump_length, jump_length)`` is a jump point: the first
     ``jump_n_sample - 1`` times the walk reaches it going down, it climbs back ``jump_length``
     steps one at a time.  A step down from ``t`` is a model call at ``t``; a step up to ``t`` is
-    forward noising with beta_t.  ``jump_n_sample=1`` gives the plain descent.
+    forward noising with beta_t.  ``jump_n_sample=1`` gives the plain descent; ``below`` keeps only the
+    jump points under that index.
     """
-    calls = jump_model_calls(t_T, jump_length, jump_n_sample)
+    calls = jump_model_calls(t_T, jump_length, jump_n_sample, below)
     check_calls(calls, f"t_T {t_T}, jump_length {jump_length}, jump_n_sample {jump_n_sample}")
-    left = {j: jump_n_sample - 1 for j in range(0, t_T - jump_length, jump_length)}
+    left = {j: jump_n_sample - 1 for j in jump_points(t_T, jump_length, below)}
     times: list[int] = []
     t = t_T
     while t > 0:

@@ -86,6 +86,22 @@ def test_ddnm_time_travel_is_the_jump_schedule_over_the_levels():
     assert skip_plan(10, None) == [Move(t, t - 1) for t in range(9, -1, -1)]
 
 
+def test_ddnm_time_travel_below_a_level_travels_only_from_the_least_noisy_levels():
+    d = _diffusion(steps=50)
+    levels = skip_levels(50, 20)
+    everywhere = DDNM(d, 20, 1.0, travel_length=4, travel_repeat=3)
+    low = DDNM(d, 20, 1.0, travel_length=4, travel_repeat=3, travel_below=8)
+    # jump points every 4th level below 20 - 4: 0, 4, 8, 12 everywhere; 0, 4 below position 8
+    assert everywhere.calls == 20 + 4 * 2 * 4 and low.calls == 20 + 2 * 2 * 4 == jump_model_calls(20, 4, 3, 8)
+    starts = {m.t for m in low.plan if not m.call}
+    assert starts and starts <= set(levels[:8])
+    assert {m.t for m in everywhere.plan if not m.call} > starts
+    assert DDNM(d, 20, 1.0, travel_length=4, travel_repeat=3, travel_below=100).plan == everywhere.plan
+    assert Settings("ddnm", steps=20, travel_length=4, travel_repeat=3, travel_below=8).build(d).plan == low.plan
+    with pytest.raises(ValueError, match="--travel-below must be a positive integer, got 0"):
+        DDNM(d, 20, 1.0, travel_length=4, travel_repeat=3, travel_below=0)
+
+
 @pytest.mark.parametrize("name", SAMPLERS)
 def test_planned_calls_are_the_calls_the_denoiser_receives(name):
     d = _diffusion()
