@@ -242,7 +242,7 @@ def fidelity(args) -> str:
                     str(onnx_path), "--precision", prec, *extra, cwd=tmp)
             _progress(f"check --data, {prec}")
             _fxpass("check", str(onnx_path), "--model", str(REFERENCE / "digits.pt"), "--data", str(data),
-                    "--data-count", str(args.images), "--report", str(tmp / f"check-{prec}.json"), cwd=tmp)
+                    "--precision", prec, "--data-count", str(args.images), "--report", str(tmp / f"check-{prec}.json"), cwd=tmp)
             check = _load(tmp / f"check-{prec}.json")["data"]
             ratios = [v for r in check["rows"] for v in r["ratio"].values()]
             _progress(f"evaluate, {prec}")

@@ -33,13 +33,18 @@ class GoldenSet:
     feeds: list[dict]
     outputs: Any  # polygraphy RunResults with one runner
     directory: Path | None = None
+    #: what the last :meth:`tolerance` did with the manifest's bound, for the output (None: nothing to say)
+    note: str | None = None
 
-    def tolerance(self, precision: str) -> tuple[float, float]:
+    def tolerance(self, precision: str, *, trust: bool = False) -> tuple[float, float]:
+        """The manifest's bound for ``precision``, validated (:func:`fxpass.expected.golden_tolerance`): never
+        looser than the precision's own unless ``trust``; :attr:`note` says what was done."""
+        from .expected import golden_tolerance
         from .gate import default_tolerance
 
-        entry = (self.manifest.get("tolerances") or {}).get(precision) or {}
-        atol, rtol = default_tolerance(precision)
-        return float(entry.get("atol_scale", atol)), float(entry.get("rtol", rtol))
+        bound, self.note = golden_tolerance(self.manifest, precision, default_tolerance(precision), trust=trust,
+                                            source=str(getattr(self, "directory", "golden set")))
+        return bound
 
 
 def sha256(path: Path) -> str:

@@ -30,8 +30,16 @@ def add_parser(sub, common) -> None:
                    help="comma-separated of torch, ort, trt, openvino (OpenVINO CPU, f32), openvino-bf16 "
                         "(OpenVINO CPU, bf16 inference precision) (default: torch,ort; ort alone with only --golden)")
     p.add_argument("--golden", metavar="DIR", help="also compare against a golden set written by fxpass golden")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default=None,
+                   help="the precision the file must be, whose bound it is checked at (default fp32; a file whose "
+                        "metadata says otherwise fails: its own label is never trusted)")
+    p.add_argument("--lowering-report", metavar="REPORT.json",
+                   help="take the expected precision from the --report of the fxpass lower run that made the file")
     p.add_argument("--tolerance", metavar="fp32|fp16|ATOL,RTOL",
-                   help="ATOL is a fraction of max|reference| (default: by the model's precision)")
+                   help="ATOL is a fraction of max|reference| (default: the bound of --precision)")
+    p.add_argument("--trust-golden-tolerance", action="store_true",
+                   help="with --golden: use the manifest's tolerance even where it is looser than the precision's "
+                        "(the output says so)")
     p.add_argument("--plot", metavar="FILE.png", help="plot ONNX Runtime's error against timestep, every t_index")
     p.add_argument("--all-steps", action="store_true", help="compare at every t_index of the schedule")
     p.add_argument("--data", metavar="DIR", help="held-out images: eps-MSE against the true noise at every schedule "
@@ -74,17 +82,20 @@ def run(args) -> int:
     from ..fileio import plan_outputs
     from ..golden import load_golden
     from ..metadata import read_file
+    from ..expected import asked_precision, check_structure
     from ..verify import check_targets, parse_tolerance
     from . import user as user_flags
 
     t0 = time.perf_counter()
     user = user_flags.user_spec(args)
     info = read_file(args.onnx, require=("table", "fixed"))
+    precision = asked_precision(info, args.precision, args.lowering_report)
     targets = _targets(args)
     if user:  # the schedule flags of the lower command, where given, say what the metadata says
         user_flags.agree_with_lowered(args, info)
     plan_outputs({"--plot": args.plot, "--report": args.report},
-                 inputs=[args.onnx, args.model, args.config, args.golden, args.data], force=args.force)
+                 inputs=[args.onnx, args.model, args.config, args.golden, args.data, args.lowering_report],
+                 force=args.force)
     if args.data and "torch" not in targets:
         raise FxpassError("--data compares with the eager model: it needs --model MODEL.pt")
     if args.eps_budget is not None and (not args.data or not 0 < args.eps_budget < 10):
@@ -98,6 +109,7 @@ def run(args) -> int:
         count = args.data_count or min(len(image_files(args.data)), DATA_COUNT)
         images = load_image_dir(args.data, info.inputs["x"][1][-1], count)
     golden = load_golden(args.golden) if args.golden else None
+    check_structure(info.path, precision)  # structure before numbers
     model = None
     if "torch" in targets:
         from ..load import load
@@ -109,9 +121,10 @@ def run(args) -> int:
             model = user_flags.wrapped_for_graph(model, args, info)
     every = ((args.plot and not args.data) or args.all_steps) and info.mode == "table"
     report = check_targets(info, targets=targets, model=model, model_label=str(args.model), golden=golden,
-                           tolerance=tol, seed=args.seed,
+                           tolerance=tol, seed=args.seed, precision=precision,
+                           trust_golden_tolerance=args.trust_golden_tolerance,
                            t_indices=list(range(len(info.timesteps))) if every else None,
-                           fp16_build=info.precision == "fp16" or args.tolerance == "fp16",
+                           fp16_build=precision == "fp16" or args.tolerance == "fp16",
                            progress=console(stderr=True).print)
     data = None
     if args.data:
@@ -127,7 +140,7 @@ def run(args) -> int:
         from ..gate import default_tolerance
 
         plot_errors(args.plot, [r for r in report.torch_rows if r.target.startswith("onnxrt")], info,
-                    tol or default_tolerance(info.precision))
+                    tol or default_tolerance(precision))
     _print(report, info, args, time.perf_counter() - t0, data)
     if args.report:
         _write_report(args.report, report, data)
@@ -141,7 +154,8 @@ def _write_report(path, report, data) -> None:
 
     from ..fileio import atomic_write_bytes
 
-    payload = {"rows": [dataclasses.asdict(r) for r in report.rows], "data": data, "exit_code": report.exit_code}
+    payload = {"rows": [dataclasses.asdict(r) for r in report.rows], "data": data, "exit_code": report.exit_code,
+               "notes": report.notes}
     text = json.dumps(payload, indent=2, default=float) + "\n"
     atomic_write_bytes(path, lambda fh: fh.write(text.encode()))
 
@@ -193,6 +207,8 @@ def _print(report, info, args, seconds: float, data=None) -> None:
         else:
             table.add_row(row.reference, row.target, "", "", "", row.status)
     out.print(table)
+    for note in report.notes:
+        out.print(f"note: {note}", soft_wrap=True)
     if data is not None:
         _print_data(out, data)
     for row in rows:

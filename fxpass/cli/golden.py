@@ -18,6 +18,9 @@ def add_parser(sub, common) -> None:
     p.add_argument("--onnx", metavar="OUT.onnx",
                    help="the lowered model the set is for: schedule and inputs from its metadata; checked "
                         "against the new outputs before writing; named in the regression command")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default=None,
+                   help="with --onnx: the precision that file must be, whose bound it is checked at (default fp32; "
+                        "its own metadata label is never trusted)")
     shared.add_seed(p)
     p.add_argument("--t-index", nargs="+", metavar="I", help="t_index values (default: first and last)")
     shared.add_force(p, "replace DIR if it is empty or holds a golden set")
@@ -58,6 +61,12 @@ def run(args) -> int:
                        force=args.force)["-o"]
     refuse_replacing_other(out)  # before any work
     info = read_file(args.onnx) if args.onnx else None
+    if info is not None:  # the precision the user asks for, the graph that precision makes
+        from ..expected import asked_precision, check_structure
+
+        check_structure(info.path, asked_precision(info, args.precision))
+    elif args.precision is not None:
+        raise FxpassError("--precision: says what the --onnx file must be; give --onnx OUT.onnx")
     if user and info is not None:
         user_flags.agree_with_lowered(args, info)
         cfg = resolve_config(args.config, info.config, source=f"{args.onnx}: metadata", architecture=False)

@@ -82,7 +82,7 @@ def test_check_data_reports_and_gates_on_an_eps_budget(reference, digits_onnx, t
 @pytest.mark.slow
 def test_check_data_fails_outside_the_budget(digits_onnx, capsys):
     code = main(["check", str(digits_onnx("fp16")), "--model", str(CHECKPOINT), "--data", str(HELDOUT_DIR),
-                 "--data-count", "4", "--eps-budget", "1e-9"])
+                 "--data-count", "4", "--eps-budget", "1e-9", "--precision", "fp16"])
     out = capsys.readouterr().out
     assert code == 1 and "FAIL onnxrt-fp16: eps-MSE" in out and "check: FAIL" in out
 

@@ -1,0 +1,148 @@
+"""``fxpass check`` holds a file to the precision the user asks for, never to its own label (issue #26):
+relabelled files, loosened golden manifests, structure before numbers, a bf16 file's float32 rows."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import onnx
+import pytest
+from check_helpers import cli, scale_output_conv_weight
+from onnx import TensorProto, helper
+
+from fxpass import metadata
+from fxpass.errors import FxpassError
+from fxpass.expected import asked_precision, golden_tolerance, row_tolerance, structure_problem
+
+
+def _graph(*ops: str, half: bool = False) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    nodes, name = [], "x"
+    for i, op in enumerate(ops):
+        nodes.append(helper.make_node(op, [name], [f"t{i}"]))
+        name = f"t{i}"
+    inits = [helper.make_tensor("w", TensorProto.FLOAT16 if half else TensorProto.FLOAT, [1], [0])]
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info(name, 1, [1])],
+                                               inits))
+
+
+@pytest.mark.parametrize("model, precision, problem", [
+    (_graph("Relu"), "int8", "no QuantizeLinear/DequantizeLinear pairs"),
+    (_graph("QuantizeLinear", "DequantizeLinear"), "int8", None),
+    (_graph("Relu"), "fp16", "no float16 weights or casts"),
+    (_graph("Relu", half=True), "fp16", None),
+    (_graph("Relu"), "fp32", None),
+    (_graph("Relu"), "bf16", None),
+    (_graph("QuantizeLinear", "DequantizeLinear"), "fp32", "QuantizeLinear/DequantizeLinear: it is not a float32"),
+    (_graph("Relu", half=True), "bf16", "float16 weights or casts: it is not a float32"),
+])
+def test_structure_matches_the_precision(model, precision, problem):
+    found = structure_problem(model, precision)
+    assert (found is None) if problem is None else (problem in found)
+
+
+class _Info:
+    def __init__(self, precision):
+        self.precision, self.path = precision, "m.onnx"
+
+
+def test_the_precision_comes_from_the_user_never_the_file(tmp_path):
+    assert asked_precision(_Info("fp32"), None) == "fp32"
+    assert asked_precision(_Info("int8"), "int8") == "int8"
+    with pytest.raises(FxpassError, match="metadata says int8; check holds a file to the precision you ask for") as e:
+        asked_precision(_Info("int8"), None)
+    assert e.value.exit_code == 2
+    with pytest.raises(FxpassError, match="metadata says int8, --precision says fp32: not the file") as e:
+        asked_precision(_Info("int8"), "fp32")
+    assert e.value.exit_code == 1
+    report = tmp_path / "r.json"
+    report.write_text(json.dumps({"precision": "fp16"}))
+    assert asked_precision(_Info("fp16"), None, report) == "fp16"
+    report.write_text("[]")
+    with pytest.raises(FxpassError, match="not a lowering report of fxpass lower"):
+        asked_precision(_Info("fp16"), None, report)
+
+
+def test_a_bf16_file_runs_in_float32_everywhere_but_openvino_bf16():
+    assert row_tolerance("bf16", "onnxrt-cpu") == "fp32"
+    assert row_tolerance("bf16", "openvino-cpu-f32") == "fp32"
+    assert row_tolerance("bf16", "openvino-cpu-bf16") == "bf16"
+    assert row_tolerance("int8", "onnxrt-cpu") == "int8"
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"atol_scale": math.nan}, "atol_scale is nan"),
+    ({"atol_scale": math.inf}, "atol_scale is inf"),
+    ({"atol_scale": 0}, "atol_scale is 0"),
+    ({"atol_scale": -1}, "atol_scale is -1"),
+    ({"atol_scale": 1e-4, "rtol": -0.5}, "rtol is -0.5"),
+    ({"atol_scale": "1e9"}, "atol_scale is '1e9'"),
+    ({"atol_scale": 1e-4, "precision": "int8"}, "must hold atol_scale, rtol"),
+    ("loose", "must hold atol_scale, rtol"),
+])
+def test_a_golden_manifest_tolerance_is_validated(entry, message):
+    with pytest.raises(FxpassError, match=message):
+        golden_tolerance({"tolerances": {"fp32": entry}}, "fp32", (1e-4, 0.0), trust=False, source="g")
+
+
+def test_a_golden_manifest_cannot_loosen_the_bound_unless_trusted():
+    manifest = {"tolerances": {"fp32": {"atol_scale": 1e9, "rtol": 1e9}}}
+    bound, note = golden_tolerance(manifest, "fp32", (1e-4, 0.0), trust=False, source="g")
+    assert bound == (1e-4, 0.0) and "checked at the precision's own (--trust-golden-tolerance" in note
+    bound, note = golden_tolerance(manifest, "fp32", (1e-4, 0.0), trust=True, source="g")
+    assert bound == (1e9, 1e9) and "used because of --trust-golden-tolerance" in note
+    tighter = {"tolerances": {"fp32": {"atol_scale": 1e-5, "rtol": 0}}}
+    assert golden_tolerance(tighter, "fp32", (1e-4, 0.0), trust=False, source="g") == ((1e-5, 0.0), None)
+
+
+# ---- on the tiny lowered model ---------------------------------------------------------------------------
+def _relabelled(tmp_path, tiny_onnx, precision: str, factor: float):
+    model = onnx.load(str(tiny_onnx))
+    scale_output_conv_weight(model, factor)
+    metadata.write_props(model, {metadata.PRECISION: precision})
+    path = tmp_path / f"relabelled-{precision}.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_float32_file_relabelled_int8_fails(capsys, tmp_path, tiny_onnx, tiny_ckpt):
+    path = _relabelled(tmp_path, tiny_onnx, "int8", 1.15)
+    rc, _, err = cli(capsys, "check", path, "--model", tiny_ckpt)
+    assert rc == 2 and "metadata says int8; check holds a file to the precision you ask for" in err
+    rc, _, err = cli(capsys, "check", path, "--model", tiny_ckpt, "--precision", "int8")
+    assert rc == 1 and "checked as int8, but its graph has no QuantizeLinear/DequantizeLinear" in err
+    rc, _, err = cli(capsys, "check", path, "--model", tiny_ckpt, "--precision", "fp32")
+    assert rc == 1 and "metadata says int8, --precision says fp32" in err
+
+
+def test_a_float32_file_relabelled_bf16_fails_at_float32s_bound(capsys, tmp_path, tiny_onnx, tiny_ckpt):
+    path = _relabelled(tmp_path, tiny_onnx, "bf16", 1.05)  # 5% off: inside bf16's 7e-2, far outside fp32's 1e-4
+    rc, out, _ = cli(capsys, "check", path, "--model", tiny_ckpt, "--precision", "bf16", "--targets", "torch,ort")
+    assert rc == 1 and "FAIL" in out
+
+
+def test_the_correct_file_passes_and_a_relabelled_golden_run_fails(capsys, tmp_path, tiny_onnx, tiny_ckpt):
+    rc, _, err = cli(capsys, "check", tiny_onnx, "--model", tiny_ckpt, "--precision", "fp32")
+    assert rc == 0, err
+    path = _relabelled(tmp_path, tiny_onnx, "int8", 1.15)
+    rc, _, err = cli(capsys, "golden", tiny_ckpt, "-o", tmp_path / "g", "--onnx", path, "--precision", "int8")
+    assert rc == 1 and "checked as int8, but its graph has no QuantizeLinear" in err
+    assert not (tmp_path / "g").exists()
+
+
+def test_a_loosened_golden_manifest_does_not_pass_a_wrong_model(capsys, tmp_path, tiny_golden, tiny_onnx_perturbed):
+    loose = tmp_path / "loose"
+    shutil.copytree(tiny_golden, loose)
+    manifest = json.loads((loose / "manifest.json").read_text())
+    manifest["tolerances"] = {"fp32": {"atol_scale": 1e9, "rtol": 0.0}}
+    (loose / "manifest.json").write_text(json.dumps(manifest))
+    rc, out, _ = cli(capsys, "check", tiny_onnx_perturbed, "--golden", loose)
+    assert rc == 1 and "checked at the precision's own" in " ".join(out.split())
+    rc, out, _ = cli(capsys, "check", tiny_onnx_perturbed, "--golden", loose, "--trust-golden-tolerance")
+    assert rc == 0 and "used because of --trust-golden-tolerance" in " ".join(out.split())
+    manifest["tolerances"] = {"fp32": {"atol_scale": float("nan")}}
+    (loose / "manifest.json").write_text(json.dumps(manifest))
+    rc, _, err = cli(capsys, "check", tiny_onnx_perturbed, "--golden", loose)
+    assert rc == 2 and "tolerances.fp32.atol_scale is nan" in err
