@@ -93,6 +93,9 @@ def plan_outputs(outputs: dict[str, str | os.PathLike | None], *, inputs=(), for
         for source in sources:
             if _same_file(path, source) or (option in directories and source.resolve().is_relative_to(path.resolve())):
                 raise FxpassError(f"{path}: {option} is the input file {source}; refusing to overwrite an input")
+            if source.is_dir() and path.resolve().is_relative_to(source.resolve()):
+                raise FxpassError(f"{path}: {option} is inside the input directory {source}; refusing to write "
+                                  "among the inputs")
         for other, taken in planned.items():
             if _same_file(path, taken):
                 raise FxpassError(f"{path}: {option} is the same file as {other}")

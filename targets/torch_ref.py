@@ -65,7 +65,8 @@ class TorchReferenceRunner(BaseRunner):
         return meta
 
     def infer_impl(self, feed_dict):
-        x = torch.as_tensor(np.asarray(feed_dict["x"])).to(self.torch_dtype)
+        # a copy: a model that writes into its input in place must not change the feed the runtimes see
+        x = torch.tensor(np.array(feed_dict["x"]), dtype=self.torch_dtype)
         n = x.shape[0]
         if self.timesteps is not None:
             index = torch.as_tensor(np.asarray(feed_dict["t_index"]), dtype=torch.int64)
@@ -78,7 +79,7 @@ class TorchReferenceRunner(BaseRunner):
         for name, value in feed_dict.items():
             if name not in ("x", "t_index"):
                 value = np.asarray(value)
-                kwargs[name] = torch.as_tensor(value, dtype=torch.int64 if value.dtype.kind in "iu" else self.torch_dtype)
+                kwargs[name] = torch.tensor(value, dtype=torch.int64 if value.dtype.kind in "iu" else self.torch_dtype)
         start = time.perf_counter()
         with torch.no_grad():
             out = self._model(x, t, **kwargs)

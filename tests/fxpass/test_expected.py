@@ -146,3 +146,58 @@ def test_a_loosened_golden_manifest_does_not_pass_a_wrong_model(capsys, tmp_path
     (loose / "manifest.json").write_text(json.dumps(manifest))
     rc, _, err = cli(capsys, "check", tiny_onnx_perturbed, "--golden", loose)
     assert rc == 2 and "tolerances.fp32.atol_scale is nan" in err
+
+
+@pytest.mark.parametrize("how", ["mul_", "add_", "data.mul_"])
+def test_a_model_that_writes_into_its_input_is_checked_on_the_input_it_was_given(tmp_path, how):
+    """The eager reference runs on a copy of each feed: were it the feed itself, an in-place op would hand
+    the runtime the mutated input and hide whatever the capture did with the mutation."""
+    import numpy as np
+    from user_models import InPlaceInput
+
+    from targets.torch_ref import TorchReferenceRunner
+
+    runner = TorchReferenceRunner(InPlaceInput(how).eval(), timesteps=list(range(10)))
+    feed = {"x": np.ones((1, 3, 8, 8), np.float32), "t_index": np.array([3])}
+    with runner:
+        runner.infer(feed)
+    assert (feed["x"] == 1).all()
+
+
+@pytest.mark.parametrize("how", ["mul_", "data.mul_"])
+def test_lowering_a_model_that_writes_into_its_input_is_refused_not_passed(tmp_path, how):
+    from check_helpers import lower_user_class
+    from user_models import InPlaceInput
+
+    code, _, out, report = lower_user_class(tmp_path, "InPlaceInput", InPlaceInput(how), "--image-size", "8",
+                                            "--model-kwargs", json.dumps({"how": how}))
+    assert code == 1 and not out.exists() and report is None
+
+
+def test_no_output_may_land_inside_an_input_directory(tmp_path):
+    from fxpass.fileio import plan_outputs
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.png").write_bytes(b"image")
+    (tmp_path / "other").mkdir()
+    for target in (data / "a.png", data / "new.json", tmp_path / "other" / ".." / "data" / "x.png"):
+        with pytest.raises(FxpassError, match="inside the input directory|is the input file"):
+            plan_outputs({"--report": target}, inputs=[data], force=True)
+    assert (data / "a.png").read_bytes() == b"image"
+    assert plan_outputs({"--report": tmp_path / "r.json"}, inputs=[data])["--report"] == tmp_path / "r.json"
+
+
+def test_check_report_over_a_golden_manifest_is_refused(capsys, tiny_golden, tiny_onnx):
+    manifest = tiny_golden / "manifest.json"
+    before = manifest.read_bytes()
+    rc, _, err = cli(capsys, "check", tiny_onnx, "--golden", tiny_golden, "--report", manifest, "--force")
+    assert rc == 2 and "inside the input directory" in err and manifest.read_bytes() == before
+
+
+def test_lower_output_over_the_precision_plan_is_refused(capsys, tmp_path, tiny_ckpt, tiny_yaml):
+    plan = tmp_path / "plan.json"
+    plan.write_text("{}")
+    rc, _, err = cli(capsys, "lower", tiny_ckpt, "--config", tiny_yaml, "--precision", "int8", "--precision-plan",
+                     plan, "-o", tmp_path / "m.onnx", "--report", plan, "--force")
+    assert rc == 2 and "is the input file" in err and plan.read_text() == "{}"

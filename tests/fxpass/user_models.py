@@ -561,3 +561,21 @@ class BareCondNet(CondChannelsNet):
     def __init__(self):
         super().__init__()
         del self.cond_channels
+
+
+class InPlaceInput(_TimedConv):
+    """Scales its input in place before using it (issue #26): the reference must not hand the mutated
+    tensor to the runtime it is compared with."""
+
+    def __init__(self, how: str = "mul_"):
+        super().__init__()
+        self.how = how
+
+    def forward(self, x, timesteps):
+        if self.how == "mul_":
+            x.mul_(2.0)
+        elif self.how == "add_":
+            x.add_(0.5)
+        else:  # data.mul_
+            x.data.mul_(2.0)
+        return self.body(x, timesteps)
