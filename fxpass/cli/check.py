@@ -88,7 +88,7 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     user = user_flags.user_spec(args)
-    info = read_file(args.onnx, require=("table", "fixed"))
+    info = read_file(args.onnx, require=("table", "fixed", "step"))
     precision = asked_precision(info, args.precision, args.lowering_report)
     targets = _targets(args)
     if user:  # the schedule flags of the lower command, where given, say what the metadata says
@@ -108,8 +108,10 @@ def run(args) -> int:
 
         count = args.data_count or min(len(image_files(args.data)), DATA_COUNT)
         images = load_image_dir(args.data, info.inputs["x"][1][-1], count)
-    golden = load_golden(args.golden) if args.golden else None
     check_structure(info.path, precision)  # structure before numbers
+    if info.mode == "step":
+        return _check_step(args, info, cfg, targets, precision, tol)
+    golden = load_golden(args.golden) if args.golden else None
     model = None
     if "torch" in targets:
         from ..load import load
@@ -146,6 +148,37 @@ def run(args) -> int:
         _write_report(args.report, report, data)
     code = report.exit_code
     return 1 if data is not None and data["failed"] else code
+
+
+def _check_step(args, info, cfg, targets, precision: str, tol) -> int:
+    """A --step-graph file: ONNX Runtime against the eager model + the NumPy sampler's posterior, every
+    output (x_prev, pred_xstart), at the asked precision's bound (the lowering gate's comparison)."""
+    import onnx
+
+    from ..gate import check_step_against_numpy, default_tolerance
+    from ..load import load
+
+    if sorted(targets) != ["ort", "torch"] or args.golden or args.data or args.plot or args.model_class \
+            or args.model_factory:
+        raise FxpassError(f"{info.path}: a step graph is checked against the eager model on ONNX Runtime only "
+                          "(--model MODEL.pt; no --targets, --golden, --data, --plot or user class)")
+    model = load(args.model, config=cfg, trust_pickle=args.trust_pickle, allow_nonfinite=args.allow_nonfinite)
+    tolerance = tol or default_tolerance(precision)
+    every = list(range(len(info.timesteps))) if args.all_steps else None
+    result = check_step_against_numpy(onnx.load(str(info.path)), model, config=cfg, t_indices=every,
+                                      seed=args.seed, tolerance=tolerance)
+    status = "pass" if result["passed"] else "FAIL"
+    console().print(f"fxpass check {info.path} (step graph, {precision}): onnxrt-cpu vs {result['reference']}: "
+                    f"{result['max_rel_to_scale']:.3g}·max|ref| (pred_xstart divided by sqrt(1/abar - 1)), "
+                    f"tolerance {tolerance[0]:g}: {status}", soft_wrap=True)
+    if args.report:
+        import json
+
+        from ..fileio import atomic_write_bytes
+
+        text = json.dumps({"step_graph": result, "precision": precision}, indent=2, default=float) + "\n"
+        atomic_write_bytes(args.report, lambda fh: fh.write(text.encode()))
+    return 0 if result["passed"] else 1
 
 
 def _write_report(path, report, data) -> None:

@@ -201,3 +201,35 @@ def test_lower_output_over_the_precision_plan_is_refused(capsys, tmp_path, tiny_
     rc, _, err = cli(capsys, "lower", tiny_ckpt, "--config", tiny_yaml, "--precision", "int8", "--precision-plan",
                      plan, "-o", tmp_path / "m.onnx", "--report", plan, "--force")
     assert rc == 2 and "is the input file" in err and plan.read_text() == "{}"
+
+
+@pytest.fixture(scope="module")
+def step_graph(tmp_path_factory, tiny_ckpt, tiny_yaml):
+    import torch
+
+    from fxpass.cli import main
+
+    out = tmp_path_factory.mktemp("step") / "step.onnx"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["lower", str(tiny_ckpt), "--config", str(tiny_yaml), "-o", str(out), "--step-graph"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def test_a_step_graph_is_checkable_and_a_wrong_checkpoint_fails(capsys, tmp_path, step_graph, tiny_ckpt, tiny_yaml):
+    rc, out, err = cli(capsys, "check", step_graph, "--model", tiny_ckpt, "--report", tmp_path / "r.json")
+    assert rc == 0, err
+    assert "step graph, fp32" in out and ": pass" in out
+    assert json.loads((tmp_path / "r.json").read_text())["step_graph"]["passed"] is True
+    from fxpass.checkpoint import init_model, save_checkpoint
+    from fxpass.config import load_config
+
+    other = tmp_path / "other.pt"
+    save_checkpoint(init_model(load_config(str(tiny_yaml)), seed=1), other)
+    rc, out, _ = cli(capsys, "check", step_graph, "--model", other)
+    assert rc == 1 and ": FAIL" in out
+    rc, _, err = cli(capsys, "check", step_graph, "--model", tiny_ckpt, "--targets", "torch,ort,openvino")
+    assert rc == 2 and "a step graph is checked against the eager model on ONNX Runtime only" in err
