@@ -152,7 +152,8 @@ def _fxpass_int8(subject: Subject, log: Callable[[str], None]) -> tuple[Path, di
             raise Unavailable("fxpass.precision (fxpass's int8 API) is not in this checkout")
         from fxpass.precision import Int8Options, quantize_int8
 
-        options = Int8Options(calibration_data=subject.calibration_data, seed=subject.seed, threads=subject.threads)
+        options = Int8Options(calibration_data=subject.calibration_data, seed=subject.seed, threads=subject.threads,
+                              self_calibration=subject.calibration_data is None)
         log(f"precision: {subject.name}: fxpass quantize_int8 (measures a precision plan; minutes on CAMUS) ...")
         start = time.perf_counter()
         proto_q, info = quantize_int8(subject.proto, subject.cfg, options,

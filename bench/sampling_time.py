@@ -132,8 +132,9 @@ def prepare_lowerings(workdir: Path, config_path: str | None, config: dict[str, 
                 initialised = True
             log(f"lower {path.name} ({problem}): fxpass lower --precision {precision} --deep-cache ...")
             try:
+                int8 = ["--calibrate-on-samples"] if precision == "int8" else []  # random weights: no images
                 seconds = _fxpass(["lower", "model.pt", "-o", path.name, "--precision", precision, "--deep-cache",
-                                   *config_args, "--force"], workdir, workdir / f"lower-{precision}.log")
+                                   *int8, *config_args, "--force"], workdir, workdir / f"lower-{precision}.log")
             except BenchError as exc:  # this precision's rows record it; the others still run
                 log(f"lowering {path.name} failed: {exc}")
                 out[precision] = {"file": path.name, "reused": False, "error": str(exc)}

@@ -157,6 +157,8 @@ class LowerRequest:
                               f"{out.format}; for a smaller Core ML package use --palettize-bits)")
         if rw.deep_cache is not None:
             self._validate_deep_cache()
+        if rw.precision == "int8" and rw.int8 is not None:
+            rw.int8.check_data_source()
         if out.palettize_bits is not None and out.format != "mlpackage":
             raise FxpassError(f"--palettize-bits {out.palettize_bits}: applies to --format mlpackage only")
         if rw.precision == "bf16":

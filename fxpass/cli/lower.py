@@ -20,7 +20,11 @@ def add_parser(sub, common) -> None:
                         "quantizer with timestep-aware calibration and a measured precision plan")
     q = p.add_argument_group("int8 (--precision int8)")
     q.add_argument("--calibration-data", metavar="DIR",
-                   help="images to calibrate on (noised along the schedule); default: the model's own trajectories")
+                   help="images to calibrate on and judge the plan by (noised along the schedule); this or "
+                        "--calibrate-on-samples is required")
+    q.add_argument("--calibrate-on-samples", action="store_true",
+                   help="calibrate on and judge the plan by the model's own trajectories instead of images (for "
+                        "models with no data at hand, e.g. random weights; the report says so)")
     q.add_argument("--calibration-steps", type=int, default=8, metavar="N",
                    help="schedule positions calibrated at, spread over the schedule (default 8)")
     q.add_argument("--calibration-samples", type=int, default=4, metavar="N",
@@ -97,14 +101,16 @@ def request_from(args):
                       opset=args.opset, simplifier=None if args.simplifier == "none" else args.simplifier,
                       group_norm=args.group_norm, precision=args.precision, int8=int8, deep_cache=args.deep_cache)
     output = Output(path=args.output, report=args.report, format=args.format, palettize_bits=args.palettize_bits,
-                    force=args.force, protected=(args.config, args.precision_plan, args.calibration_data))
+                    force=args.force, protected=tuple(p for p in (args.config, args.precision_plan, args.calibration_data)
+                                   if p is not None) or (args.config,))
     return LowerRequest(source, rewrite, output, Check())
 
 
 def _int8_options(args):
     from ..errors import FxpassError
 
-    flags = {"--calibration-data": args.calibration_data, "--precision-plan": args.precision_plan}
+    flags = {"--calibration-data": args.calibration_data, "--precision-plan": args.precision_plan,
+             "--calibrate-on-samples": args.calibrate_on_samples or None}
     given = [f for f, v in flags.items() if v is not None]
     if args.precision != "int8":
         if given:
@@ -122,7 +128,8 @@ def _int8_options(args):
         check_input_file(args.precision_plan, "a precision plan (JSON)")
     options = Int8Options(calibration_data=args.calibration_data, calibration_steps=args.calibration_steps,
                           calibration_samples=args.calibration_samples, eval_samples=args.eval_samples,
-                          error_budget=args.error_budget, plan=args.precision_plan, reduce_range=args.reduce_range)
+                          error_budget=args.error_budget, plan=args.precision_plan, reduce_range=args.reduce_range,
+                          self_calibration=args.calibrate_on_samples)
     options.check()
     return options
 

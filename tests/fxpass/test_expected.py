@@ -199,7 +199,7 @@ def test_lower_output_over_the_precision_plan_is_refused(capsys, tmp_path, tiny_
     plan = tmp_path / "plan.json"
     plan.write_text("{}")
     rc, _, err = cli(capsys, "lower", tiny_ckpt, "--config", tiny_yaml, "--precision", "int8", "--precision-plan",
-                     plan, "-o", tmp_path / "m.onnx", "--report", plan, "--force")
+                     plan, "--calibrate-on-samples", "-o", tmp_path / "m.onnx", "--report", plan, "--force")
     assert rc == 2 and "is the input file" in err and plan.read_text() == "{}"
 
 

@@ -416,7 +416,7 @@ def test_int8_as_ort_equals_its_onnx(tiny_ckpt, tiny_yaml, tmp_path, capsys):
 
     out, report = tmp_path / "q.ort", tmp_path / "q.json"
     assert main(["lower", str(tiny_ckpt), "--config", str(tiny_yaml), "-o", str(out), "--format", "ort",
-                 "--precision", "int8", "--calibration-steps", "3", "--calibration-samples", "2",
+                 "--precision", "int8", "--calibrate-on-samples", "--calibration-steps", "3", "--calibration-samples", "2",
                  "--eval-samples", "1", "--report", str(report)]) == 0
     written = json.loads(report.read_text())
     data = written["format"]

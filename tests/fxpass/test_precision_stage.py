@@ -99,7 +99,8 @@ def test_groups_are_by_role_and_size():
 @pytest.fixture(scope="module")
 def tiny_int8(tiny_onnx):
     proto = onnx.load(str(tiny_onnx))
-    quantized, info = quantize_int8(proto, options=Int8Options(calibration_steps=3, calibration_samples=2,
+    quantized, info = quantize_int8(proto, options=Int8Options(self_calibration=True, calibration_steps=3,
+                                                               calibration_samples=2,
                                                                eval_samples=1, threads=1))
     return proto, quantized, info
 
@@ -152,7 +153,7 @@ def test_int8_structure_metadata_and_plan(tiny_int8):
 def test_int8_is_deterministic(tiny_onnx, tiny_int8):
     _, quantized, _ = tiny_int8
     again, _ = quantize_int8(onnx.load(str(tiny_onnx)), options=Int8Options(
-        calibration_steps=3, calibration_samples=2, eval_samples=1, threads=1))
+        calibration_steps=3, calibration_samples=2, eval_samples=1, threads=1, self_calibration=True))
     assert again.SerializeToString() == quantized.SerializeToString()
 
 
@@ -164,7 +165,8 @@ def test_a_reused_plan_keeps_its_float_layers(tiny_onnx, tiny_int8, tmp_path):
     path = tmp_path / "report.json"
     path.write_text(json.dumps({"precision_plan": plan.to_dict()}))  # a report holding it works as well
     quantized, again = quantize_int8(proto, options=Int8Options(calibration_steps=3, calibration_samples=2,
-                                                                eval_samples=1, plan=path, threads=1))
+                                                                eval_samples=1, plan=path, threads=1,
+                                                                self_calibration=True))
     assert again["reused_plan"] and again["plan"]["float_layers"] == plan.float_layers
     assert again["variants_tried"] == 3  # calibration, the evaluation of the plan, the written model
     runs = _float_inputs_of(quantized)
@@ -178,7 +180,7 @@ def test_a_plan_for_another_graph_is_refused(tiny_onnx, tiny_int8, tmp_path):
     path.write_text(json.dumps(plan))
     with pytest.raises(FxpassError, match=r"plan.json: precision plan does not fit this model \(its layers "
                                           r"node_conv_not_here are not in this graph\)"):
-        quantize_int8(proto, options=Int8Options(plan=path))
+        quantize_int8(proto, options=Int8Options(plan=path, self_calibration=True))
 
 
 @pytest.mark.parametrize("text, why", [("[1, 2]", "not a precision plan"), ("{\"version\": 7}", "version 7"),
@@ -227,9 +229,11 @@ def test_cli_int8_flags_need_int8(tiny_ckpt, tiny_yaml, tmp_path, capsys):
                        "as the table-mode graph (not --step-graph)"),
     (["--format", "pte"], "--precision int8: ONNX Runtime's QDQ model, written as --format onnx or ort (not pte"),
     (["--format", "mlpackage"], "(not mlpackage; for a smaller Core ML package use --palettize-bits)"),
-    (["--timesteps", "5"], "--precision int8: needs the respaced schedule in one graph"),
+    (["--timesteps", "5", "--calibrate-on-samples"], "--precision int8: needs the respaced schedule in one graph"),
     (["--calibration-data", "nowhere"], "nowhere: --calibration-data needs a directory of images"),
-    (["--error-budget", "-1"], "--error-budget -1.0: expected a number above 0")])
+    (["--error-budget", "-1"], "--error-budget -1.0: expected a number above 0"),
+    ([], "--precision int8 needs images to calibrate on and to judge its plan by: --calibration-data DIR"),
+    (["--calibration-data", ".", "--calibrate-on-samples"], "give one of them")])
 def test_cli_int8_refusals(tiny_ckpt, tiny_yaml, tmp_path, capsys, extra, message):
     code = main(["lower", str(tiny_ckpt), "--config", str(tiny_yaml), "-o", str(tmp_path / "m.onnx"),
                  "--precision", "int8", *extra])
@@ -240,7 +244,8 @@ def test_cli_int8_refusals(tiny_ckpt, tiny_yaml, tmp_path, capsys, extra, messag
 
 def test_cli_int8_writes_the_plan_and_reuses_it(tiny_ckpt, tiny_yaml, tmp_path, capsys):
     first, report = tmp_path / "a.onnx", tmp_path / "a.json"
-    args = ["lower", str(tiny_ckpt), "--config", str(tiny_yaml), "--precision", "int8", "--calibration-steps", "3",
+    args = ["lower", str(tiny_ckpt), "--config", str(tiny_yaml), "--precision", "int8", "--calibrate-on-samples",
+            "--calibration-steps", "3",
             "--calibration-samples", "2", "--eval-samples", "1"]
     assert main([*args, "-o", str(first), "--report", str(report)]) == 0
     out = capsys.readouterr().out
