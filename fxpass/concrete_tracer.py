@@ -136,10 +136,26 @@ class ConcreteProxy(Proxy):
     def __float__(self) -> float:
         return self._specialise(float, inspect.currentframe().f_back)
 
-    def _specialise(self, convert, caller):
+    def __format__(self, spec: str) -> str:
+        """A traced Python number formatted (``f"{t.item()}"``): the example's text, guarded on the value."""
+        if isinstance(self.value, torch.Tensor):
+            return super().__format__(spec)
+        value = self._specialise(lambda v: v, inspect.currentframe().f_back, "formatted into text")
+        return format(value, spec)
+
+    def __hash__(self) -> int:
+        """A traced Python number as a dict or set key: hashed as the example's value, guarded on it (a
+        tensor-valued proxy keeps identity hashing, as torch.fx uses it)."""
+        value = self.value
+        if isinstance(value, (int, float, bool)) and not isinstance(value, torch.Tensor):
+            return hash(self._specialise(lambda v: v, inspect.currentframe().f_back, "used as a dict or set key"))
+        return id(self)
+
+    def _specialise(self, convert, caller, how: str | None = None):
         """A Python number from a traced value (``int(n)``, ``range(n)``): the example's, guarded."""
         value = convert(self.data_value)
-        how = "used as an integer (range(), an index)" if convert is operator.index else f"{convert.__name__}()"
+        if how is None:
+            how = "used as an integer (range(), an index)" if convert is operator.index else f"{convert.__name__}()"
         self.tracer.add_guard(self == value, True, _user_frame(caller), f"{how} gave {value!r} on the example")
         return value
 

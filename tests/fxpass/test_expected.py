@@ -233,3 +233,17 @@ def test_a_step_graph_is_checkable_and_a_wrong_checkpoint_fails(capsys, tmp_path
     assert rc == 1 and ": FAIL" in out
     rc, _, err = cli(capsys, "check", step_graph, "--model", tiny_ckpt, "--targets", "torch,ort,openvino")
     assert rc == 2 and "a step graph is checked against the eager model on ONNX Runtime only" in err
+
+
+@pytest.mark.parametrize("name, line", [("ItemDictKey", "scales[timesteps[0].item()]"),
+                                        ("ItemFString", 'key = f"{timesteps[0].item()}"')])
+def test_a_timestep_read_as_a_number_for_a_key_or_text_is_refused_not_frozen(tmp_path, capsys, name, line):
+    """``.item()`` used as a dict key or formatted into text decides by the example's value: the decision is
+    guarded, so a table over every timestep is refused at the line instead of holding one row for all."""
+    import user_models
+    from check_helpers import lower_user_class
+
+    code, _, out, _ = lower_user_class(tmp_path, name, getattr(user_models, name)(), "--image-size", "8")
+    err = capsys.readouterr().err
+    assert code == 2 and not out.exists()
+    assert "breaks fxpass guard" in err and line in err

@@ -579,3 +579,20 @@ class InPlaceInput(_TimedConv):
         else:  # data.mul_
             x.data.mul_(2.0)
         return self.body(x, timesteps)
+
+
+class ItemDictKey(_TimedConv):
+    """Reads the timestep with ``.item()`` and looks it up in a dict (issue #26): no comparison a guard could
+    record, so a table lowered from one example would hold one row's scale for all."""
+
+    def forward(self, x, timesteps):
+        scales = {t: 1.0 + t / 100.0 for t in range(1000)}
+        return self.body(x, timesteps) * scales[timesteps[0].item()]
+
+
+class ItemFString(_TimedConv):
+    """Formats the timestep read with ``.item()`` into a string and uses its length (issue #26)."""
+
+    def forward(self, x, timesteps):
+        key = f"{timesteps[0].item()}"
+        return self.body(x, timesteps) * (1.0 + len(key) / 10.0)
