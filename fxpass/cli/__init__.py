@@ -71,6 +71,12 @@ def _run(args) -> int:
     except KeyboardInterrupt:
         print("fxpass: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as exc:  # no command of fxpass's exits this way: the model's code (or a library it runs) did
+        if getattr(args, "debug", False):
+            raise
+        print(f"fxpass: error: code run for {args.command or 'this command'} called sys.exit({exc.code!r}) (the model's "
+              "own code, or a library it calls); stopped there, nothing written", file=sys.stderr)
+        return 2
     except Terminated:
         print("fxpass: terminated", file=sys.stderr)
         return 143

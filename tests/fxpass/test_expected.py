@@ -247,3 +247,14 @@ def test_a_timestep_read_as_a_number_for_a_key_or_text_is_refused_not_frozen(tmp
     err = capsys.readouterr().err
     assert code == 2 and not out.exists()
     assert "breaks fxpass guard" in err and line in err
+
+
+def test_a_model_that_calls_sys_exit_is_an_error_not_a_silent_success(tmp_path, capsys):
+    import user_models
+    from check_helpers import lower_user_class
+
+    code, _, out, report = lower_user_class(tmp_path, "ExitsInForward", user_models.ExitsInForward(),
+                                            "--image-size", "8")
+    err = capsys.readouterr().err
+    assert code == 2 and not out.exists() and report is None
+    assert "called sys.exit(0) (the model's own code, or a library it calls); stopped there, nothing written" in err

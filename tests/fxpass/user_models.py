@@ -596,3 +596,12 @@ class ItemFString(_TimedConv):
     def forward(self, x, timesteps):
         key = f"{timesteps[0].item()}"
         return self.body(x, timesteps) * (1.0 + len(key) / 10.0)
+
+
+class ExitsInForward(_TimedConv):
+    """Calls sys.exit(0) in forward (issue #26): fxpass must say so and write nothing, not exit 0 silently."""
+
+    def forward(self, x, timesteps):
+        import sys
+
+        sys.exit(0)
