@@ -290,6 +290,34 @@ def check_external_data(model, path) -> None:
             raise FxpassError(f"{where} is not a regular file")
 
 
+#: ops that carry ``t_index`` to a table gather unchanged in value
+_INDEX_OPS = ("Squeeze", "Unsqueeze", "Reshape", "Cast", "Identity", "Flatten")
+
+
+def table_rows(model) -> set[int]:
+    """Row counts of the constant tables the graph gathers by ``t_index`` (an ``onnx.ModelProto``; the
+    weights need not be loaded): one per timestep of the schedule the tables were built for."""
+    dims = {init.name: list(init.dims) for init in model.graph.initializer}
+    index, changed = {"t_index"}, True
+    while changed:
+        changed = False
+        for node in model.graph.node:
+            if node.op_type in _INDEX_OPS and node.input and node.input[0] in index and node.output[0] not in index:
+                index.add(node.output[0])
+                changed = True
+    return {dims[n.input[0]][0] for n in model.graph.node
+            if n.op_type == "Gather" and len(n.input) == 2 and n.input[1] in index and len(dims.get(n.input[0], [])) >= 1}
+
+
+def check_table_rows(model, meta: ModelMeta, source: str) -> None:
+    """The metadata's schedule has as many steps as the graph's timestep tables have rows."""
+    rows = table_rows(model) if meta.mode in ("table", "step") else set()
+    wrong = sorted(r for r in rows if r != meta.steps)
+    if wrong:
+        raise FxpassError(f"{source}: metadata {TIMESTEPS} lists {meta.steps} steps, but the graph's timestep tables "
+                          f"have {wrong[0]} rows: the metadata does not describe this graph")
+
+
 def graph_inputs(model) -> dict[str, tuple[str, list]]:
     """The non-initializer inputs of an ``onnx.ModelProto``: name -> (numpy dtype name, shape, -1 where symbolic)."""
     initializers = {init.name for init in model.graph.initializer}
@@ -317,6 +345,7 @@ def read_file(path, *, require: tuple[str, ...] = ()) -> OnnxInfo:
         raise FxpassError(f"{path}: not a readable ONNX model ({first_line(exc)})") from None
     meta = parse(read_props(model), str(path), require=require)
     check_external_data(model, path)
+    check_table_rows(model, meta, str(path))
     inputs = graph_inputs(model)
     if "x" not in inputs:
         raise FxpassError(f"{path}: has no input named x (inputs: {', '.join(inputs)})")

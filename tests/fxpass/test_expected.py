@@ -258,3 +258,25 @@ def test_a_model_that_calls_sys_exit_is_an_error_not_a_silent_success(tmp_path, 
     err = capsys.readouterr().err
     assert code == 2 and not out.exists() and report is None
     assert "called sys.exit(0) (the model's own code, or a library it calls); stopped there, nothing written" in err
+
+
+def test_a_schedule_rewritten_in_the_metadata_is_refused_by_sample_and_check(capsys, tmp_path, tiny_onnx, tiny_ckpt):
+    from check_helpers import gray_image_and_half_mask
+
+    from fxpass.diffusion import respaced
+
+    model = onnx.load(str(tiny_onnx))
+    props = metadata.read_props(model)
+    config = json.loads(props[metadata.CONFIG])
+    config["timestep_respacing"] = "20"  # self-consistent metadata for 20 steps; the graph's tables have 10 rows
+    kept = respaced(config["diffusion_steps"], "20")
+    metadata.write_props(model, {metadata.CONFIG: json.dumps(config), metadata.TIMESTEPS: json.dumps(kept),
+                                 metadata.MODEL_TIMESTEPS: json.dumps(kept)})
+    path = tmp_path / "rewritten.onnx"
+    onnx.save(model, str(path))
+    img, mask = gray_image_and_half_mask(tmp_path, 32)
+    rc, _, err = cli(capsys, "sample", path, "--image", img, "--mask", mask, "-o", tmp_path / "r.png")
+    assert rc == 2 and "lists 20 steps, but the graph's timestep tables have 10 rows" in err
+    assert not (tmp_path / "r.png").exists()
+    rc, _, err = cli(capsys, "check", path, "--model", tiny_ckpt)
+    assert rc == 2 and "lists 20 steps, but the graph's timestep tables have 10 rows" in err
