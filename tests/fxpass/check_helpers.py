@@ -38,6 +38,21 @@ REPO = Path(__file__).resolve().parents[2]
 SCHEDULE = ["--diffusion-steps", "100", "--timestep-respacing", "10"]
 
 
+def lower_on_one_thread(*argv) -> int:
+    """``fxpass lower *argv`` in this process on one torch thread (as the module fixtures lower), the thread
+    count restored after: its exit code."""
+    import torch
+
+    from fxpass.cli import main
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main(["lower", *map(str, argv)])
+    finally:
+        torch.set_num_threads(before)
+
+
 def lower_user_class(directory: Path, name: str, model, *flags):
     """``fxpass lower`` of ``user_models:<name>`` (weights of ``model``, seed 0) with ``--report``:
     (exit code, checkpoint, ONNX path, the report or None)."""

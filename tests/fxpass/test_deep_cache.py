@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from check_helpers import cli, gray_image_and_half_mask, sample_in_a_fresh_process
+from check_helpers import cli, gray_image_and_half_mask, lower_on_one_thread, sample_in_a_fresh_process
 
 from fxpass import metadata
 from fxpass.deep_cache import CUT_TOLERANCE, check_cut, shallow_path
@@ -19,18 +19,9 @@ from fxpass.deep_cache import CUT_TOLERANCE, check_cut, shallow_path
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory, tiny_ckpt, tiny_yaml):
     """The tiny checkpoint lowered with --deep-cache (level 1): (full path, report)."""
-    import torch
-
-    from fxpass.cli import main
-
     out = tmp_path_factory.mktemp("deep-cache") / "tiny.onnx"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["lower", str(tiny_ckpt), "--config", str(tiny_yaml), "-o", str(out), "--deep-cache",
-                     "--report", str(out.with_suffix(".json"))]) == 0
-    finally:
-        torch.set_num_threads(before)
+    assert lower_on_one_thread(tiny_ckpt, "--config", tiny_yaml, "-o", out, "--deep-cache", "--report",
+                               out.with_suffix(".json")) == 0
     return out, json.loads(out.with_suffix(".json").read_text())
 
 

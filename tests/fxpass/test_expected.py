@@ -9,7 +9,7 @@ import shutil
 
 import onnx
 import pytest
-from check_helpers import cli, scale_output_conv_weight
+from check_helpers import cli, lower_on_one_thread, scale_output_conv_weight
 from onnx import TensorProto, helper
 
 from fxpass import metadata
@@ -205,17 +205,8 @@ def test_lower_output_over_the_precision_plan_is_refused(capsys, tmp_path, tiny_
 
 @pytest.fixture(scope="module")
 def step_graph(tmp_path_factory, tiny_ckpt, tiny_yaml):
-    import torch
-
-    from fxpass.cli import main
-
     out = tmp_path_factory.mktemp("step") / "step.onnx"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(["lower", str(tiny_ckpt), "--config", str(tiny_yaml), "-o", str(out), "--step-graph"]) == 0
-    finally:
-        torch.set_num_threads(before)
+    assert lower_on_one_thread(tiny_ckpt, "--config", tiny_yaml, "-o", out, "--step-graph") == 0
     return out
 
 
