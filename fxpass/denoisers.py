@@ -77,10 +77,10 @@ class TableModel:
         self.meta = meta = metadata.parse(metadata.read_props(graph), str(path), require=("table",))
         if meta.config is None:
             raise FxpassError(f"{path}: no {metadata.CONFIG} metadata; sampling needs the model's schedule")
-        metadata.check_table_rows(graph, meta, str(path))
         if not metadata.schedule_matches_config(meta):
             raise FxpassError(f"{path}: metadata {metadata.TIMESTEPS} ({meta.steps} steps) does not match the "
                               f"respaced schedule of its {metadata.CONFIG}; sampling needs the config's schedule")
+        metadata.check_table_rows(graph, meta, str(path))
         self.config = meta.config
         self.diffusion = Diffusion.from_config(self.config)
         self.timesteps = list(meta.timesteps)
