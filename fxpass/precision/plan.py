@@ -11,8 +11,9 @@ predicted noise gets when only those layers are quantized: the largest (eps-MSE 
 3. the sensitive layers are kept in float, in two orders: most damaging first, and most damage per
    unit of measured cost first (``cost``: each layer's float32 time per call, from ONNX Runtime's
    profiler, :mod:`fxpass.precision.cost`); for each order a binary search finds the shortest prefix
-   whose fully quantized rest meets the budget on the evaluation set, and the cheaper of the two float
-   sets is the plan (without costs, the first order alone), so the int8 graph stays fast;
+   whose fully quantized rest meets the budget on the evaluation set, and the second is the plan only
+   where it is cheaper and no worse on the evaluation set than the first (a set nearer the budget's edge
+   held less well on further held-out images of the reference), so the int8 graph stays fast;
 4. if even all of them do not suffice, ``tau`` drops fourfold and the quantized groups whose damage
    exceeds it are split again (at most four rounds); then the plan is refused, never returned unmet.
 
@@ -177,7 +178,8 @@ def _cheapest(sensitive: dict[str, float], evaluate: Evaluate, budget: float, sa
     if by_value[:len(found[0])] == found[0]:
         return found
     other = _shortest_prefix(by_value, evaluate, budget, say)
-    if other is not None and price(other[0]) < price(found[0]):
+    # cheaper, and no worse on the evaluation set: a set nearer the budget's edge holds less well on new images
+    if other is not None and price(other[0]) < price(found[0]) and other[1].damage <= found[1].damage + 1e-9:
         say(f"by damage per measured cost: {len(other[0])} layers in float, {price(other[0]) * 1e3:.2f} ms "
             f"instead of {price(found[0]) * 1e3:.2f} ms")
         return other
