@@ -167,7 +167,7 @@ class TableModel:
         if self.static_batch == 1 and x.shape[0] != 1:
             return np.concatenate([self(x[i:i + 1], t_index[i:i + 1]) for i in range(x.shape[0])])
         self.calls += 1
-        return self._checked(self._run(x.astype(self.x_dtype, copy=False), t_index), x)
+        return self._checked(self._run(self._x(x), t_index), x)
 
 
 class OnnxDenoiser(TableModel):

@@ -23,10 +23,9 @@ import math
 from pathlib import Path
 
 from .errors import FxpassError
+from .metadata import PRECISIONS
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-QDQ = ("QuantizeLinear", "DequantizeLinear")
-FLOAT16 = 10  # onnx.TensorProto.FLOAT16
+QDQ = frozenset(("QuantizeLinear", "DequantizeLinear"))
 
 
 def asked_precision(info, asked: str | None, report: str | Path | None = None) -> str:
@@ -65,30 +64,25 @@ def _report_precision(report: str | Path) -> str:
     return precision
 
 
-def structure_problem(model, precision: str) -> str | None:
-    """Why ``model`` (an ``onnx.ModelProto``, weights not needed) is not a ``precision`` graph, or None."""
-    ops = {node.op_type for node in model.graph.node}
-    qdq = bool(ops & set(QDQ))
-    half = any(t.data_type == FLOAT16 for t in model.graph.initializer) or any(
-        node.op_type == "Cast" and any(a.name == "to" and a.i == FLOAT16 for a in node.attribute)
-        for node in model.graph.node)
-    if precision == "int8" and not (ops >= set(QDQ)):
+def structure_problem(op_types: frozenset, float16: bool, precision: str) -> str | None:
+    """Why a graph of ``op_types`` (with float16 weights or casts where ``float16``;
+    :func:`fxpass.metadata.graph_facts`) is not a ``precision`` graph, or None."""
+    if precision == "int8" and not op_types >= QDQ:
         return "its graph has no QuantizeLinear/DequantizeLinear pairs: it is not an int8 lowering"
-    if precision == "fp16" and not half:
+    if precision == "fp16" and not float16:
         return "its graph has no float16 weights or casts: it is not an fp16 lowering"
-    if precision in ("fp32", "bf16") and (qdq or half):
-        what = "QuantizeLinear/DequantizeLinear" if qdq else "float16 weights or casts"
+    if precision in ("fp32", "bf16") and (op_types & QDQ or float16):
+        what = "QuantizeLinear/DequantizeLinear" if op_types & QDQ else "float16 weights or casts"
         return f"its graph has {what}: it is not a float32 graph"
     return None
 
 
-def check_structure(path: Path, precision: str) -> None:
-    """FxpassError (exit 1) where the file at ``path`` is not a ``precision`` graph."""
-    import onnx
-
-    problem = structure_problem(onnx.load(str(path), load_external_data=False), precision)
+def check_structure(info, precision: str) -> None:
+    """FxpassError (exit 1) where the file ``info`` describes (:func:`fxpass.metadata.read_file`) is not a
+    ``precision`` graph."""
+    problem = structure_problem(info.op_types, info.float16, precision)
     if problem:
-        raise FxpassError(f"{path}: checked as {precision}, but {problem}", exit_code=1)
+        raise FxpassError(f"{info.path}: checked as {precision}, but {problem}", exit_code=1)
 
 
 def row_tolerance(precision: str, runner_name: str) -> str:
@@ -113,11 +107,11 @@ def golden_tolerance(manifest: dict, precision: str, default: tuple[float, float
         raise FxpassError(f"{source}: manifest tolerances.{precision} must hold atol_scale, rtol (and the atol "
                           "it records) only")
     atol, rtol = entry.get("atol_scale", default[0]), entry.get("rtol", default[1])
-    for key, value, low in (("atol_scale", atol, 0.0), ("rtol", rtol, -1.0)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or value <= low or (key == "rtol" and value < 0):
+    for key, value, lowest in (("atol_scale", atol, "> 0"), ("rtol", rtol, ">= 0")):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or value < 0 or (value == 0 and key == "atol_scale"):
             raise FxpassError(f"{source}: manifest tolerances.{precision}.{key} is {value!r}; expected a finite "
-                              f"number {'> 0' if key == 'atol_scale' else '>= 0'}")
+                              f"number {lowest}")
     bound = (float(atol), float(rtol))
     if bound[0] <= default[0] and bound[1] <= default[1]:
         return bound, None

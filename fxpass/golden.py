@@ -33,18 +33,15 @@ class GoldenSet:
     feeds: list[dict]
     outputs: Any  # polygraphy RunResults with one runner
     directory: Path | None = None
-    #: what the last :meth:`tolerance` did with the manifest's bound, for the output (None: nothing to say)
-    note: str | None = None
 
-    def tolerance(self, precision: str, *, trust: bool = False) -> tuple[float, float]:
-        """The manifest's bound for ``precision``, validated (:func:`fxpass.expected.golden_tolerance`): never
-        looser than the precision's own unless ``trust``; :attr:`note` says what was done."""
+    def tolerance(self, precision: str, *, trust: bool = False) -> tuple[tuple[float, float], str | None]:
+        """(the manifest's bound for ``precision``, validated, never looser than the precision's own unless
+        ``trust``; a note for the output saying what was done, or None): :func:`fxpass.expected.golden_tolerance`."""
         from .expected import golden_tolerance
         from .gate import default_tolerance
 
-        bound, self.note = golden_tolerance(self.manifest, precision, default_tolerance(precision), trust=trust,
-                                            source=str(getattr(self, "directory", "golden set")))
-        return bound
+        return golden_tolerance(self.manifest, precision, default_tolerance(precision), trust=trust,
+                                source=str(self.directory or "golden set"))
 
 
 def sha256(path: Path) -> str:

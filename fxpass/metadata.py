@@ -241,6 +241,9 @@ class OnnxInfo:
     path: Any  # Path
     meta: ModelMeta
     inputs: dict[str, tuple[str, list]]  # name -> (numpy dtype name, shape with -1 for symbolic dims)
+    #: the graph's op types, and whether it holds float16 weights or casts to float16 (:func:`graph_facts`)
+    op_types: frozenset = frozenset()
+    float16: bool = False
 
     @property
     def mode(self) -> str:
@@ -288,6 +291,18 @@ def check_external_data(model, path) -> None:
             raise FxpassError(f"{where} is missing") from None
         if not stat.S_ISREG(mode):
             raise FxpassError(f"{where} is not a regular file")
+
+
+_FLOAT16 = 10  # onnx.TensorProto.FLOAT16
+
+
+def graph_facts(model) -> tuple[frozenset, bool]:
+    """(the op types of an ``onnx.ModelProto``, whether it has float16 weights or casts to float16): what
+    its precision made of it (weights not needed)."""
+    nodes = model.graph.node
+    half = any(t.data_type == _FLOAT16 for t in model.graph.initializer) or any(
+        node.op_type == "Cast" and any(a.name == "to" and a.i == _FLOAT16 for a in node.attribute) for node in nodes)
+    return frozenset(node.op_type for node in nodes), half
 
 
 #: ops that carry ``t_index`` to a table gather unchanged in value
@@ -355,4 +370,4 @@ def read_file(path, *, require: tuple[str, ...] = ()) -> OnnxInfo:
         check_input_fits(shape, f"input {name}", str(path))
     if meta.mode in ("table", "step") and "t_index" not in inputs:
         raise FxpassError(f"{path}: {meta.mode}-mode model without a t_index input")
-    return OnnxInfo(path, meta, inputs)
+    return OnnxInfo(path, meta, inputs, *graph_facts(model))

@@ -222,8 +222,8 @@ def check_targets(info, *, targets: Sequence[str], model=None, model_label: str 
         results, errors = run_each(runners, golden.feeds)
         for name, iterations in results.items():
             combined[name] = iterations
-        tol = tolerance or golden.tolerance(precision, trust=trust_golden_tolerance)
-        notes += [golden.note] if golden.note and tolerance is None else []
+        tol, note = (tolerance, None) if tolerance else golden.tolerance(precision, trust=trust_golden_tolerance)
+        notes += [note] if note else []
         rows += compare_rows(combined, "golden", tol, labels,
                              tolerances=runner_tolerances(runners, tolerance, tol, precision))
         rows += [Row("golden", name, "error", why) for name, why in errors.items()]

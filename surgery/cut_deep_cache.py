@@ -151,7 +151,7 @@ def cut_deep_cache(model: onnx.ModelProto, *, level: int | None = 1, feature: st
         raise CutRefused(f"no tensor named {feature!r} in the graph")
     shallow = _shallow(model, feature)
     kept = {n.name for n in shallow.nodes}
-    full_graph = gs.import_onnx(model)
+    full_graph = graph  # unchanged but for the toposort of find_skip_connections; it gains the output below
     target = full_graph.tensors()[feature]
     producer = target.inputs[0] if target.inputs else None
     if producer is not None and producer.name in kept:
@@ -170,5 +170,5 @@ def cut_deep_cache(model: onnx.ModelProto, *, level: int | None = 1, feature: st
         proto.ir_version = model.ir_version
         del proto.metadata_props[:]
         proto.metadata_props.extend(model.metadata_props)
-    return Cut(full, cut_model, level if level is not None else None, feature, len(skips),
+    return Cut(full, cut_model, level, feature, len(skips),
                len(full_graph.nodes), len(shallow.nodes))

@@ -10,6 +10,7 @@ import importlib.util
 import time
 
 from ..errors import FxpassError
+from ..metadata import PRECISIONS
 from . import args as shared
 from .output import console
 
@@ -30,7 +31,7 @@ def add_parser(sub, common) -> None:
                    help="comma-separated of torch, ort, trt, openvino (OpenVINO CPU, f32), openvino-bf16 "
                         "(OpenVINO CPU, bf16 inference precision) (default: torch,ort; ort alone with only --golden)")
     p.add_argument("--golden", metavar="DIR", help="also compare against a golden set written by fxpass golden")
-    p.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="the precision the file must be, whose bound it is checked at (default fp32; a file whose "
                         "metadata says otherwise fails: its own label is never trusted)")
     p.add_argument("--lowering-report", metavar="REPORT.json",
@@ -79,10 +80,10 @@ def _targets(args) -> list[str]:
 
 def run(args) -> int:
     from ..config import resolve_config
+    from ..expected import asked_precision, check_structure
     from ..fileio import plan_outputs
     from ..golden import load_golden
     from ..metadata import read_file
-    from ..expected import asked_precision, check_structure
     from ..verify import check_targets, parse_tolerance
     from . import user as user_flags
 
@@ -108,7 +109,7 @@ def run(args) -> int:
 
         count = args.data_count or min(len(image_files(args.data)), DATA_COUNT)
         images = load_image_dir(args.data, info.inputs["x"][1][-1], count)
-    check_structure(info.path, precision)  # structure before numbers
+    check_structure(info, precision)  # structure before numbers
     if info.mode == "step":
         return _check_step(args, info, cfg, targets, precision, tol)
     golden = load_golden(args.golden) if args.golden else None

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from ..errors import FxpassError
+from ..metadata import PRECISIONS
 from . import args as shared
 from .output import console
 
@@ -18,7 +19,7 @@ def add_parser(sub, common) -> None:
     p.add_argument("--onnx", metavar="OUT.onnx",
                    help="the lowered model the set is for: schedule and inputs from its metadata; checked "
                         "against the new outputs before writing; named in the regression command")
-    p.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="with --onnx: the precision that file must be, whose bound it is checked at (default fp32; "
                         "its own metadata label is never trusted)")
     shared.add_seed(p)
@@ -64,7 +65,7 @@ def run(args) -> int:
     if info is not None:  # the precision the user asks for, the graph that precision makes
         from ..expected import asked_precision, check_structure
 
-        check_structure(info.path, asked_precision(info, args.precision))
+        check_structure(info, asked_precision(info, args.precision))
     elif args.precision is not None:
         raise FxpassError("--precision: says what the --onnx file must be; give --onnx OUT.onnx")
     if user and info is not None:

@@ -101,8 +101,7 @@ def request_from(args):
                       opset=args.opset, simplifier=None if args.simplifier == "none" else args.simplifier,
                       group_norm=args.group_norm, precision=args.precision, int8=int8, deep_cache=args.deep_cache)
     output = Output(path=args.output, report=args.report, format=args.format, palettize_bits=args.palettize_bits,
-                    force=args.force, protected=tuple(p for p in (args.config, args.precision_plan, args.calibration_data)
-                                   if p is not None) or (args.config,))
+                    force=args.force, protected=(args.config, args.precision_plan, args.calibration_data))
     return LowerRequest(source, rewrite, output, Check())
 
 

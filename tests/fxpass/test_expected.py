@@ -15,6 +15,7 @@ from onnx import TensorProto, helper
 from fxpass import metadata
 from fxpass.errors import FxpassError
 from fxpass.expected import asked_precision, golden_tolerance, row_tolerance, structure_problem
+from fxpass.metadata import graph_facts
 
 
 def _graph(*ops: str, half: bool = False) -> onnx.ModelProto:
@@ -39,7 +40,7 @@ def _graph(*ops: str, half: bool = False) -> onnx.ModelProto:
     (_graph("Relu", half=True), "bf16", "float16 weights or casts: it is not a float32"),
 ])
 def test_structure_matches_the_precision(model, precision, problem):
-    found = structure_problem(model, precision)
+    found = structure_problem(*graph_facts(model), precision)
     assert (found is None) if problem is None else (problem in found)
 
 

@@ -84,7 +84,7 @@ def test_cli_flags_build_the_request_the_api_would(tiny_ckpt, tmp_path):
     req = request_from(args)
     api = LowerRequest.of(checkpoint=str(tiny_ckpt), config=req.source.config, precision="fp16", group_norm="keep",
                           opset=20, simplifier=None, path=str(tmp_path / "m.onnx"), report=str(tmp_path / "r.json"),
-                          protected=(None,))
+                          protected=(None, None, None))  # --config, --precision-plan, --calibration-data
     assert req == api
 
 
