@@ -7,10 +7,11 @@ duplicate keys or NaN, the marker, no unknown key, every knob of the right type 
 is (:class:`fxpass.samplers.Settings`, ``check_knobs``); each refusal is one line naming the file and the
 key.  Nothing in a preset file is executed.
 
-:func:`tune` searches DDNM knobs within a budget of model calls per image on the user's images:
+:func:`tune` searches DDNM's and DiffPIR's knobs within a budget of model calls per image on the user's images:
 
 - the images (sorted by name) are split alternately: even positions tune, odd positions are held apart;
-- the candidates (:func:`candidates`) are a grid of ``start`` x ``eta`` x time travel (x ``cache_interval``
+- the candidates (:func:`candidates`) are a grid of ``start`` x the method (DDNM at
+  eta 0.85 and 1, DiffPIR started from the known pixels) x time travel (x ``cache_interval``
   on a ``--deep-cache`` model), each with as many ``steps`` as the budget allows; the budget counts model
   calls, or on a deep-cache model full calls + shallow calls x the measured shallow/full latency ratio
   (:func:`shallow_ratio`); candidates far below the budget are dropped, and a larger grid is cut to a
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FxpassError
-from .samplers import KNOBS, SAMPLERS, Settings
+from .samplers import INITS, KNOBS, SAMPLERS, Settings
 
 #: the marker and version of a preset file
 MARKER, VERSION = "fxpass_preset", 1
@@ -44,13 +45,13 @@ MAX_NAME = 255
 TOP_KEYS = (MARKER, "name", "settings", "budget", "model", "tuning", "measured", "note")
 #: the keys of "settings": the sampler, the knobs (Settings' field names), start (a fraction of the table)
 SETTINGS_KEYS = ("sampler", "start", "t_T", "steps", "eta", "jump_length", "jump_n_sample", "travel_length",
-                 "travel_repeat", "travel_below", "cache_interval")
+                 "travel_repeat", "travel_below", "cache_interval", "zeta", "init")
 NOTE = "chosen on the tuning images, measured once on the held-apart ones"
 
-#: the search grid: where DDNM starts (a fraction of the table), eta, time travel (length, repeat; (1, 1) is
-#: none), the cache intervals tried on a --deep-cache model
-STARTS = (0.5, 0.6, 0.7, 0.8, 1.0)
-ETAS = (0.85, 1.0)
+#: the search grid: the method (DDNM at two etas; DiffPIR from the known pixels), where it starts (a fraction
+#: of the table), time travel (length, repeat; (1, 1) is none), the cache intervals tried on a --deep-cache model
+METHODS = ({"sampler": "ddnm", "eta": 0.85}, {"sampler": "ddnm", "eta": 1.0}, {"sampler": "diffpir", "init": "fill"})
+STARTS = (0.4, 0.5, 0.6, 0.7, 0.8, 1.0)
 TRAVELS = ((1, 1), *((length, repeat) for length in (2, 3, 4, 5) for repeat in (2, 3, 4)))
 CACHE_INTERVALS = (2, 3)
 #: the most candidates searched, the fewest levels a candidate walks
@@ -114,10 +115,14 @@ def check_name(path, name) -> str:
 def _knob(path, key: str, value):
     """A knob's value as its flag takes it: eta a number in [0, 1], start in (0, 1], the others positive ints."""
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if key == "eta":
+    if key in ("eta", "zeta"):
         if not number or not 0.0 <= value <= 1.0:
-            raise FxpassError(f'{path}: "settings.eta" is {_shown(value)}, expected a number in [0, 1]')
+            raise FxpassError(f'{path}: "settings.{key}" is {_shown(value)}, expected a number in [0, 1]')
         return float(value)
+    if key == "init":
+        if value not in INITS:
+            raise FxpassError(f'{path}: "settings.init" is {_shown(value)}, expected one of {", ".join(INITS)}')
+        return value
     if key == "start":
         if not number or not 0.0 < value <= 1.0:
             raise FxpassError(f'{path}: "settings.start" is {_shown(value)}, expected a fraction of the table in '
@@ -178,7 +183,7 @@ def read_preset(path: str | Path) -> Settings:
 # ---- the candidates -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Candidate:
-    """One DDNM setting of the search, its model calls per image and their cost (calls, or full calls +
+    """One setting of the search, its model calls per image and their cost (calls, or full calls +
     shallow calls x the shallow/full latency ratio)."""
 
     settings: Settings
@@ -217,7 +222,7 @@ def _balanced(found: list[Candidate], limit: int) -> list[Candidate]:
     often (ties: grid order), returned in grid order."""
     if len(found) <= limit:
         return found
-    knobs = ("start", "eta", "travel_length", "travel_repeat", "cache_interval")
+    knobs = ("sampler", "start", "eta", "init", "travel_length", "travel_repeat", "cache_interval")
     levels = [[(k, getattr(c.settings, k)) for k in knobs] for c in found]
     counts: dict = {}
     left, chosen = list(range(len(found))), []
@@ -231,19 +236,20 @@ def _balanced(found: list[Candidate], limit: int) -> list[Candidate]:
 
 
 def candidates(diffusion, budget: int, *, ratio: float | None = None, limit: int = MAX_CANDIDATES) -> list[Candidate]:
-    """The DDNM candidates for ``budget`` model calls per image (cache intervals too where ``ratio``, the
+    """The candidates for ``budget`` model calls per image (cache intervals too where ``ratio``, the
     shallow/full latency ratio of a deep-cache model, is given); FxpassError where none fits."""
     intervals = (1,) if ratio is None else (1, *CACHE_INTERVALS)
     found, plans, cheapest = [], set(), None
     for start in STARTS:
-        for eta in ETAS:
+        for method in METHODS:
             for length, repeat in TRAVELS:
                 for interval in intervals:
-                    base = Settings("ddnm", start=start, eta=eta, travel_length=length, travel_repeat=repeat,
+                    base = Settings(**method, start=start, travel_length=length, travel_repeat=repeat,
                                     cache_interval=interval)
                     fit, low = _fit(diffusion, base, budget, ratio)
                     cheapest = low if cheapest is None or low.cost < cheapest.cost else cheapest
-                    key = None if fit is None else (tuple(fit.settings.build(diffusion).plan), eta, interval)
+                    key = None if fit is None else (tuple(fit.settings.build(diffusion).plan), tuple(method.items()),
+                                                    interval)
                     if fit is not None and key not in plans:
                         plans.add(key)
                         found.append(fit)
@@ -329,9 +335,8 @@ def _halving(model, images, masks, names, found: list[Candidate], seed: int, cal
 
 def _record(candidate: Candidate, steps: int) -> dict:
     s = candidate.settings
-    return {"settings": {"sampler": s.sampler, "start": s.start, "steps": s.steps, "eta": s.eta,
-                         "travel_length": s.travel_length, "travel_repeat": s.travel_repeat,
-                         "cache_interval": s.cache_interval},
+    knobs = {k: getattr(s, k) for k in KNOBS[s.sampler] if k != "t_T" and getattr(s, k) is not None}
+    return {"settings": {"sampler": s.sampler, "start": s.start, **knobs},
             "label": s.label(steps), "calls": candidate.calls, "cost": candidate.cost}
 
 

@@ -19,13 +19,13 @@ import argparse
 from pathlib import Path
 
 from ..errors import FxpassError
-from ..samplers import DEFAULT_ETA, KNOBS, PRESETS, SAMPLERS, Settings
+from ..samplers import DEFAULT_ETA, INITS, KNOBS, PRESETS, SAMPLERS, Settings
 from . import args as shared
 
 #: each knob's flag -> its Settings field
 FLAGS = {"--t-T": "t_T", "--jump-length": "jump_length", "--jump-n-sample": "jump_n_sample", "--steps": "steps",
          "--eta": "eta", "--travel-length": "travel_length", "--travel-repeat": "travel_repeat",
-         "--travel-below": "travel_below",
+         "--travel-below": "travel_below", "--zeta": "zeta", "--init": "init",
          "--cache-interval": "cache_interval"}
 
 
@@ -38,6 +38,13 @@ def unit_interval(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
     return value
+
+
+def init_choice(text: str) -> str:
+    """An argparse type: where DiffPIR's walk starts (:data:`fxpass.samplers.INITS`)."""
+    if text not in INITS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(INITS)}, got {text!r}")
+    return text
 
 
 def is_preset_file(entry: str) -> bool:
@@ -91,7 +98,9 @@ def add_arguments(p: argparse.ArgumentParser, many_presets: bool = False) -> Non
                         + ("; a comma-separated list compares them, as --run entries" if many_presets else ""))
     p.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="repaint: RePaint's resampling over every step (default); ddim: DDIM skip-step sampling, "
-                        "known pixels noised into x_t; ddnm: DDNM, known pixels projected into the predicted x0")
+                        "known pixels noised into x_t; ddnm: DDNM, known pixels projected into the predicted x0; "
+                        "diffpir: DiffPIR, x0 projected as DDNM's, then re-noised (--zeta), optionally started from "
+                        "the known pixels (--init fill)")
     p.add_argument("--t-T", dest="t_T", type=shared.positive, default=None, metavar="N",
                    help="start from pure noise at level N-1 of the lowered schedule; ddim, ddnm: --steps are spread "
                         "over levels 0..N-1 (default: the number of respaced steps)")
@@ -111,6 +120,11 @@ def add_arguments(p: argparse.ArgumentParser, many_presets: bool = False) -> Non
                    help="ddnm: passes over each time-travel section (default 1 = no time travel)")
     p.add_argument("--travel-below", type=shared.positive, default=None, metavar="N",
                    help="ddnm: time travel only from the N least noisy walked levels (default: from all of them)")
+    p.add_argument("--zeta", type=unit_interval, default=None, metavar="F",
+                   help="diffpir: re-noising weight in [0, 1], 1 = fresh noise only (default 1)")
+    p.add_argument("--init", type=init_choice, default=None, metavar="noise|fill",
+                   help="diffpir: start from pure noise (default) or from the known pixels, the unknown ones their "
+                        "mean colour, noised to the top level")
     p.add_argument("--cache-interval", type=shared.positive, default=None, metavar="N",
                    help="every sampler, on a model lowered with --deep-cache: every N-th model call is full, the "
                         "others run the shallow graph on the last full call's deep feature (default 1 = no cache)")
@@ -162,7 +176,7 @@ def settings_from_spec(spec: str) -> Settings:
     sampler = sampler.strip()
     if sampler not in SAMPLERS:
         raise FxpassError(f"{where}unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
-    types = {"eta": unit_interval}
+    types = {"eta": unit_interval, "zeta": unit_interval, "init": init_choice}
     flag_of = {field: flag for flag, field in FLAGS.items()}
     values: dict = {}
     for item in filter(None, (i.strip() for i in rest.split(","))):

@@ -2,7 +2,8 @@
 
 :mod:`.base` holds the contract (a plan of moves computed up front, one ``step``) and the only loop,
 :func:`run_plan`; :mod:`.repaint` is RePaint (Lugmayr et al., CVPR 2022), :mod:`.ddim` DDIM (Song et
-al., ICLR 2021), :mod:`.ddnm` DDNM (Wang et al., ICLR 2023).  :class:`Settings` is what the commands
+al., ICLR 2021), :mod:`.ddnm` DDNM (Wang et al., ICLR 2023), :mod:`.diffpir` DiffPIR (Zhu et al., CVPRW 2023)
+with DDNM's time travel and an optional start from the known pixels.  :class:`Settings` is what the commands
 choose (``--sampler`` and its knobs): it checks them against a model and builds the sampler.
 """
 
@@ -15,16 +16,21 @@ from ..diffusion import Diffusion
 from .base import MAX_MODEL_CALLS, Known, Move, Sampler, count_calls, positive_interval, run_plan  # noqa: F401
 from .ddim import DDIM
 from .ddnm import DDNM
+from .diffpir import INITS, DiffPIR  # noqa: F401
 from .repaint import RePaint
 
 #: the samplers ``--sampler`` offers, the default first
-SAMPLERS = ("repaint", "ddim", "ddnm")
+SAMPLERS = ("repaint", "ddim", "ddnm", "diffpir")
 #: DDNM's eta (the paper's setting), also DDIM's default here
 DEFAULT_ETA = 0.85
 #: the knobs each sampler reads (the others must be left at their defaults)
 KNOBS = {"repaint": ("t_T", "jump_length", "jump_n_sample", "cache_interval"),
          "ddim": ("t_T", "steps", "eta", "cache_interval"),
-         "ddnm": ("t_T", "steps", "eta", "travel_length", "travel_repeat", "travel_below", "cache_interval")}
+         "ddnm": ("t_T", "steps", "eta", "travel_length", "travel_repeat", "travel_below", "cache_interval"),
+         "diffpir": ("t_T", "steps", "zeta", "travel_length", "travel_repeat", "travel_below", "cache_interval",
+                     "init")}
+#: each knob's default where a report leaves it out
+QUIET_DEFAULTS = (("cache_interval", 1), ("travel_below", None), ("init", "noise"))
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,9 @@ class Settings:
     travel_below: int | None = None
     #: every cache_interval-th model call full, the others shallow (a --deep-cache model; 1: no cache)
     cache_interval: int = 1
+    #: DiffPIR's re-noising weight (1: fresh noise only) and where its walk starts ("noise" or "fill")
+    zeta: float = 1.0
+    init: str = "noise"
     #: a preset's start, as a fraction of the lowered table (t_T = round(start * its steps)), so one preset
     #: suits a 50-step and a 250-step schedule; and the preset's name, for labels
     start: float | None = None
@@ -83,9 +92,12 @@ class Settings:
             sampler = RePaint.jumps(diffusion, s.t_T, s.jump_length, s.jump_n_sample)
         elif s.sampler == "ddim":
             sampler = DDIM(diffusion, s.steps, s.eta, t_T=s.t_T)
-        else:
+        elif s.sampler == "ddnm":
             sampler = DDNM(diffusion, s.steps, s.eta, travel_length=s.travel_length, travel_repeat=s.travel_repeat,
                            t_T=s.t_T, travel_below=s.travel_below)
+        else:
+            sampler = DiffPIR(diffusion, s.steps, s.zeta, travel_length=s.travel_length,
+                              travel_repeat=s.travel_repeat, t_T=s.t_T, travel_below=s.travel_below, init=s.init)
         sampler.cache_interval = positive_interval(s.cache_interval)
         return sampler
 
@@ -96,7 +108,7 @@ class Settings:
         values = {name: getattr(s, name) for name in KNOBS[s.sampler]}
         if s.sampler != "repaint" and s.t_T is None:
             del values["t_T"]
-        for name, default in (("cache_interval", 1), ("travel_below", None)):
+        for name, default in QUIET_DEFAULTS:
             if name in values and values[name] == default:
                 del values[name]
         for name in ("t_T", "steps"):
@@ -106,7 +118,7 @@ class Settings:
 
     def label(self, num_steps: int) -> str:
         """``RePaint (t_T 10, jump_length 10, jump_n_sample 10)``, ``DDNM (steps 10, eta 0.85, ...)``."""
-        title = {"repaint": "RePaint", "ddim": "DDIM", "ddnm": "DDNM"}[self.sampler]
+        title = {"repaint": "RePaint", "ddim": "DDIM", "ddnm": "DDNM", "diffpir": "DiffPIR"}[self.sampler]
         knobs = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
                           for k, v in self.knobs(num_steps).items())
         return f"{self.preset + ': ' if self.preset else ''}{title} ({knobs})"

@@ -16,7 +16,7 @@ from fxpass.cli import main
 from fxpass.diffusion import Diffusion, base_betas, respaced_betas
 from fxpass.errors import FxpassError
 from fxpass.sampler import GeneratorNoise, RecordingNoise, ReplayNoise, ddpm, jump_model_calls, jump_schedule
-from fxpass.samplers import DDIM, DDNM, MAX_MODEL_CALLS, Move, RePaint, Settings, run_plan
+from fxpass.samplers import DDIM, DDNM, MAX_MODEL_CALLS, DiffPIR, Move, RePaint, Settings, run_plan
 from fxpass.samplers.ddim import check_eta, skip_levels, skip_plan
 
 SIZE = 8
@@ -60,6 +60,8 @@ SAMPLERS = {
     "ddim-eta0": lambda d: DDIM(d, None, 0.0),
     "ddnm": lambda d: DDNM(d, 5, 0.85),
     "ddnm-travel": lambda d: DDNM(d, 7, 0.5, travel_length=2, travel_repeat=3),
+    "diffpir": lambda d: DiffPIR(d, 5),
+    "diffpir-fill-travel": lambda d: DiffPIR(d, 7, 0.4, travel_length=2, travel_repeat=3, init="fill"),
 }
 
 

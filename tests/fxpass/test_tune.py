@@ -29,17 +29,20 @@ def test_candidates_spend_the_budget_and_no_more():
     plans = set()
     for c in found:
         s = c.settings
-        assert s.sampler == "ddnm" and s.start in tune.STARTS and s.eta in tune.ETAS and s.cache_interval == 1
+        method = {k: getattr(s, k) for k in ("sampler", "eta", "init")}
+        assert s.start in tune.STARTS and s.cache_interval == 1
+        assert any(all(method[k] == v for k, v in m.items()) for m in tune.METHODS)
         assert c.calls == c.cost == s.build(d).calls and BUDGET / 2 <= c.cost <= BUDGET
         top = s.resolved(10).t_T
         assert s.steps == top or Settings(**{**s.__dict__, "steps": s.steps + 1}).build(d).calls > BUDGET
-        plans.add((tuple(s.build(d).plan), s.eta))
+        plans.add((tuple(s.build(d).plan), s.sampler, s.eta))
     assert len(plans) == len(found)  # no two candidates walk the same plan
     assert tune.candidates(d, BUDGET) == found  # a fixed grid
+    assert {c.settings.sampler for c in found} == {"ddnm", "diffpir"}
 
 
 def test_a_budget_below_the_cheapest_candidate_is_refused():
-    with pytest.raises(FxpassError, match=r"--budget 1: the cheapest candidate, DDNM \(t_T 5, steps 2.*costs 2 "
+    with pytest.raises(FxpassError, match=r"--budget 1: the cheapest candidate, DDNM \(t_T 4, steps 2.*costs 2 "
                                                r"model calls per image; give at least 2"):
         tune.candidates(_diffusion(steps=10), 1)
 
@@ -220,7 +223,7 @@ def test_evaluate_preset_list_is_the_run_comparison(tmp_path, capsys, tiny_onnx,
     (["--tune", "-o", "{out}"], "--tune needs --budget CALLS: the model calls per image"),
     (["--tune", "--budget", "12"], "--tune needs -o PRESET.json: the model calls per image"),
     (["--tune", "--budget", "12", "-o", "{dir}/p.txt"], "{dir}/p.txt: a preset file's name ends in .json"),
-    (["--tune", "--budget", "1", "-o", "{out}"], "--budget 1: the cheapest candidate, DDNM (t_T 5, steps 2"),
+    (["--tune", "--budget", "1", "-o", "{out}"], "--budget 1: the cheapest candidate, DDNM (t_T 4, steps 2"),
     (["--tune", "--budget", "12", "-o", "{out}", "--run", "ddim"], "--tune searches the sampler and its knobs "
                                                                     "itself: drop --run"),
     (["--tune", "--budget", "12", "-o", "{out}", "--preset", "fast"], "--tune searches the sampler and its knobs "
