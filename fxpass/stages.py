@@ -205,14 +205,31 @@ def _group_norm_form(group_norm: str, fmt: str, options: dict | None) -> tuple[s
 def precision_stage(state: Lowering) -> None:
     """fp16: float32 islands; bf16: the float32 graph marked for bf16 inference; int8: a measured plan."""
     precision, report = state.request.rewrite.precision, state.report
+    float32 = state.proto
     if precision == "fp16":
         state.proto, report["fp16_nodes"] = _to_fp16(state.proto)
     elif precision == "bf16":
         metadata.write_props(state.proto, {**metadata.read_props(state.proto), metadata.PRECISION: "bf16"})
     else:
         state.proto = _to_int8(state)
+    report["structure"] = _same_structure(state.proto, float32, precision)
     report["onnx_nodes_before_precision"] = report["onnx_nodes"]
     report["onnx_nodes"] = len(state.proto.graph.node)
+
+
+def _same_structure(proto: onnx.ModelProto, float32: onnx.ModelProto, precision: str) -> str:
+    """The reduced-precision graph must be the float32 one plus quantization or casts (fxpass.equivalence);
+    FxpassError (exit 1) otherwise: nothing is written."""
+    from .equivalence import compare
+
+    if precision == "bf16":
+        return "the float32 graph itself, labelled for OpenVINO's bf16 inference"
+    problem = compare(proto, float32)
+    if problem:
+        raise FxpassError(f"--precision {precision}: the {precision} graph is not the float32 graph with "
+                          f"quantization or casts ({problem}); nothing written", exit_code=1)
+    what = {"int8": "quantize/dequantize pairs", "fp16": "casts"}[precision]
+    return f"the float32 graph with {precision}'s {what}, constants within their rounding (fxpass.equivalence)"
 
 
 def _to_fp16(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:

@@ -122,6 +122,8 @@ def run(args) -> int:
                      model_factory=args.model_factory)
         if user:  # called as it was lowered: the graph's inputs, then --input / --timestep-input
             model = user_flags.wrapped_for_graph(model, args, info)
+        elif precision != "fp32":
+            _same_graph(info, model, cfg, precision, args.model)
     every = ((args.plot and not args.data) or args.all_steps) and info.mode == "table"
     report = check_targets(info, targets=targets, model=model, model_label=str(args.model), golden=golden,
                            tolerance=tol, seed=args.seed, precision=precision,
@@ -151,6 +153,14 @@ def run(args) -> int:
     return 1 if data is not None and data["failed"] else code
 
 
+def _same_graph(info, model, cfg, precision: str, label) -> None:
+    """A reduced-precision file must be the float32 graph the model lowers to (fxpass.equivalence)."""
+    from ..equivalence import check_same_graph
+
+    console(stderr=True).print(f"comparing {info.path}'s graph with the float32 graph of {label} ...", soft_wrap=True)
+    console().print(check_same_graph(info, model, cfg, precision, str(label)), soft_wrap=True)
+
+
 def _check_step(args, info, cfg, targets, precision: str, tol) -> int:
     """A --step-graph file: ONNX Runtime against the eager model + the NumPy sampler's posterior, every
     output (x_prev, pred_xstart), at the asked precision's bound (the lowering gate's comparison)."""
@@ -164,6 +174,8 @@ def _check_step(args, info, cfg, targets, precision: str, tol) -> int:
         raise FxpassError(f"{info.path}: a step graph is checked against the eager model on ONNX Runtime only "
                           "(--model MODEL.pt; no --targets, --golden, --data, --plot or user class)")
     model = load(args.model, config=cfg, trust_pickle=args.trust_pickle, allow_nonfinite=args.allow_nonfinite)
+    if precision != "fp32":
+        _same_graph(info, model, cfg, precision, args.model)
     tolerance = tol or default_tolerance(precision)
     every = list(range(len(info.timesteps))) if args.all_steps else None
     result = check_step_against_numpy(onnx.load(str(info.path)), model, config=cfg, t_indices=every,

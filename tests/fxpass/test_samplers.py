@@ -313,8 +313,8 @@ def test_cli_sample_ddim_runs(tmp_path, capsys, tiny_onnx, tiny_images):
     (["--sampler", "ddnm", "--steps", "11"], "{model}: --steps 11 is more than the model's 10 respaced steps"),
     (["--sampler", "ddnm", "--travel-repeat", "300000"], "sample: this schedule makes 2,700,001 model calls"),
     (["--sampler", "ddim", "--jump-length", "3"], "--jump-length is for --sampler repaint, not --sampler ddim"),
-    (["--steps", "4"], "--steps is for --sampler ddim or ddnm, not --sampler repaint"),
-    (["--sampler", "ddim", "--travel-length", "2"], "--travel-length is for --sampler ddnm, not --sampler ddim"),
+    (["--steps", "4"], "--steps is for --sampler ddim or ddnm or diffpir, not --sampler repaint"),
+    (["--sampler", "ddim", "--travel-length", "2"], "--travel-length is for --sampler ddnm or diffpir, not --sampler ddim"),
 ])
 def test_cli_bad_knobs_one_line_exit_2(tmp_path, capsys, tiny_onnx, tiny_images, args, line):
     img, mask = tiny_images
