@@ -214,6 +214,7 @@ def test_stray_output_without_manifest_is_refused(capsys, tiny_onnx, data, tmp_p
 
 @pytest.mark.parametrize("flags, words", [
     (["--masks", "M"], "--masks goes with --images"),
+    (["--ray"], "--ray goes with --images"),
 ])
 def test_directory_flags_without_images(capsys, tiny_onnx, tmp_path, flags, words):
     rc, _, err = cli(capsys, "sample", tiny_onnx, "--image", "x.png", "--mask", "m.png", "-o", tmp_path / "o.png", *flags)
@@ -227,6 +228,17 @@ def test_images_needs_one_kind_of_mask(capsys, tiny_onnx, data, tmp_path):
     rc, _, err = cli(capsys, "sample", tiny_onnx, "--images", images, "--masks", masks, "--workers", "2",
                      "-o", tmp_path / "out")
     assert rc == 2 and "--workers is for --ray" in err
+
+
+def test_missing_ray_is_one_line(capsys, tiny_onnx, data, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    images, masks = data
+    rc, _, err = _batch(capsys, tiny_onnx, images, masks, tmp_path / "out", "--ray", *DDIM)
+    assert rc == 2
+    assert err.strip() == "fxpass: error: --ray needs Ray: pip install 'fxpass[ray]'"
+    assert not (tmp_path / "out").exists()
 
 
 def test_batch_path_is_torch_free(tiny_onnx, data, tmp_path):
