@@ -162,8 +162,9 @@ class Result:
 class Worker:
     """The model loaded once, then one image per :meth:`run` (in process, or as a Ray actor)."""
 
-    def __init__(self, model_path, runtime: str, settings: Settings, threads: int | None = None):
-        self.model, self.sampler = load_sampler(model_path, runtime, settings, threads)
+    def __init__(self, model_path, runtime: str, settings: Settings, threads: int | None = None,
+                 command: str = "sample"):
+        self.model, self.sampler = load_sampler(model_path, runtime, settings, threads, command)
         import os
         import socket
 
@@ -184,3 +185,9 @@ class Worker:
             text = str(exc) if isinstance(exc, FxpassError) else f"{type(exc).__name__}: {first_line(exc)}"
             return Result(name, None, time.perf_counter() - start, text, self.id)
         return Result(name, png, time.perf_counter() - start, None, self.id)
+
+    def inpaint(self, gt: np.ndarray, mask: np.ndarray, seed: int, what: str = "") -> np.ndarray:
+        """:func:`fxpass.inpainting.inpaint` of one case (``fxpass evaluate --ray``); raises as it does."""
+        from .inpainting import inpaint
+
+        return inpaint(self.sampler, self.model, gt, mask, seed, None, what)

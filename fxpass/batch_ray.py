@@ -13,6 +13,7 @@ the images are read by the driver and sent to the workers.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator
 
 from .batch import BatchJob, Case, Result, Worker
@@ -104,6 +105,37 @@ def ray_runner(job: BatchJob, *, address: str, workers: int | None = None,
             if on_actors is not None:
                 on_actors(actors)
             yield from _schedule(ray, actors, items)
+            for actor in actors:
+                ray.kill(actor)
+        finally:
+            if started:
+                ray.shutdown()
+    return run
+
+
+def ray_inpaint_cases(model_path, settings, *, address: str, workers: int | None = None, runtime: str = "ort"):
+    """For :func:`fxpass.inpainting.evaluate`'s ``inpaint_cases``: the (image, mask, seed, label) cases on a pool
+    of actors (``ray.util.ActorPool``, results in the cases' order); FxpassError where an actor dies past its
+    restarts or a case fails (an evaluation is whole or nothing)."""
+    ray = import_ray()
+
+    def run(cases):
+        from ray.util import ActorPool
+
+        started = connect(ray, address, workers)
+        try:
+            actor_class = ray.remote(num_cpus=1, max_restarts=RETRIES, max_task_retries=RETRIES)(Worker)
+            actors = [actor_class.remote(str(Path(model_path).resolve()), runtime, settings, None, "evaluate")
+                      for _ in range(_pool_size(ray, workers))]
+            pool = ActorPool(actors)
+            try:
+                yield from pool.map(lambda actor, case: actor.inpaint.remote(*case), cases)
+            except ray.exceptions.RayTaskError as exc:
+                cause = exc.as_instanceof_cause()
+                raise FxpassError(str(cause) if isinstance(cause, FxpassError) else
+                                  f"evaluate --ray: a case failed on Ray ({first_line(exc, 200)})") from None
+            except ray.exceptions.RayError as exc:
+                raise FxpassError(f"evaluate --ray: a Ray worker died past its restarts ({first_line(exc, 200)})") from None
             for actor in actors:
                 ray.kill(actor)
         finally:

@@ -248,3 +248,22 @@ def test_batch_path_is_torch_free(tiny_onnx, data, tmp_path):
     assert len(list((tmp_path / "out").glob("*.png"))) == len(NAMES)
     shutil.rmtree(tmp_path / "out")
     assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--run", "ddim", "--ray"], "evaluate --ray runs one sampler's cases"),
+    (["--workers", "2"], "--workers is for --ray"),
+])
+def test_evaluate_ray_flags_refused(capsys, tiny_onnx, data, flags, words):
+    images, _ = data
+    rc, _, err = cli(capsys, "evaluate", tiny_onnx, "--data", images, *flags)
+    assert rc == 2 and words in err
+
+
+def test_evaluate_without_ray_is_one_line(capsys, tiny_onnx, data, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    images, _ = data
+    rc, _, err = cli(capsys, "evaluate", tiny_onnx, "--data", images, "--ray", *DDIM)
+    assert rc == 2 and err.strip() == "fxpass: error: --ray needs Ray: pip install 'fxpass[ray]'"

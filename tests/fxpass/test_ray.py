@@ -140,3 +140,17 @@ def test_worker_dead_past_retries_fails_only_its_image(capsys, local_ray, tiny_o
     assert rc == 0 and "1 written, 0 failed, 5 already done" in stdout, err
     for name in NAMES:
         assert (out / name).read_bytes() == (in_process / name).read_bytes(), name
+
+
+def test_evaluate_on_ray_is_the_in_process_report(capsys, local_ray, tiny_onnx, data, tmp_path):
+    pytest.importorskip("skimage", reason="fxpass evaluate needs scikit-image (pip install 'fxpass[metrics]')")
+    images, _ = data
+    reports = []
+    for name, flags in (("here.json", []), ("ray.json", ["--ray", "--workers", "2"])):
+        rc, _, err = cli(capsys, "evaluate", tiny_onnx, "--data", images, "--count", "3", *DDIM, "-o",
+                         tmp_path / name, *flags)
+        assert rc == 0, err
+        reports.append(json.loads((tmp_path / name).read_text()))
+    here, there = reports
+    assert len(here["cases"]) == 9 and there["cases"] == here["cases"]  # same seeds, same images: same scores
+    assert there["overall"] == here["overall"]
