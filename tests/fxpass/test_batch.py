@@ -36,7 +36,7 @@ def _write_set(root: Path, names=NAMES) -> tuple[Path, Path]:
     for k, name in enumerate(names):
         Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(images / name)
         keep = np.zeros((SIZE, SIZE), np.uint8)
-        keep[:, : 8 + 4 * k] = 255
+        keep[:, : 8 + 4 * (k % 5)] = 255
         Image.fromarray(keep).save(masks / name)
     return images, masks
 
@@ -267,3 +267,45 @@ def test_evaluate_without_ray_is_one_line(capsys, tiny_onnx, data, monkeypatch):
     images, _ = data
     rc, _, err = cli(capsys, "evaluate", tiny_onnx, "--data", images, "--ray", *DDIM)
     assert rc == 2 and err.strip() == "fxpass: error: --ray needs Ray: pip install 'fxpass[ray]'"
+
+
+@pytest.mark.slow  # a subprocess and three runs of a 38-call sampler: about 10 s (the fast tier has Ctrl-C above)
+def test_killed_process_resumes(capsys, tiny_onnx, tmp_path):
+    """``kill -9`` of a batch process after its first image: the re-run writes only the missing images, leaves
+    the finished ones untouched and no temporary behind, and the whole equals an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from check_helpers import REPO
+
+    names = [f"{k:02d}.png" for k in range(12)]
+    images, masks = _write_set(tmp_path, names)
+    out = tmp_path / "out"
+    slow = ["--sampler", "repaint", "--t-T", "10", "--jump-length", "2", "--jump-n-sample", "2"]
+    args = [str(tiny_onnx), "--images", str(images), "--masks", str(masks), "-o", str(out), *slow]
+    code = f"from fxpass.cli import main; raise SystemExit(main(['sample', *{args!r}]))"
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(1200):  # polls the manifest (at most 60 s) for a finished image; asserts no time
+            done = []
+            if (out / "manifest.json").exists():
+                done = [n for n, e in _manifest(out)["images"].items() if e["status"] == "done"]
+            if done or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    first = _stamps(out)
+    assert first and len(first) < len(names), "the job finished before it was killed"
+    rc, stdout, err = _batch(capsys, tiny_onnx, images, masks, out, *slow)
+    assert rc == 0, err
+    after = _stamps(out)
+    assert sorted(after) == names and {n: after[n] for n in first} == first
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    whole = tmp_path / "whole"
+    assert _batch(capsys, tiny_onnx, images, masks, whole, *slow)[0] == 0
+    assert all((out / n).read_bytes() == (whole / n).read_bytes() for n in names)
