@@ -40,6 +40,8 @@ class BatchJob:
     threads: int | None = None
     #: redo every image, and replace a manifest of other settings
     force: bool = False
+    #: other input files (a preset file) that the outputs must not overwrite
+    inputs: tuple = ()
 
     def __post_init__(self):
         for name in ("model", "images", "out", "masks", "mask"):

@@ -47,7 +47,7 @@ def check_outputs(job: BatchJob) -> None:
     check_input_file(job.model, "an ONNX model")
     if job.mask is not None:
         check_input_file(job.mask, "a mask image")
-    plan_outputs({"-o": job.out}, inputs=[job.model, job.images, job.masks, job.mask], force=True,
+    plan_outputs({"-o": job.out}, inputs=[job.model, job.images, job.masks, job.mask, *job.inputs], force=True,
                  directories=("-o",))
 
 

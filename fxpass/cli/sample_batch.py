@@ -85,7 +85,8 @@ def run(args) -> int:
         console().print(f"unavailable: {reason}", soft_wrap=True)
         return EXIT_UNAVAILABLE
     job = BatchJob(model=args.model, images=args.images, out=args.out, settings=settings, masks=args.masks,
-                   mask=args.mask, seed=args.seed, runtime=args.runtime, force=args.force)
+                   mask=args.mask, seed=args.seed, runtime=args.runtime, force=args.force,
+                   inputs=tuple(sampling.preset_files(args)))
     bar = _progress()
     task = bar.add_task("images", total=None, failed=0)
 
