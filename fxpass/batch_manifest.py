@@ -5,8 +5,10 @@
 its path; the runtime, the job seed and the sampler settings) is the key: a re-run with the same key skips
 each image whose entry is done with the same seed and whose PNG decodes to the model's size; a re-run with
 another key is refused unless ``--force`` (then every image is redone).  The manifest is written (atomically)
-before the first image and after each one, so a crash loses at most the entry of the image whose PNG was
-written last: such a PNG (decoding, no entry, the same key) is taken as done, marked ``"recovered"``.
+before the first image, then at most every second and at the end (:data:`fxpass.batch_run.SAVE_EVERY`), so
+a crash (``kill -9``) loses at most the last second's entries: a PNG without an entry that decodes, in a
+directory whose manifest has the same key, is taken as done and marked ``"recovered"``; a failed image
+without its entry is simply run again.
 """
 
 from __future__ import annotations

@@ -2,9 +2,11 @@
 
 :func:`run_batch` checks the output directory (never among the inputs), loads the model once to check the
 sampler against it, opens the manifest (:mod:`fxpass.batch_manifest`), then feeds the images still to do to
-a runner: in this process (one :class:`~fxpass.batch.Worker`), or on Ray (:func:`fxpass.batch_ray.ray_results`,
-a pool of actors).  Either way only this driver writes: each PNG atomically, then the manifest, so an
-interrupted job leaves whole files and a re-run goes on where it stopped.  An image that cannot be read,
+a runner: in this process (one :class:`~fxpass.batch.Worker`), or on Ray (:func:`fxpass.batch_ray.ray_runner`,
+a pool of actors).  Either way only this driver writes: each PNG atomically, the manifest at most every
+:data:`SAVE_EVERY` seconds and at the end (Ctrl-C included), so an interrupted job leaves whole files and a
+re-run goes on where it stopped (a PNG written after the last save is taken as done: see
+:mod:`fxpass.batch_manifest`).  An image that cannot be read,
 has the wrong size or no mask is a failed entry; the others go on.
 """
 
@@ -17,6 +19,11 @@ from dataclasses import dataclass, field
 from .batch import BatchJob, Case, Result, Worker, load_inputs, plan_cases
 from .batch_manifest import Manifest, file_sha256, job_key
 from .errors import FxpassError
+
+
+#: seconds between two saves of the manifest during a job (and once at its end): a job of many fast images
+#: does not rewrite a growing file after each one; a PNG written after the last save is recovered on a re-run
+SAVE_EVERY = 1.0
 
 
 @dataclass
@@ -96,6 +103,7 @@ def run_batch(job: BatchJob, *, ray: str | None = None, workers: int | None = No
     if on_start is not None:
         on_start(summary, len(todo))
     start = time.perf_counter()
+    saved = [start]
 
     def finish(case: Case, result: Result) -> None:
         if result.error is None:
@@ -106,7 +114,9 @@ def run_batch(job: BatchJob, *, ray: str | None = None, workers: int | None = No
             summary.failed += 1
             summary.failures.append((case.name, result.error))
         manifest.record(case, result)
-        manifest.save()
+        if time.perf_counter() - saved[0] >= SAVE_EVERY:
+            manifest.save()
+            saved[0] = time.perf_counter()
         summary.seconds = time.perf_counter() - start
         if on_result is not None:
             on_result(case, result, summary)
@@ -118,8 +128,11 @@ def run_batch(job: BatchJob, *, ray: str | None = None, workers: int | None = No
 
         del driver  # its memory back before the actors load their copies
         runner = ray_runner(job, address=ray, workers=workers, on_actors=on_actors)
-    for case, result in runner(_inputs(todo, size, finish)):
-        finish(case, result)
+    try:
+        for case, result in runner(_inputs(todo, size, finish)):
+            finish(case, result)
+    finally:  # also on Ctrl-C: what was written is entered
+        manifest.save()
     summary.seconds = time.perf_counter() - start
     return summary
 
