@@ -240,7 +240,7 @@ def inpaint(sampler, denoiser, gt: np.ndarray, mask: np.ndarray, seed: int, on_s
 
 def evaluate(denoiser, images: np.ndarray, masks: dict[str, np.ndarray], *, seed: int = 0, jump_length: int = 10,
              jump_n_sample: int = 10, t_T: int | None = None, progress: Progress | None = None,
-             names: Sequence[str] | None = None, settings=None) -> dict:
+             names: Sequence[str] | None = None, settings=None, inpaint_cases=None) -> dict:
     """Inpaint every image of ``images`` [N, 3, H, W] with every mask of ``masks`` (``{kind: [1, 1, H, W]}``)
     by a diffusion sampler on ``denoiser`` and by the two trivial fills, and score all in the unknown region.
 
@@ -250,7 +250,8 @@ def evaluate(denoiser, images: np.ndarray, masks: dict[str, np.ndarray], *, seed
     per case (image, mask, its noise seed, PSNR/SSIM of each method), the means per mask and over all
     cases, each with ``repaint_margin`` (the sampler's mean minus the better trivial fill's, for PSNR and
     SSIM separately).  ``progress(done, total)`` counts model calls over the whole run.  ``names`` label
-    the images.
+    the images.  ``inpaint_cases(cases)``, where given, inpaints the (image, mask, seed, label) cases
+    elsewhere (``fxpass evaluate --ray``) and yields :func:`inpaint`'s results in their order.
     """
     from .samplers import Settings
 
@@ -267,27 +268,27 @@ def evaluate(denoiser, images: np.ndarray, masks: dict[str, np.ndarray], *, seed
     calls_per_case = sampler.calls
     kinds = list(masks)
     total = calls_per_case * len(images) * len(kinds)
+    keys = [(i, kind) for i in range(len(images)) for kind in kinds]
+    cases = [(images[i:i + 1], np.asarray(masks[kind], dtype=np.float32), seed + k, f"image {i}, mask {kind}")
+             for k, (i, kind) in enumerate(keys)]
     rows: list[dict] = []
     start = time.perf_counter()
-    for i in range(len(images)):
-        gt = images[i:i + 1]
-        for j, kind in enumerate(kinds):
-            k = i * len(kinds) + j
-            mask = np.asarray(masks[kind], dtype=np.float32)
-            done_before = k * calls_per_case
-            on_step = None if progress is None else (lambda d, _t, base=done_before: progress(base + d, total))
-            x = inpaint(sampler, denoiser, gt, mask, seed + k, on_step, f"image {i}, mask {kind}")
-            results = {
-                "repaint": x,
-                "mean_fill": fill_mean(gt, mask),
-                "nearest_fill": fill_nearest(gt, mask),
-            }
-            row = {"image": i, "mask": kind, "seed": seed + k}
-            if names is not None:
-                row["name"] = str(names[i])
-            for method in METHODS:
-                row[method] = score(gt[0], results[method][0], mask[0])
-            rows.append(row)
+    if inpaint_cases is None:
+        results = (inpaint(sampler, denoiser, gt, mask, s, None if progress is None else
+                           (lambda d, _t, base=k * calls_per_case: progress(base + d, total)), what)
+                   for k, (gt, mask, s, what) in enumerate(cases))
+    else:
+        results = inpaint_cases(cases)
+    for k, ((i, kind), (gt, mask, case_seed, _), x) in enumerate(zip(keys, cases, results)):
+        if inpaint_cases is not None and progress is not None:
+            progress((k + 1) * calls_per_case, total)
+        results_of = {"repaint": x, "mean_fill": fill_mean(gt, mask), "nearest_fill": fill_nearest(gt, mask)}
+        row = {"image": i, "mask": kind, "seed": case_seed}
+        if names is not None:
+            row["name"] = str(names[i])
+        for method in METHODS:
+            row[method] = score(gt[0], results_of[method][0], mask[0])
+        rows.append(row)
     seconds = time.perf_counter() - start
     return {
         "settings": {"seed": seed, "sampler": settings.sampler, **settings.knobs(steps),

@@ -215,6 +215,10 @@ def _need_metrics() -> None:
 def run(args) -> int:
     from ..fileio import plan_outputs
 
+    if args.ray is not None and (args.tune or args.run or len(sampling.preset_entries(args.preset or "")) > 1):
+        raise FxpassError("evaluate --ray runs one sampler's cases; --run, a --preset list and --tune run in process")
+    if args.workers is not None and args.ray is None:
+        raise FxpassError("evaluate: --workers is for --ray")
     if args.tune:
         return _tune(args)
     if args.budget is not None:
@@ -228,12 +232,18 @@ def run(args) -> int:
     from ..inpainting import evaluate
 
     settings = sampling.settings_from(args)
+    inpaint_cases = None
+    if args.ray is not None:
+        from ..batch_ray import ray_inpaint_cases
+
+        inpaint_cases = ray_inpaint_cases(args.model, settings, address=args.ray, workers=args.workers)
     files, model, images, masks = _load(args)
     sampling.plan(settings, model.diffusion, args.model, "evaluate")
     sampling.load_cache(model, [settings])
     t0 = time.perf_counter()
     report = _with_progress(lambda progress: evaluate(model, images, masks, seed=args.seed, settings=settings,
-                                                      progress=progress, names=[f.name for f in files]))
+                                                      progress=progress, names=[f.name for f in files],
+                                                      inpaint_cases=inpaint_cases))
     report = _with_model(args, model, files, report)
     console().print(_table(report), soft_wrap=True)
     summary = (f"{len(report['cases'])} cases, {report['settings']['model_calls_per_case']} model calls each, "
@@ -284,5 +294,10 @@ def add_parser(sub, common) -> None:
     p.add_argument("--budget", type=shared.positive, default=None, metavar="CALLS",
                    help="with --tune: model calls per image a candidate may make (on a --deep-cache model, full calls "
                         "+ shallow calls x their measured latency ratio)")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="inpaint the cases on Ray (pip install 'fxpass[ray]'), the same report: no ADDRESS starts a "
+                        "local Ray with this machine's cores, ADDRESS joins a cluster (ray start --head)")
+    p.add_argument("--workers", type=shared.positive, default=None, metavar="N",
+                   help="with --ray: N model-holding workers (default one per CPU of the Ray instance)")
     shared.add_force(p, "overwrite an existing report, plot or preset file")
     p.set_defaults(func=run)

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 from ..denoisers import RUNTIMES
 from ..errors import FxpassError
 from . import args as shared
-from . import sampling
+from . import sample_batch, sampling
 from .output import console
 
 
@@ -32,11 +30,15 @@ def _progress_bar():
 
 
 def run(args) -> int:
+    if args.images is not None:
+        return sample_batch.run(args)
+    sample_batch.refuse_batch_flags(args)
+    from ..batch import load_sampler, render_png
     from ..denoisers import make_denoiser, runtime_unavailable_reason
     from ..fileio import atomic_write_bytes, check_input_file, plan_outputs
-    from ..images import encode_png, load_image, load_mask
-    from ..sampler import GeneratorNoise, descent_schedule
-    from ..samplers import RePaint, run_plan
+    from ..images import load_image, load_mask
+    from ..sampler import descent_schedule
+    from ..samplers import RePaint
     from ..verify import EXIT_UNAVAILABLE
 
     out = plan_outputs({"-o": args.out}, inputs=[args.model, args.image, args.mask, *sampling.preset_files(args)],
@@ -51,15 +53,16 @@ def run(args) -> int:
     if reason:
         console().print(f"unavailable: {reason}", soft_wrap=True)
         return EXIT_UNAVAILABLE
-    model = make_denoiser(args.model, args.runtime)
-    sampling.load_cache(model, [settings])
-    steps, size = model.diffusion.num_steps, model.image_size
     gt = mask = None
     if args.ddpm and settings.sampler == "repaint":
+        model = make_denoiser(args.model, args.runtime)
+        sampling.load_cache(model, [settings])
+        steps, size = model.diffusion.num_steps, model.image_size
         sampler = RePaint(model.diffusion, descent_schedule(steps))
         what = f"DDPM generation over {steps} steps"
     else:
-        sampler = sampling.plan(settings, model.diffusion, args.model, "sample")
+        model, sampler = load_sampler(args.model, args.runtime, settings)
+        steps, size = model.diffusion.num_steps, model.image_size
         what = settings.label(steps) + (" generation" if args.ddpm else "")
         if not args.ddpm:
             gt = load_image(args.image, size)
@@ -68,11 +71,8 @@ def run(args) -> int:
     t0 = time.perf_counter()
     with _progress_bar() as bar:
         task = bar.add_task("sampling", total=total)
-        x = run_plan(sampler, model, (1, 3, size, size), noise=GeneratorNoise(args.seed), gt=gt, mask=mask,
-                     on_step=lambda done, _total: bar.update(task, completed=done))
-    if not np.isfinite(x).all():
-        raise FxpassError(f"{args.model}: the model produced non-finite values; nothing written")
-    png = encode_png(x[0])
+        png = render_png(sampler, model, gt, mask, args.seed,
+                         on_step=lambda done, _total: bar.update(task, completed=done))
     atomic_write_bytes(out, lambda fh: fh.write(png))
     console().print(f"wrote {out}: {what}, {total} model calls on {model.runtime}, seed {args.seed}, "
                     f"{time.perf_counter() - t0:.1f} s", soft_wrap=True)
@@ -87,8 +87,11 @@ def add_parser(sub, common) -> None:
                               "missing, no bf16 on this CPU), nothing done; 2 a usage or file error")
     p.add_argument("model", metavar="MODEL.onnx", help="table-mode ONNX model written by fxpass lower")
     p.add_argument("--image", metavar="IMG.png", help="image to inpaint (grayscale or RGB, image_size square)")
-    p.add_argument("--mask", metavar="MASK.png", help="white = known pixels to keep, black = to inpaint")
-    p.add_argument("-o", "--out", required=True, metavar="RESULT.png", help="output PNG (written atomically)")
+    p.add_argument("--mask", metavar="MASK.png", help="white = known pixels to keep, black = to inpaint (with --images: "
+                                                      "one mask for every image)")
+    p.add_argument("-o", "--out", required=True, metavar="RESULT.png|OUTDIR",
+                   help="output PNG (written atomically); with --images, the output directory")
+    sample_batch.add_arguments(p)
     p.add_argument("--seed", type=shared.seed_type, default=0, help="seed of all the noise (default 0)")
     sampling.add_arguments(p)
     p.add_argument("--ddpm", action="store_true",

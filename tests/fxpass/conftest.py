@@ -23,7 +23,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 #: session fixtures too expensive to build on every worker: the tests using one run on one worker
 #: (pytest-xdist's loadgroup distribution)
-_SHARED_FIXTURES = {"camus_seed0": "camus-seed0", "digits_onnx": "digits-reference"}
+_SHARED_FIXTURES = {"camus_seed0": "camus-seed0", "digits_onnx": "digits-reference", "local_ray": "local-ray"}
 
 
 def pytest_collection_modifyitems(items):

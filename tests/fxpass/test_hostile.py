@@ -189,6 +189,17 @@ CASES = {
     "sample config missing a key": (["sample", "nokey.onnx", *SAMPLE, "-o", "r.png"], "missing key 'learn_sigma'"),
     "check config with an unknown key": (["check", "badkey.onnx", "--model", "ck.pt"], "unknown model key 'colour'"),
     "init --seed 10**23": (["init", "x.pt", "--seed", str(10**23)], None),
+    # sample --images: the output directory never among the inputs, nothing made before the checks pass
+    "sample --images -o inside the images": (["sample", "m.onnx", "--images", "keep", "--mask", "mask.png", "-o",
+                                              "keep/out"], "refusing to write among the inputs"),
+    "sample --images -o the images": (["sample", "m.onnx", "--images", "keep", "--mask", "mask.png", "-o", "keep"],
+                                      "refusing to overwrite an input"),
+    "sample --images -o a file": (["sample", "m.onnx", "--images", "keep", "--mask", "mask.png", "-o", "existing.png"],
+                                  "exists and is not a directory"),
+    "sample --images a file": (["sample", "m.onnx", "--images", "img.png", "--mask", "mask.png", "-o", "out"],
+                               "not a directory"),
+    "sample --images without images": (["sample", "m.onnx", "--images", "keep", "--mask", "mask.png", "-o", "out"],
+                                       "no images"),
 }
 
 
