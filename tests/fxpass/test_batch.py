@@ -68,7 +68,7 @@ def test_batch_png_is_the_single_image_png(capsys, tiny_onnx, data, tmp_path, fl
     assert "4 written, 0 failed, 0 already done" in stdout
     doc = _manifest(out)
     assert sorted(doc["images"]) == NAMES
-    assert doc["job"]["seed"] == 7 and doc["job"]["settings"]["sampler"] == {"fast": "ddnm"}.get(flags[1], flags[1])
+    assert doc["job"]["seed"] == 7 and doc["job"]["settings"]["sampler"] == {"fast": "diffpir"}.get(flags[1], flags[1])
     for name in ("a.png", "c.png"):
         entry = doc["images"][name]
         assert entry["status"] == "done" and entry["error"] is None and entry["seconds"] >= 0

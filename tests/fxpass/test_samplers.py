@@ -414,12 +414,13 @@ def test_presets_start_at_a_fraction_of_the_table_whatever_its_length():
         preset = PRESETS[name]
         for steps in (50, 100):
             resolved = preset.resolved(steps)
-            top = round(preset.start * steps)  # 60% of the way up the table
+            top = round(preset.start * steps)  # a fraction of the way up the table
             assert resolved.t_T == top and resolved.steps == preset.steps and resolved.start is None
             assert resolved.build(_diffusion(steps=steps)).plan[0].t == top - 1
         small = preset.resolved(10)  # a table shorter than the preset's steps: the steps fit in it
-        assert small.t_T == 6 and small.steps == 6
-        assert preset.label(50).startswith(f"{name}: DDNM (t_T 30, steps {preset.steps}")
+        assert small.t_T == small.steps == round(preset.start * 10)
+    assert PRESETS["balanced"].label(50).startswith("balanced: DDNM (t_T 30, steps 20, eta 1")
+    assert PRESETS["fast"].label(50).startswith("fast: DiffPIR (t_T 25, steps 13, zeta 1")
 
 
 def test_presets_are_cheaper_in_that_order():
@@ -435,12 +436,12 @@ def test_cli_preset_is_the_sampler_it_names(tmp_path, capsys, tiny_onnx, tiny_im
     base = [tiny_onnx, "--image", img, "--mask", mask, "--seed", 1]
     rc, stdout, err = _sample(capsys, *base, "-o", tmp_path / "p.png", "--preset", "fast")
     assert rc == 0, err
-    assert "fast: DDNM (t_T 6, steps 6, eta 1" in stdout
+    assert "fast: DiffPIR (t_T 5, steps 5, zeta 1" in stdout
     from fxpass.samplers import PRESETS
 
     fast = PRESETS["fast"]
-    knobs = ["--sampler", "ddnm", "--t-T", 6, "--steps", 6, "--eta", fast.eta, "--travel-length", fast.travel_length,
-             "--travel-repeat", fast.travel_repeat]
+    knobs = ["--sampler", "diffpir", "--t-T", 5, "--steps", 5, "--zeta", fast.zeta, "--travel-length",
+             fast.travel_length, "--travel-repeat", fast.travel_repeat, "--init", fast.init]
     rc, _, err = _sample(capsys, *base, "-o", tmp_path / "k.png", *knobs)
     assert rc == 0, err
     assert (tmp_path / "p.png").read_bytes() == (tmp_path / "k.png").read_bytes()

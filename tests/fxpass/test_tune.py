@@ -201,7 +201,7 @@ def test_evaluate_reads_the_preset_alone_and_in_a_list(tmp_path, capsys, tiny_on
     rc, _, err = cli(capsys, *base, "--preset", f"{path},fast", "-o", tmp_path / "two.json")
     assert rc == 0, err
     labels = [r["settings"]["label"] for r in json.loads((tmp_path / "two.json").read_text())["runs"]]
-    assert labels[0].startswith("mine: DDNM (") and labels[1].startswith("fast: DDNM (")
+    assert labels[0].startswith("mine: DDNM (") and labels[1].startswith("fast: DiffPIR (")
 
 
 def test_evaluate_preset_list_is_the_run_comparison(tmp_path, capsys, tiny_onnx, data):
@@ -209,7 +209,7 @@ def test_evaluate_preset_list_is_the_run_comparison(tmp_path, capsys, tiny_onnx,
     rc, stdout, err = cli(capsys, "evaluate", tiny_onnx, "--data", data, "--masks", "box", "--count", 2,
                           "--preset", "paper,fast", "-o", out)
     assert rc == 0, err
-    assert "1. paper: RePaint" in stdout and "2. fast: DDNM" in stdout
+    assert "1. paper: RePaint" in stdout and "2. fast: DiffPIR" in stdout
     report = json.loads(out.read_text())
     assert [r["settings"]["label"].partition(":")[0] for r in report["runs"]] == ["paper", "fast"]
     assert [len(r["cases"]) for r in report["runs"]] == [2, 2] and "diff_to_first" in report["summary"][1]
