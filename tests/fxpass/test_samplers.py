@@ -419,7 +419,7 @@ def test_presets_start_at_a_fraction_of_the_table_whatever_its_length():
             assert resolved.build(_diffusion(steps=steps)).plan[0].t == top - 1
         small = preset.resolved(10)  # a table shorter than the preset's steps: the steps fit in it
         assert small.t_T == small.steps == round(preset.start * 10)
-    assert PRESETS["balanced"].label(50).startswith("balanced: DDNM (t_T 30, steps 20, eta 1")
+    assert PRESETS["balanced"].label(50).startswith("balanced: DiffPIR (t_T 25, steps 20, zeta 1")
     assert PRESETS["fast"].label(50).startswith("fast: DiffPIR (t_T 25, steps 13, zeta 1")
 
 
