@@ -155,7 +155,7 @@ def run(args) -> int:
 
 def _same_graph(info, model, cfg, precision: str, label) -> None:
     """A reduced-precision file must be the float32 graph the model lowers to (fxpass.equivalence)."""
-    from ..equivalence import check_same_graph
+    from ..same_graph import check_same_graph
 
     console(stderr=True).print(f"comparing {info.path}'s graph with the float32 graph of {label} ...", soft_wrap=True)
     console().print(check_same_graph(info, model, cfg, precision, str(label)), soft_wrap=True)
