@@ -14,7 +14,6 @@ without its entry is simply run again.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
@@ -22,14 +21,6 @@ from .errors import FxpassError
 
 FORMAT = "fxpass-batch-manifest/1"
 NAME = "manifest.json"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def job_key(job, model_sha: str) -> dict:

@@ -13,8 +13,9 @@ the images are read by the driver and sent to the workers.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from .batch import BatchJob, Case, Result, Worker
 from .errors import FxpassError, first_line
@@ -97,6 +98,22 @@ def _schedule(ray, actors: list, items: Iterable[tuple]) -> Iterator[tuple[Case,
         yield case, result
 
 
+@contextmanager
+def _pool(ray, address: str, workers: int | None, worker_args: tuple):
+    """Ray connected (started locally where ``address`` names none), one :class:`Worker` actor per worker
+    slot built with ``worker_args``; the actors are killed after a whole run, Ray shut down if started here."""
+    started = connect(ray, address, workers)
+    try:
+        actor_class = ray.remote(num_cpus=1, max_restarts=RETRIES, max_task_retries=RETRIES)(Worker)
+        actors = [actor_class.remote(*worker_args) for _ in range(_pool_size(ray, workers))]
+        yield actors
+        for actor in actors:
+            ray.kill(actor)
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def ray_runner(job: BatchJob, *, address: str, workers: int | None = None,
                on_actors: Callable[[list], None] | None = None
                ) -> Callable[[Iterable[tuple]], Iterator[tuple[Case, Result]]]:
@@ -104,20 +121,11 @@ def ray_runner(job: BatchJob, *, address: str, workers: int | None = None,
     ray = import_ray()
 
     def run(items):
-        started = connect(ray, address, workers)
-        try:
-            actor_class = ray.remote(num_cpus=1, max_restarts=RETRIES, max_task_retries=RETRIES)(Worker)
-            model = job.model.resolve()
-            actors = [actor_class.remote(str(model), job.runtime, job.settings, actor_threads(job.threads))
-                      for _ in range(_pool_size(ray, workers))]
+        worker = (str(job.model.resolve()), job.runtime, job.settings, actor_threads(job.threads))
+        with _pool(ray, address, workers, worker) as actors:
             if on_actors is not None:
                 on_actors(actors)
             yield from _schedule(ray, actors, items)
-            for actor in actors:
-                ray.kill(actor)
-        finally:
-            if started:
-                ray.shutdown()
     return run
 
 
@@ -130,24 +138,14 @@ def ray_inpaint_cases(model_path, settings, *, address: str, workers: int | None
     def run(cases):
         from ray.util import ActorPool
 
-        started = connect(ray, address, workers)
-        try:
-            actor_class = ray.remote(num_cpus=1, max_restarts=RETRIES, max_task_retries=RETRIES)(Worker)
-            actors = [actor_class.remote(str(Path(model_path).resolve()), runtime, settings, actor_threads(None),
-                                         "evaluate")
-                      for _ in range(_pool_size(ray, workers))]
-            pool = ActorPool(actors)
+        worker = (str(Path(model_path).resolve()), runtime, settings, actor_threads(None), "evaluate")
+        with _pool(ray, address, workers, worker) as actors:
             try:
-                yield from pool.map(lambda actor, case: actor.inpaint.remote(*case), cases)
+                yield from ActorPool(actors).map(lambda actor, case: actor.inpaint.remote(*case), cases)
             except ray.exceptions.RayTaskError as exc:
                 cause = exc.as_instanceof_cause()
                 raise FxpassError(str(cause) if isinstance(cause, FxpassError) else
                                   f"evaluate --ray: a case failed on Ray ({first_line(exc, 200)})") from None
             except ray.exceptions.RayError as exc:
                 raise FxpassError(f"evaluate --ray: a Ray worker died past its restarts ({first_line(exc, 200)})") from None
-            for actor in actors:
-                ray.kill(actor)
-        finally:
-            if started:
-                ray.shutdown()
     return run

@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from .batch import BatchJob, Case, Result, Worker, load_inputs, plan_cases
-from .batch_manifest import Manifest, file_sha256, job_key
+from .batch_manifest import Manifest, job_key
+from .fileio import file_sha256
 from .errors import FxpassError
 
 

@@ -16,6 +16,7 @@ transaction; :func:`write_dir_atomically` does the same for a directory.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -331,3 +332,12 @@ def staged_path(out: str | os.PathLike):
         raise FxpassError(f"{out}: cannot write ({exc.strerror or exc})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -9,7 +9,6 @@ reads and checks one, :func:`golden_labels` matches it to an ONNX model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shlex
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .errors import FxpassError, first_line
+from .fileio import file_sha256
 
 GOLDEN_FORMAT = 1
 #: placeholder for the model path in a golden set's regression command when no ONNX was given
@@ -42,14 +42,6 @@ class GoldenSet:
 
         return golden_tolerance(self.manifest, precision, default_tolerance(precision), trust=trust,
                                 source=str(self.directory or "golden set"))
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def versions() -> dict[str, str]:
@@ -226,7 +218,7 @@ def _manifest(cfg, feeds, outputs: list[dict], *, name: str, checkpoint: Path, m
         "format": GOLDEN_FORMAT,
         "name": name,
         "fxpass_version": __version__,
-        "checkpoint": {"file": checkpoint.name, "sha256": sha256(checkpoint), "bytes": checkpoint.stat().st_size},
+        "checkpoint": {"file": checkpoint.name, "sha256": file_sha256(checkpoint), "bytes": checkpoint.stat().st_size},
         "config": cfg.to_dict(),
         "mode": mode,
         "seed": seed,
@@ -270,7 +262,7 @@ def _verify_onnx(info, golden, feeds) -> dict:
         raise FxpassError(f"{info.path}: ONNX Runtime differs from the eager model on the golden inputs by "
                           f"{pair.max_rel_to_scale:.3g}·max|ref| (tolerance {tol[0]:g}); golden set not written",
                           exit_code=1)
-    return {"onnx": str(info.path), "sha256": sha256(info.path), "precision": info.precision,
+    return {"onnx": str(info.path), "sha256": file_sha256(info.path), "precision": info.precision,
             "max_abs": float(pair.max_abs), "max_rel_to_scale": float(pair.max_rel_to_scale),
             "passed": bool(pair.passed)}
 
