@@ -64,12 +64,20 @@ def roll_tables(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Every table gathered by ``t_index`` shifted by one row (row i holds row i + 1's values)."""
     from onnx import numpy_helper
 
+    from fxpass.metadata import parse, read_props
+
     out = copy.deepcopy(proto)
+    steps = len(parse(read_props(out), "the model").timesteps)
     inits = {i.name: i for i in out.graph.initializer}
-    for node in out.graph.node:
-        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == "t_index" and node.input[0] in inits:
+    rolled = 0
+    for node in out.graph.node:  # a Gather of a [steps, ...] initializer by a computed index: a timestep table
+        if node.op_type == "Gather" and node.input[0] in inits and node.input[1] not in inits \
+                and inits[node.input[0]].dims[:1] == [steps]:
             init = inits[node.input[0]]
             init.CopyFrom(numpy_helper.from_array(np.roll(numpy_helper.to_array(init), -1, axis=0), init.name))
+            rolled += 1
+    if not rolled:
+        raise SystemExit("bench.defects: no timestep table found to shift")
     return out
 
 
