@@ -89,9 +89,9 @@ def test_missing_dependency_is_named_with_the_extra(monkeypatch, tmp_path, fmt, 
 
 
 def test_unknown_format_is_refused():
-    assert FORMATS == ("ort", "pte", "mlpackage")
-    with pytest.raises(FxpassError, match="expected one of ort, pte, mlpackage"):
-        format_unavailable_reason("tflite")
+    assert FORMATS == ("ort", "pte", "mlpackage", "tflite")
+    with pytest.raises(FxpassError, match="expected one of ort, pte, mlpackage, tflite"):
+        format_unavailable_reason("tgz")
 
 
 # --- ORT format -----------------------------------------------------------------------------------------
