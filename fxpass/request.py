@@ -27,7 +27,7 @@ from .config import ModelConfig
 from .errors import FxpassError
 
 #: what the write stage can write: the ONNX file, or a mobile format made from the verified lowering
-FORMATS = ("onnx", "ort", "pte", "mlpackage")
+FORMATS = ("onnx", "ort", "pte", "mlpackage", "tflite")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 #: auto: for the target (CPU: the GroupNorms of at least 2^21 elements as LayerNormalization on a grouped
 #: view; --format ort: all of them, whose static shapes CoreML/NNAPI take); all; keep: one node each
@@ -152,12 +152,19 @@ class LowerRequest:
         if rw.precision == "int8" and rw.step_graph:
             raise FxpassError("--precision int8: its plan is measured on the U-Net along the schedule, so it is "
                               "written as the table-mode graph (not --step-graph)")
-        if rw.precision == "int8" and out.format not in ("onnx", "ort"):
+        if rw.precision == "int8" and out.format not in ("onnx", "ort", "tflite"):
             raise FxpassError(f"--precision int8: ONNX Runtime's QDQ model, written as --format onnx or ort (not "
-                              f"{out.format}; for a smaller Core ML package use --palettize-bits)")
+                              f"{out.format}; for a smaller Core ML package use --palettize-bits), or LiteRT's "
+                              "dynamic-range int8 as --format tflite")
         if rw.deep_cache is not None:
             self._validate_deep_cache()
-        if rw.precision == "int8" and rw.int8 is not None:
+        if rw.precision == "int8" and rw.int8 is not None and out.format == "tflite":
+            given = [f for f, v in (("--calibration-data", rw.int8.calibration_data), ("--precision-plan", rw.int8.plan),
+                                    ("--calibrate-on-samples", rw.int8.self_calibration)) if v]
+            if given:
+                raise FxpassError(f"{given[0]}: --format tflite's int8 is LiteRT's dynamic-range quantization, "
+                                  "which takes no calibration or plan")
+        elif rw.precision == "int8" and rw.int8 is not None:
             rw.int8.check_data_source()
         if out.palettize_bits is not None and out.format != "mlpackage":
             raise FxpassError(f"--palettize-bits {out.palettize_bits}: applies to --format mlpackage only")

@@ -205,6 +205,10 @@ def _group_norm_form(group_norm: str, fmt: str, options: dict | None) -> tuple[s
 def precision_stage(state: Lowering) -> None:
     """fp16: float32 islands; bf16: the float32 graph marked for bf16 inference; int8: a measured plan."""
     precision, report = state.request.rewrite.precision, state.report
+    if _onnx_precision(state) != precision:  # --format tflite int8: quantized by LiteRT's tools when written
+        report["precision_note"] = ("int8 is LiteRT's dynamic-range quantization of the float32 graph, made and "
+                                    "checked in the write stage; the ONNX graph stays float32")
+        return
     float32 = state.proto
     if precision == "fp16":
         state.proto, report["fp16_nodes"] = _to_fp16(state.proto)
@@ -230,6 +234,13 @@ def _same_structure(proto: onnx.ModelProto, float32: onnx.ModelProto, precision:
                           f"quantization or casts ({problem}); nothing written", exit_code=1)
     what = {"int8": "quantize/dequantize pairs", "fp16": "casts"}[precision]
     return f"the float32 graph with {precision}'s {what}, constants within their rounding (fxpass.equivalence)"
+
+
+def _onnx_precision(state: Lowering) -> str:
+    """The ONNX graph's precision: the request's, but float32 under a LiteRT int8 file (which LiteRT's
+    quantizer makes from the float32 graph)."""
+    precision = state.request.rewrite.precision
+    return "fp32" if precision == "int8" and state.request.output.format == "tflite" else precision
 
 
 def _to_fp16(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
@@ -265,7 +276,7 @@ def verify_stage(state: Lowering) -> None:
     ``force`` writes it anyway."""
     from .gate import check_against_eager, default_tolerance
 
-    precision = state.request.rewrite.precision
+    precision = _onnx_precision(state)
     tolerance = state.request.check.tolerance or default_tolerance(precision)
     check = check_against_eager(state.proto, state.model, config=state.config, tolerance=tolerance,
                                 runtime="openvino-bf16" if precision == "bf16" else "ort")

@@ -54,10 +54,11 @@ def add_parser(sub, common) -> None:
                    help="also write NAME.shallow.onnx: the graph a cached call runs once the deep feature at skip "
                         "connection LEVEL (1, the default: the one nearest the output) is given; the full graph "
                         "outputs that feature as 'cache' (for sample/evaluate --cache-interval)")
-    p.add_argument("--format", choices=("onnx", "ort", "pte", "mlpackage"), default="onnx",
+    p.add_argument("--format", choices=("onnx", "ort", "pte", "mlpackage", "tflite"), default="onnx",
                    help="onnx (default); ort: ONNX Runtime's mobile format (with the CoreML/NNAPI coverage in the "
-                        "report); pte: ExecuTorch with XNNPACK; mlpackage: Core ML (a directory). The non-ONNX "
-                        "formats need pip install 'fxpass[mobile]'")
+                        "report); pte: ExecuTorch with XNNPACK; mlpackage: Core ML (a directory); tflite: LiteRT "
+                        "(int8: dynamic-range). ort, pte and mlpackage need pip install 'fxpass[mobile]', tflite "
+                        "pip install 'fxpass[tflite]'")
     p.add_argument("--palettize-bits", type=int, choices=(1, 2, 3, 4, 6, 8), metavar="6|8",
                    help="--format mlpackage: k-means palettized weights (2^bits entries per tensor; iOS 16+)")
     p.add_argument("--report", metavar="FILE.json", help="write the summary numbers as JSON")
@@ -129,7 +130,8 @@ def _int8_options(args):
                           calibration_samples=args.calibration_samples, eval_samples=args.eval_samples,
                           error_budget=args.error_budget, plan=args.precision_plan, reduce_range=args.reduce_range,
                           self_calibration=args.calibrate_on_samples)
-    options.check()
+    if args.format != "tflite":  # LiteRT's int8 is dynamic-range: no calibration (the request refuses its flags)
+        options.check()
     return options
 
 
@@ -174,6 +176,9 @@ def _summary(lowered, args) -> None:
             f"{check_fmt.get('max_rel_to_scale', float('nan')):.3g}·max|ref| against "
             + ("the ONNX" if fmt["name"] == "ort" else "the rewritten graph"))
         table.add_row(f"{fmt['name']} file", verdict)
+        if "latency_ms" in fmt:  # LiteRT: the interpreter beside ONNX Runtime, same inputs
+            table.add_row("  LiteRT latency (CPU)", f"{fmt['latency_ms']:.0f} ms (ONNX Runtime {fmt['ort_latency_ms']:.0f} "
+                          f"ms); {fmt['gather_ops']} table gathers")
         for ep, entry in ((fmt.get("coverage") or {}).get("eps") or {}).items():  # ORT's mobile-usability check
             fixed = entry.get("if_fixed_shapes") or {}
             table.add_row(f"  {ep} EP", f"{entry['nodes_supported']}/{entry['nodes']} nodes in "

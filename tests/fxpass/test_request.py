@@ -46,7 +46,7 @@ def test_request_is_frozen_and_replace_makes_a_changed_copy():
 @pytest.mark.parametrize(("options", "message"), [
     ({"precision": "fp8"}, "--precision fp8: expected fp32, fp16, bf16, int8"),
     ({"group_norm": "some"}, "--group-norm some: expected auto or all or keep"),
-    ({"format": "tgz"}, "--format tgz: expected one of onnx, ort, pte, mlpackage"),
+    ({"format": "tgz"}, "--format tgz: expected one of onnx, ort, pte, mlpackage, tflite"),
     ({"precision": "int8", "step_graph": True}, "--precision int8: its plan is measured"),
     ({"precision": "int8", "format": "pte"}, "written as --format onnx or ort"),
     ({"palettize_bits": 6}, "--palettize-bits 6: applies to --format mlpackage only"),
