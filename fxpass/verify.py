@@ -17,7 +17,7 @@ from .errors import FxpassError, first_line
 from .gate import REFERENCE_NAME, default_tolerance, reference_runner
 from .inputs import input_specs, num_classes_of, seeded_feeds, spread
 
-TARGETS = ("torch", "ort", "trt", "openvino", "openvino-bf16")
+TARGETS = ("torch", "ort", "trt", "openvino", "openvino-bf16", "litert")
 EXIT_FAILED = 1
 EXIT_UNAVAILABLE = 3
 
@@ -42,7 +42,8 @@ def parse_targets(text: str | None) -> list[str]:
     if not items:
         raise FxpassError(f"--targets {text!r}: give one or more of {', '.join(TARGETS)}")
     aliases = {"onnxrt": "ort", "onnxruntime": "ort", "tensorrt": "trt", "pytorch": "torch", "ov": "openvino",
-               "openvino-f32": "openvino", "openvino-fp32": "openvino", "ov-bf16": "openvino-bf16"}
+               "openvino-f32": "openvino", "openvino-fp32": "openvino", "ov-bf16": "openvino-bf16",
+               "tflite": "litert"}
     out: list[str] = []
     for item in items:
         item = aliases.get(item, item)
@@ -85,6 +86,14 @@ def build_runners(targets: Sequence[str], path: Path, *, fp16: bool) -> tuple[li
             settings = TrtSettings(fp16=fp16, tf32=fp16, timing_cache=_timing_cache_path())
             _timing_cache_path().parent.mkdir(parents=True, exist_ok=True)
             runners.append(trt_runner(str(path), settings))
+    if "litert" in targets:
+        from targets.litert import RUNNER_NAME, litert_runner, litert_unavailable_reason
+
+        reason = litert_unavailable_reason()
+        if reason:
+            unavailable[RUNNER_NAME] = reason
+        else:
+            runners.append(litert_runner(path))
     precisions = [p for t, p in (("openvino", "f32"), ("openvino-bf16", "bf16")) if t in targets]
     if precisions:
         from targets.openvino import openvino_runner, openvino_unavailable_reason, runner_name

@@ -24,7 +24,8 @@ def add_parser(sub, common) -> None:
                        epilog="exit status: 0 every requested comparison passed; 1 a numeric failure; "
                               "3 a requested target cannot run here (TensorRT missing, no CUDA device) and "
                               "nothing failed; 2 a usage or file error")
-    p.add_argument("onnx", metavar="OUT.onnx")
+    p.add_argument("onnx", metavar="OUT.onnx", help="the lowered model: an ONNX file, or a LiteRT .tflite file "
+                   "written by fxpass lower --format tflite (checked in LiteRT's interpreter against --model)")
     p.add_argument("--model", metavar="MODEL.pt", help="the checkpoint it was lowered from (the torch reference)")
     shared.add_config(p, "YAML config (default: the ONNX model's fxpass.config metadata, else built-in CAMUS)")
     p.add_argument("--targets", metavar="LIST",
@@ -89,6 +90,8 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     user = user_flags.user_spec(args)
+    if str(args.onnx).lower().endswith(".tflite"):
+        return _check_tflite(args, user, t0)
     info = read_file(args.onnx, require=("table", "fixed", "step"))
     precision = asked_precision(info, args.precision, args.lowering_report)
     targets = _targets(args)
@@ -192,6 +195,45 @@ def _check_step(args, info, cfg, targets, precision: str, tol) -> int:
         text = json.dumps({"step_graph": result, "precision": precision}, indent=2, default=float) + "\n"
         atomic_write_bytes(args.report, lambda fh: fh.write(text.encode()))
     return 0 if result["passed"] else 1
+
+
+def _check_tflite(args, user, t0: float) -> int:
+    """A LiteRT file (``fxpass lower --format tflite``): LiteRT's interpreter against the eager model, table or
+    fixed mode, at the asked precision's bound, after the structure its precision makes (fxpass metadata
+    stored in the file says its schedule and config)."""
+    from ..config import resolve_config
+    from ..expected import asked_precision
+    from ..fileio import plan_outputs
+    from ..formats.tflite_file import read_tflite, structure_problem
+    from ..load import load
+    from ..verify import check_targets, parse_targets, parse_tolerance
+
+    info = read_tflite(args.onnx, require_modes=("table", "fixed", "step"))
+    precision = asked_precision(info, args.precision, args.lowering_report)
+    targets = parse_targets(args.targets) if args.targets else ["torch", "litert"]
+    if sorted(targets) != ["litert", "torch"] or not args.model or args.golden or args.data or args.plot or user \
+            or args.model_class or args.model_factory:
+        raise FxpassError(f"{info.path}: a LiteRT file is checked against the eager model in LiteRT's interpreter "
+                          "(--model MODEL.pt; --targets torch,litert; no --golden, --data, --plot or user model flags)")
+    if info.mode == "step":
+        raise FxpassError(f"{info.path}: a step-graph .tflite is checked when fxpass lower writes it; fxpass check "
+                          "re-checks table- and fixed-mode LiteRT files")
+    plan_outputs({"--report": args.report}, inputs=[args.onnx, args.model, args.config, args.lowering_report],
+                 force=args.force)
+    problem = structure_problem(info.tflite, precision)
+    if problem:
+        raise FxpassError(f"{info.path}: checked as {precision}, but {problem}", exit_code=1)
+    cfg = resolve_config(args.config, info.config, source=f"{info.path}: metadata")
+    model = load(args.model, config=cfg, trust_pickle=args.trust_pickle, allow_nonfinite=args.allow_nonfinite)
+    every = args.all_steps and info.mode == "table"
+    report = check_targets(info, targets=targets, model=model, model_label=str(args.model), seed=args.seed,
+                           tolerance=parse_tolerance(args.tolerance) if args.tolerance else None, precision=precision,
+                           t_indices=list(range(len(info.timesteps))) if every else None,
+                           progress=console(stderr=True).print)
+    _print(report, info, args, time.perf_counter() - t0)
+    if args.report:
+        _write_report(args.report, report, None)
+    return report.exit_code
 
 
 def _write_report(path, report, data) -> None:
