@@ -84,7 +84,7 @@ def _write_format(lowered, request, output: Path, report_path: Path | None, stag
         if fmt == "pte":
             result = formats.to_pte(lowered.source, example, output, fp16=precision == "fp16", rows=rows)
         elif fmt == "tflite":
-            result = _write_tflite(lowered, example, output, precision, rows)
+            result = _write_tflite(lowered, example, output, precision, rows, request.output.force)
         else:
             result = formats.to_mlpackage(lowered.source, example, output, precision="fp16", rows=rows,
                                           palettize_bits=request.output.palettize_bits,
@@ -103,14 +103,15 @@ def _write_format(lowered, request, output: Path, report_path: Path | None, stag
             raise
 
 
-def _write_tflite(lowered, example: dict, output: Path, precision: str, rows: int | None) -> dict:
+def _write_tflite(lowered, example: dict, output: Path, precision: str, rows: int | None, force: bool) -> dict:
     """The LiteRT file (the fxpass metadata inside, at its own precision), its op types and the interpreter's
     latency beside ONNX Runtime's on the written ONNX graph (same inputs, median of 5 after a warm-up)."""
     from . import metadata
     from .formats import tflite
 
     props = {**metadata.read_props(lowered.model), metadata.PRECISION: precision}
-    result = tflite.to_tflite(lowered.source, example, output, precision=precision, rows=rows, metadata=props)
+    result = tflite.to_tflite(lowered.source, example, output, precision=precision, rows=rows, metadata=props,
+                              overwrite=force)  # an existing output got this far only with --force
     result["latency_ms"] = tflite.latency_ms(output, example)
     result["ort_latency_ms"] = tflite.ort_latency_ms(lowered.model, example)
     result["ort_precision"] = metadata.read_props(lowered.model).get(metadata.PRECISION)

@@ -107,7 +107,7 @@ def quantize(data: bytes, precision: str, where: str = "model") -> bytes:
 def to_tflite(graph_module: torch.nn.Module, example_inputs: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
               out_path: str | Path, *, precision: str = "fp32", verify: bool = True,
               reference: torch.nn.Module | None = None, tolerance: float | None = None, rows: int | None = None,
-              metadata: Mapping[str, str] | None = None) -> dict[str, Any]:
+              metadata: Mapping[str, str] | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Convert ``graph_module`` (the rewritten fx graph, or the step graph: inputs x, t_index, noise;
     outputs x_prev, pred_xstart) to a LiteRT model at ``out_path`` at ``precision`` (fp32, fp16, int8).
 
@@ -116,7 +116,7 @@ def to_tflite(graph_module: torch.nn.Module, example_inputs: Mapping[str, torch.
     against ``reference`` (default: ``graph_module`` in float32) with ``t_index`` at the first, middle and
     last row of its tables (``rows``; default from the graph's metadata); above ``tolerance``·max|ref|
     (default :func:`tolerance_for`) or NaN/Inf nothing is written and FxpassError (exit 1) is raised.
-    An existing ``out_path`` is never replaced.  Returns ``{"path", "bytes", "precision", "ops",
+    An existing ``out_path`` is refused before any work unless ``overwrite``.  Returns ``{"path", "bytes", "precision", "ops",
     "gather_ops", "convert_s", "quantize_s", "check"}``.
     """
     from .tflite_file import read_facts, with_metadata
@@ -124,6 +124,8 @@ def to_tflite(graph_module: torch.nn.Module, example_inputs: Mapping[str, torch.
     tolerance = tolerance_for(precision) if tolerance is None else tolerance
     named = _named(example_inputs, graph_module)
     where = str(out_path)
+    if not overwrite and os.path.lexists(out_path):
+        raise FxpassError(f"{out_path}: already exists (not replaced)")
     t0 = time.perf_counter()
     data = convert(graph_module, named, where)
     t1 = time.perf_counter()
