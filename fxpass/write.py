@@ -105,15 +105,19 @@ def _write_format(lowered, request, output: Path, report_path: Path | None, stag
 
 def _write_tflite(lowered, example: dict, output: Path, precision: str, rows: int | None, force: bool) -> dict:
     """The LiteRT file (the fxpass metadata inside, at its own precision), its op types and the interpreter's
-    latency beside ONNX Runtime's on the written ONNX graph (same inputs, median of 5 after a warm-up)."""
+    latency beside ONNX Runtime's on the verified ONNX graph (same inputs and thread count, median of 5 after
+    a warm-up)."""
     from . import metadata
     from .formats import tflite
 
     props = {**metadata.read_props(lowered.model), metadata.PRECISION: precision}
     result = tflite.to_tflite(lowered.source, example, output, precision=precision, rows=rows, metadata=props,
                               overwrite=force)  # an existing output got this far only with --force
-    result["latency_ms"] = tflite.latency_ms(output, example)
-    result["ort_latency_ms"] = tflite.ort_latency_ms(lowered.model, example)
+    import torch
+
+    threads = result["latency_threads"] = torch.get_num_threads()  # both runtimes on as many threads as torch
+    result["latency_ms"] = tflite.latency_ms(output, example, threads=threads)
+    result["ort_latency_ms"] = tflite.ort_latency_ms(lowered.model, example, threads=threads)
     result["ort_precision"] = metadata.read_props(lowered.model).get(metadata.PRECISION)
     if result["gather_ops"] > 1:
         result["note"] = (f"the timestep tables are {result['gather_ops']} separate GATHER_ND ops (one per table; "

@@ -30,7 +30,8 @@ def add_parser(sub, common) -> None:
     shared.add_config(p, "YAML config (default: the ONNX model's fxpass.config metadata, else built-in CAMUS)")
     p.add_argument("--targets", metavar="LIST",
                    help="comma-separated of torch, ort, trt, openvino (OpenVINO CPU, f32), openvino-bf16 "
-                        "(OpenVINO CPU, bf16 inference precision) (default: torch,ort; ort alone with only --golden)")
+                        "(OpenVINO CPU, bf16 inference precision), litert (a .tflite file only) (default: torch,ort; "
+                        "ort alone with only --golden; torch,litert for a .tflite)")
     p.add_argument("--golden", metavar="DIR", help="also compare against a golden set written by fxpass golden")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="the precision the file must be, whose bound it is checked at (default fp32; a file whose "
@@ -64,6 +65,8 @@ def _targets(args) -> list[str]:
 
     targets = parse_targets(args.targets) if args.targets else (
         ["torch", "ort"] if args.model or not args.golden else ["ort"])
+    if "litert" in targets:
+        raise FxpassError(f"--targets litert: LiteRT runs a .tflite file (fxpass check FILE.tflite), not {args.onnx}")
     if "torch" in targets and not args.model:
         raise FxpassError("--model MODEL.pt is needed for the torch reference (or give --golden DIR "
                           "and --targets without torch)")
