@@ -325,7 +325,13 @@ FORMAT_ROUTES = (
     ("--format ort --step-graph", ["--format", "ort", "--step-graph"], "ort"),
     ("--format pte --step-graph", ["--format", "pte", "--step-graph"], "pte"),
     ("--format mlpackage --step-graph", ["--format", "mlpackage", "--step-graph"], "mlpackage"),
+    ("--format tflite", ["--format", "tflite"], "tflite"),
+    ("--format tflite --precision fp16", ["--format", "tflite", "--precision", "fp16"], "tflite"),
+    ("--format tflite --precision int8", ["--format", "tflite", "--precision", "int8"], "tflite"),
 )
+#: the last column's heading: ORT's CoreML coverage, or (a table of LiteRT routes alone) LiteRT's own figures
+COVERAGE_HEADING = "CoreML ML Program EP (ORT's checker)"
+LITERT_HEADING = "LiteRT: table gathers; interpreter vs ONNX Runtime (CPU, same inputs and threads)"
 
 
 def format_row(label: str, ext: str, report: dict[str, Any]) -> str:
@@ -339,6 +345,10 @@ def format_row(label: str, ext: str, report: dict[str, Any]) -> str:
         ep = fmt["coverage"]["eps"]["CoreML MLProgram"]
         missing = ", ".join(o.split(":")[-1] for o in ep["unsupported_ops"]) or "none"
         coreml = f"{ep['nodes_supported']:,} / {ep['nodes']:,} nodes, {ep['partitions']} partitions; not taken: {missing}"
+    elif ext == "tflite":
+        against = f"rewritten graph {own:.2g}"
+        coreml = (f"{fmt['gather_ops']} GATHER_ND; {fmt['latency_ms']:,.0f} ms vs {fmt['ort_latency_ms']:,.0f} ms "
+                  f"({fmt['ort_precision']} ONNX)")
     elif ext == "pte":
         against = f"rewritten graph {own:.2g}" if own is not None else "not run here"
         coreml = f"— (XNNPACK: {fmt.get('delegated_nodes')} of {fmt.get('nodes')} nodes delegated)"
@@ -349,7 +359,9 @@ def format_row(label: str, ext: str, report: dict[str, Any]) -> str:
 
 
 def formats(args) -> str:
-    lines = ["| lowering | file | against | CoreML ML Program EP (ORT's checker) |", "|---|---:|---|---|"]
+    picked = [r for k, r in enumerate(FORMAT_ROUTES) if not args.routes or str(k) in args.routes.split(",")]
+    heading = LITERT_HEADING if all(ext == "tflite" for _, _, ext in picked) else COVERAGE_HEADING
+    lines = [f"| lowering | file | against | {heading} |", "|---|---:|---|---|"]
     with tempfile.TemporaryDirectory(prefix="fxpass-figures-") as tmp:
         tmp = Path(tmp)
         config = ["--config", str(Path(args.config).resolve())] if args.config else []
@@ -362,8 +374,10 @@ def formats(args) -> str:
             _fxpass("lower", "model.pt", *config, "-o", str(out), *flags, "--report", str(rep), cwd=tmp)
             lines.append(format_row(label, ext, _load(rep)))
     what = f"`{_rel(args.config)}`" if args.config else "CAMUS (the built-in config)"
+    litert = (" LiteRT: " + _versions("litert-torch", "ai-edge-litert", "ai-edge-quantizer") + "."
+              if any(ext == "tflite" for _, _, ext in picked) else "")
     return "\n".join([*lines, "", f"{what}, seeded weights (`fxpass init --seed 0`); errors as ·max|ref|. "
-                                  + _machine_line()])
+                                  + _machine_line() + litert])
 
 
 # ---- the command line ------------------------------------------------------------------------------
