@@ -92,7 +92,7 @@ def test_plot_without_matplotlib_is_a_one_line_error(capsys, monkeypatch, tmp_pa
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--targets", "torch,ort,cuda"], "--targets torch,ort,cuda: unknown target 'cuda' (choose from torch, ort, trt, openvino, openvino-bf16)"),
+        (["--targets", "torch,ort,cuda"], "--targets torch,ort,cuda: unknown target 'cuda' (choose from torch, ort, trt, openvino, openvino-bf16, litert)"),
         (["--tolerance", "tight"], "--tolerance: tolerance 'tight': expected fp32, fp16 or ATOL,RTOL"),
         (["--targets", "ort"], "--targets ort: nothing to compare against; add torch or give --golden DIR"),
     ],
