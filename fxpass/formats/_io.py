@@ -107,3 +107,14 @@ def compare_module(run: Callable[[tuple], list], reference, inputs: Sequence, *,
         if t_index is not None:
             used.append(t_index)
     return {"max_rel_to_scale": worst, "t_index": used}
+
+
+def gate(check: dict[str, Any], tolerance: float, out_path, runtime: str, against: str = "PyTorch") -> dict[str, Any]:
+    """``check`` (a compare's result) with its ``tolerance`` and verdict; FxpassError (exit 1), naming
+    ``out_path`` as not written, where ``runtime`` differs from ``against`` by more than the tolerance."""
+    check["tolerance"] = tolerance
+    check["passed"] = check["max_rel_to_scale"] <= tolerance
+    if not check["passed"]:
+        raise FxpassError(f"{out_path}: not written: {runtime} differs from {against} by "
+                          f"{check['max_rel_to_scale']:.3g}·max|ref| (tolerance {tolerance:g})", exit_code=1)
+    return check

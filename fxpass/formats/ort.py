@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import FxpassError
 from ._deps import require
 from ..fileio import staged_path
-from ._io import spread, worst_error
+from ._io import gate, spread, worst_error
 
 OPTIMIZATION_STYLES = ("Fixed", "Runtime")
 TARGET_PLATFORMS = ("arm", "amd64")
@@ -195,13 +195,8 @@ def to_ort(onnx_path_or_proto, out_path: str | Path, *, optimization_style: str 
         if verify:
             if tolerance is None:
                 tolerance = ORT_TOLERANCE[_precision(src)]
-            check = compare_ort(src, produced[0], seed=seed)
-            check["tolerance"] = tolerance
-            check["passed"] = check["max_rel_to_scale"] <= tolerance
-            report["check"] = check
-            if not check["passed"]:
-                raise FxpassError(f"{out_path}: not written: the ORT-format model differs from the ONNX by "
-                                  f"{check['max_rel_to_scale']:.3g}·max|ref| (tolerance {tolerance:g})", exit_code=1)
+            report["check"] = gate(compare_ort(src, produced[0], seed=seed), tolerance, out_path,
+                                   "the ORT-format model", "the ONNX")
         with staged_path(out_path) as staged:
             staged.write_bytes(produced[0].read_bytes())
     report["path"] = str(out_path)

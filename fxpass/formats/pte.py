@@ -20,7 +20,7 @@ import torch
 from ..errors import FxpassError, first_line
 from ._deps import require
 from ..fileio import staged_path
-from ._io import compare_module
+from ._io import compare_module, gate
 
 #: gates against the eager model (max|diff| ≤ tol·max|ref|), as fxpass lower's for ONNX
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
@@ -120,14 +120,8 @@ def to_pte(graph_module: torch.nn.Module, example_inputs: Mapping[str, torch.Ten
     with staged_path(out_path) as staged:
         staged.write_bytes(program.buffer)
         if verify:
-            check = compare_pte(staged, reference, inputs, rows=rows)
-            check["tolerance"] = tolerance
-            check["passed"] = check["max_rel_to_scale"] <= tolerance
-            report["check"] = check
-            if not check["passed"]:
-                raise FxpassError(f"{out_path}: not written: ExecuTorch differs from PyTorch by "
-                                  f"{check['max_rel_to_scale']:.3g}·max|ref| (tolerance {tolerance:g})",
-                                  exit_code=1)
+            report["check"] = gate(compare_pte(staged, reference, inputs, rows=rows), tolerance, out_path,
+                                   "ExecuTorch")
     report["path"] = str(out_path)
     return report
 

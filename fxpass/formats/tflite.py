@@ -27,7 +27,7 @@ import torch
 from ..errors import FxpassError, first_line
 from ..fileio import staged_path
 from ._deps import require, require_module
-from ._io import compare_module
+from ._io import compare_module, gate
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -144,12 +144,7 @@ def to_tflite(graph_module: torch.nn.Module, example_inputs: Mapping[str, torch.
             check = compare_module(lambda case: run_tflite(staged, dict(zip(names, case))),
                                    graph_module if reference is None else reference, list(named.values()),
                                    rows=rows, where=where)
-            check["tolerance"] = tolerance
-            check["passed"] = check["max_rel_to_scale"] <= tolerance
-            report["check"] = check
-            if not check["passed"]:
-                raise FxpassError(f"{out_path}: not written: LiteRT differs from PyTorch by "
-                                  f"{check['max_rel_to_scale']:.3g}·max|ref| (tolerance {tolerance:g})", exit_code=1)
+            report["check"] = gate(check, tolerance, out_path, "LiteRT")
     report["path"] = str(out_path)
     return report
 

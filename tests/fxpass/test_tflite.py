@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
+from test_formats import _rel
 
 from fxpass.cli import main
 from fxpass.errors import FxpassError
@@ -40,12 +40,6 @@ class _Mini(torch.nn.Module):
         h = self.conv1(x)
         h = h * (1 + self.scale[t_index].squeeze(0)) + self.shift[t_index].squeeze(0)
         return self.conv2(torch.nn.functional.silu(h))
-
-
-def _rel(out, ref) -> float:
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    assert np.isfinite(out).all()
-    return float(np.abs(out - ref).max() / np.abs(ref).max())
 
 
 @pytest.fixture(scope="module")
