@@ -200,15 +200,16 @@ class Transaction:
     without an exception, each renamed from a temporary beside it.
     """
 
-    def __init__(self):
+    def __init__(self, *, exclusive: bool = False):
         self._staged: list[tuple[Path, Path]] = []  # (final, temporary)
+        self.exclusive = exclusive
 
     def __enter__(self) -> "Transaction":
         return self
 
     def __exit__(self, kind, value, tb) -> None:
         if kind is None:
-            self.commit()
+            self.commit(exclusive=self.exclusive)
         else:
             self.abort()
 
@@ -230,31 +231,35 @@ class Transaction:
                 write(fh)
 
     def commit(self, *, exclusive: bool = False) -> None:
-        """Rename every staged file into place (``exclusive``: only where the path does not exist yet)."""
-        current = [None]
-        with self._undone_on_failure(lambda: current[0]):
+        """Rename every staged file into place (``exclusive``: only where no path exists yet, all or none: of
+        two runs racing for the same new outputs, one fails with "already exists" and leaves nothing)."""
+        current, linked = [None], []
+        with self._undone_on_failure(lambda: current[0], linked):
             for final, tmp in self._staged:
                 current[0] = final
                 if exclusive:
                     os.link(tmp, final)  # fails if the path appeared meanwhile
-                    os.unlink(tmp)
+                    linked.append(final)
                 else:
                     os.replace(tmp, final)
+            for final, tmp in self._staged if exclusive else ():
+                os.unlink(tmp)
         self._staged = []
 
     @contextmanager
-    def _undone_on_failure(self, where: Callable[[], Path | None]):
-        """Any failure or interrupt inside removes everything staged; OS errors become one line naming the file."""
+    def _undone_on_failure(self, where: Callable[[], Path | None], linked: list[Path] = ()):
+        """Any failure or interrupt inside removes everything staged and every path ``linked`` into place by
+        this exclusive commit (none existed before it); OS errors become one line naming the file."""
         try:
             yield
-        except FileExistsError:
+        except BaseException as exc:
+            for final in linked:
+                final.unlink(missing_ok=True)
             self.abort()
-            raise FxpassError(f"{where()}: already exists (pass --force to overwrite)") from None
-        except OSError as exc:
-            self.abort()
-            raise FxpassError(f"{where()}: cannot write ({exc.strerror or exc})") from None
-        except BaseException:
-            self.abort()
+            if isinstance(exc, FileExistsError):
+                raise FxpassError(f"{where()}: already exists (pass --force to overwrite)") from None
+            if isinstance(exc, OSError):
+                raise FxpassError(f"{where()}: cannot write ({exc.strerror or exc})") from None
             raise
 
     def abort(self) -> None:

@@ -18,7 +18,7 @@ def write_lowered(lowered, request, output: Path, report_path: Path | None, stag
                   shallow_path: Path | None = None) -> None:
     """The file the request's ``output.format`` names (and a --deep-cache shallow graph), and the report."""
     if request.output.format == "onnx":
-        _write_onnx(lowered, output, report_path, stages, shallow_path)
+        _write_onnx(lowered, output, report_path, stages, shallow_path, exclusive=not request.output.force)
     else:
         _write_format(lowered, request, output, report_path, stages)
 
@@ -28,7 +28,7 @@ def _report_text(lowered) -> str:
 
 
 def _write_onnx(lowered, output: Path, report_path: Path | None, stages: dict[str, float],
-                shallow_path: Path | None = None) -> None:
+                shallow_path: Path | None = None, *, exclusive: bool = False) -> None:
     """The ONNX file (and the --deep-cache shallow graph) and the report as one transaction (a model over
     2 GiB is written first, with its external data file, and removed again if the report cannot be
     written)."""
@@ -43,7 +43,7 @@ def _write_onnx(lowered, output: Path, report_path: Path | None, stages: dict[st
         from .errors import FxpassError
 
         raise FxpassError(f"{output}: --deep-cache writes models under 2 GiB, with the shallow graph beside them")
-    with Transaction() as tx:
+    with Transaction(exclusive=exclusive) as tx:  # exclusive: a run racing for the same new paths loses
         if lowered.shallow is not None:
             shallow = lowered.shallow.SerializeToString()
             tx.add_bytes(shallow_path, lambda fh: fh.write(shallow))

@@ -124,7 +124,7 @@ def _compare(args, entries, outs) -> int:
     report = _with_progress(lambda progress: compare(model, images, masks, runs, seed=args.seed, progress=progress,
                                                      names=[f.name for f in files]))
     report = _with_model(args, model, files, report)
-    return runs_view.show(report, outs, time.perf_counter() - t0)
+    return runs_view.show(report, outs, time.perf_counter() - t0, force=args.force)
 
 
 def _tune_checks(args) -> None:
@@ -188,7 +188,7 @@ def _tune(args) -> int:
     doc = _with_progress(lambda progress: tune.tune(
         model, images, masks, found, budget=args.budget, name=out.stem, names=[f.name for f in files], seed=args.seed,
         ratio=ratio, progress=progress), "tuning")
-    runs_view.write_json(out, doc)
+    runs_view.write_json(out, doc, force=args.force)
     console().print(_tune_table(doc), soft_wrap=True)
     held, winner = doc["measured"]["held_apart"], doc["tuning"]["candidates"][0]
     lines = [f"held apart, {len(held['images'])} image(s) x {len(held['masks'])} mask(s), seed {held['seed']}: "
@@ -250,7 +250,7 @@ def run(args) -> int:
                f"{time.perf_counter() - t0:.1f} s")
     out = outs.get("-o")
     if out is not None:
-        runs_view.write_json(out, report)
+        runs_view.write_json(out, report, force=args.force)
         summary = f"wrote {out}: {summary}"
     console().print(summary, soft_wrap=True)
     return 0

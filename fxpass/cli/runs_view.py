@@ -10,12 +10,13 @@ import json
 from .output import console
 
 
-def write_json(out, report: dict) -> None:
-    """``report`` as strict JSON at ``out``, written atomically."""
+def write_json(out, report: dict, *, force: bool = False) -> None:
+    """``report`` as strict JSON at ``out``, written atomically (without ``force``, only if ``out`` still does
+    not exist when it is written: of two runs racing for one new path, one fails)."""
     from ..fileio import atomic_write_bytes
 
     text = json.dumps(report, indent=1, allow_nan=False) + "\n"
-    atomic_write_bytes(out, lambda fh: fh.write(text.encode("utf-8")))
+    atomic_write_bytes(out, lambda fh: fh.write(text.encode("utf-8")), exclusive=not force)
 
 
 def _diff(diff: dict | None, digits: int) -> str:
@@ -45,12 +46,12 @@ def table(report: dict):
     return t
 
 
-def show(report: dict, outs: dict, seconds: float) -> int:
+def show(report: dict, outs: dict, seconds: float, force: bool = False) -> int:
     """Print the table; write ``-o`` and ``--plot`` where planned."""
     console().print(table(report), soft_wrap=True)
     summary = f"{len(report['runs'])} runs x {report['summary'][0]['cases']} cases, {seconds:.1f} s"
     if outs.get("-o") is not None:
-        write_json(outs["-o"], report)
+        write_json(outs["-o"], report, force=force)
         summary = f"wrote {outs['-o']}: {summary}"
     if outs.get("--plot") is not None:
         from ..plots import plot_quality_vs_time

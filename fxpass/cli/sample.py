@@ -73,7 +73,7 @@ def run(args) -> int:
         task = bar.add_task("sampling", total=total)
         png = render_png(sampler, model, gt, mask, args.seed,
                          on_step=lambda done, _total: bar.update(task, completed=done))
-    atomic_write_bytes(out, lambda fh: fh.write(png))
+    atomic_write_bytes(out, lambda fh: fh.write(png), exclusive=not args.force)
     console().print(f"wrote {out}: {what}, {total} model calls on {model.runtime}, seed {args.seed}, "
                     f"{time.perf_counter() - t0:.1f} s", soft_wrap=True)
     return 0

@@ -60,6 +60,48 @@ def test_exclusive_write_fails_when_the_path_appears_meanwhile(tmp_path):
     assert out.read_bytes() == b"theirs" and [p.name for p in tmp_path.iterdir()] == ["new.pt"]
 
 
+def test_an_exclusive_transaction_losing_the_race_leaves_none_of_its_files(tmp_path):
+    from fxpass.fileio import Transaction
+
+    model, report = tmp_path / "m.onnx", tmp_path / "m.json"
+
+    def racing(fh):
+        fh.write(b"my report")
+        report.write_bytes(b"their report")  # the other run wrote the report path first
+
+    with pytest.raises(FxpassError, match=f"{report}: already exists"):
+        with Transaction(exclusive=True) as tx:
+            tx.add_bytes(model, lambda fh: fh.write(b"my model"))
+            tx.add_bytes(report, racing)
+    # the model this run linked into place is taken back: both or neither, and theirs is untouched
+    assert not model.exists() and report.read_bytes() == b"their report"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+    with Transaction(exclusive=True) as tx:  # on free paths it writes all of them
+        tx.add_bytes(model, lambda fh: fh.write(b"m"))
+        tx.add_bytes(tmp_path / "n.json", lambda fh: fh.write(b"n"))
+    assert model.read_bytes() == b"m" and sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.onnx", "n.json"]
+
+
+def test_two_samples_racing_for_one_new_output_one_fails(tmp_path, monkeypatch, capsys, tiny_onnx):
+    """The second run plans its output while it is free, but the first writes it before the second commits."""
+    from check_helpers import cli, gray_image_and_half_mask
+
+    import fxpass.fileio as fileio
+
+    img, mask = gray_image_and_half_mask(tmp_path, 32)
+    out = tmp_path / "r.png"
+    real = fileio.Transaction.commit
+
+    def other_run_first(self, *, exclusive=False):
+        out.write_bytes(b"the other run's image")
+        return real(self, exclusive=exclusive)
+
+    monkeypatch.setattr(fileio.Transaction, "commit", other_run_first)
+    rc, _, err = cli(capsys, "sample", tiny_onnx, "--image", img, "--mask", mask, "-o", out, "--sampler", "ddim",
+                     "--steps", 2)
+    assert rc == 2 and f"{out}: already exists" in err and out.read_bytes() == b"the other run's image"
+
+
 def test_sigint_while_the_temp_file_is_created_leaves_nothing(tmp_path, monkeypatch):
     import signal
 
