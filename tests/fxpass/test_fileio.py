@@ -114,8 +114,14 @@ def test_sigint_while_the_temp_file_is_created_leaves_nothing(tmp_path, monkeypa
         return made
 
     monkeypatch.setattr(os, "open", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        atomic_write_bytes(tmp_path / "out.bin", lambda fh: fh.write(b"data"))
+    # Python's own SIGINT handler, whatever an earlier test in this worker imported (Ray, LiteRT and OpenVINO
+    # install their own): the test is about a KeyboardInterrupt reaching fxpass mid-write
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            atomic_write_bytes(tmp_path / "out.bin", lambda fh: fh.write(b"data"))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert list(tmp_path.iterdir()) == []
 
 
