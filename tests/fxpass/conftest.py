@@ -23,9 +23,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 #: session fixtures too expensive to build on every worker: the tests using one run on one worker
 #: (pytest-xdist's loadgroup distribution)
-_SHARED_FIXTURES = {"camus_seed0": "camus-seed0", "digits_onnx": "digits-reference", "local_ray": "local-ray"}
+_SHARED_FIXTURES = {"camus_seed0": "camus-seed0", "digits_onnx": "digits-reference", "local_ray": "local-ray",
+                    "tiny_tflite": "tiny-tflite", "graphs": "equivalence-graphs"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups to route the items
 def pytest_collection_modifyitems(items):
     for item in items:
         group = next((g for name, g in _SHARED_FIXTURES.items() if name in getattr(item, "fixturenames", ())), None)

@@ -33,30 +33,46 @@ def _zeroed_scale_shift(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-@pytest.fixture(scope="module")
+class _Graphs(dict):
+    """{(checkpoint kind, precision): proto}, each made when first asked for: the true checkpoint and one
+    with a zeroed timestep scale/shift, at fp32, fp16 and int8."""
+
+    def __init__(self, ckpt):
+        super().__init__()
+        self.ckpt, self.cfg = ckpt, from_dict(TINY)
+
+    def __missing__(self, key):
+        kind, precision = key
+        if precision == "int8":
+            value = quantize_int8(self[kind, "fp32"], self.cfg, options=INT8)[0]
+        else:
+            model = load_model(self.ckpt, self.cfg)
+            model = _zeroed_scale_shift(model) if kind == "zeroed" else model
+            value = lower(model, config=self.cfg, precision=precision, verify=False)
+        self[key] = value
+        return value
+
+
+@pytest.fixture(scope="session")  # one worker builds it (conftest's loadgroup)
 def graphs(tiny_ckpt):
-    """{(checkpoint kind, precision): proto} for the true checkpoint and a zeroed scale/shift one."""
-    cfg = from_dict(TINY)
-    out = {}
-    for kind, model in (("true", load_model(tiny_ckpt, cfg)), ("zeroed", _zeroed_scale_shift(load_model(tiny_ckpt, cfg)))):
-        fp32 = lower(model, config=cfg, verify=False)
-        out[kind, "fp32"] = fp32
-        out[kind, "fp16"] = lower(model, config=cfg, precision="fp16", verify=False)
-        out[kind, "int8"] = quantize_int8(fp32, cfg, options=INT8)[0]
-    return out
+    return _Graphs(tiny_ckpt)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+PRECISIONS = ["fp32", "fp16", pytest.param("int8", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
 def test_the_true_checkpoint_at_every_precision_is_its_float32_graph(graphs, precision):
     assert compare(graphs["true", precision], graphs["true", "fp32"]) is None
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("precision", PRECISIONS)
 def test_a_zeroed_timestep_scale_shift_fails_at_every_precision(graphs, precision):
     problem = compare(graphs["zeroed", precision], graphs["true", "fp32"])
     assert problem is not None and "values are not the float32 graph's" in problem, problem
 
 
+@pytest.mark.slow
 def test_the_float_view_bypasses_quantization_and_casts(graphs):
     view, slack = float_view(graphs["true", "int8"])
     ops = {n.op for n in view.nodes}
@@ -103,6 +119,7 @@ def test_an_added_rewired_or_nudged_graph_fails(graphs, edit, message):
     assert problem is not None and message in problem, problem
 
 
+@pytest.mark.slow
 def test_check_refuses_a_reduced_precision_file_of_another_checkpoint(capsys, tmp_path, graphs, tiny_ckpt):
     for precision in ("fp16", "int8"):
         for kind, code in (("true", 0), ("zeroed", 1)):
@@ -117,6 +134,7 @@ def test_check_refuses_a_reduced_precision_file_of_another_checkpoint(capsys, tm
                 assert f"structure: the float32 graph of {tiny_ckpt}" in out and "check: pass" in out
 
 
+@pytest.mark.slow
 def test_a_step_graph_at_fp16_of_another_seed_fails_structurally(capsys, tmp_path, tiny_ckpt, tiny_yaml):
     out = tmp_path / "step16.onnx"
     assert lower_on_one_thread(tiny_ckpt, "--config", tiny_yaml, "-o", out, "--step-graph", "--precision", "fp16") == 0

@@ -172,7 +172,7 @@ def test_conversion_is_deterministic(mini, mini_fp32, tmp_path):
 
 # --- fxpass lower --format tflite / fxpass check FILE.tflite on the tiny config ---------------------------
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one worker builds it once (conftest's loadgroup)
 def tiny_tflite(tiny_ckpt, tiny_yaml, tmp_path_factory):
     if REASON is not None:
         pytest.skip(REASON)
