@@ -81,8 +81,8 @@ def roll_tables(proto: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def variants(fp32: onnx.ModelProto, config, plan: Path | None) -> dict[str, onnx.ModelProto]:
-    """The file at every precision, made as the precision stage makes it."""
+def variants(fp32: onnx.ModelProto, config, plan: Path | None) -> tuple[dict[str, onnx.ModelProto], dict]:
+    """(the file at every precision, made as the precision stage makes it; the int8 stage's info)."""
     from fxpass import metadata
     from fxpass.precision import Int8Options, quantize_int8
     from fxpass.stages import _to_fp16

@@ -32,6 +32,8 @@ import onnx
 #: Cast targets that only change float precision (bypassed in both graphs)
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
                 onnx.TensorProto.DOUBLE)
+#: what each reduced precision adds to the float32 graph (for the lines that report a match)
+ADDED = {"int8": "quantize/dequantize pairs", "fp16": "casts", "bf16": "label"}
 #: float16's relative rounding (half an ulp at 1) and its smallest subnormal
 _FP16_REL, _FP16_TINY = 2.0 ** -11, 2.0 ** -24
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import onnx
 
-from .equivalence import compare
+from .equivalence import ADDED, compare
 
 #: the recorded rewrite settings that decide the float32 graph's structure (the rest are precision's own)
 _STRUCTURE = ("timesteps", "step_graph", "dynamic_batch", "opset", "simplifier", "group_norm", "surgery_options")
@@ -33,6 +33,4 @@ def check_same_graph(info, model, config, precision: str, label: str) -> str:
     if problem:
         raise FxpassError(f"{info.path}: not the float32 graph of {label} with {precision}'s quantization or "
                           f"casts: {problem}", exit_code=1)
-    return (f"structure: the float32 graph of {label} with {precision}'s "
-            f"{'quantize/dequantize pairs' if precision == 'int8' else 'casts' if precision == 'fp16' else 'label'}, "
-            "constants within their rounding")
+    return f"structure: the float32 graph of {label} with {precision}'s {ADDED[precision]}, constants within their rounding"

@@ -224,7 +224,7 @@ def precision_stage(state: Lowering) -> None:
 def _same_structure(proto: onnx.ModelProto, float32: onnx.ModelProto, precision: str) -> str:
     """The reduced-precision graph must be the float32 one plus quantization or casts (fxpass.equivalence);
     FxpassError (exit 1) otherwise: nothing is written."""
-    from .equivalence import compare
+    from .equivalence import ADDED, compare
 
     if precision == "bf16":
         return "the float32 graph itself, labelled for OpenVINO's bf16 inference"
@@ -232,7 +232,7 @@ def _same_structure(proto: onnx.ModelProto, float32: onnx.ModelProto, precision:
     if problem:
         raise FxpassError(f"--precision {precision}: the {precision} graph is not the float32 graph with "
                           f"quantization or casts ({problem}); nothing written", exit_code=1)
-    what = {"int8": "quantize/dequantize pairs", "fp16": "casts"}[precision]
+    what = ADDED[precision]
     return f"the float32 graph with {precision}'s {what}, constants within their rounding (fxpass.equivalence)"
 
 
