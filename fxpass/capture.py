@@ -76,6 +76,15 @@ def _traceable_python(tracer: ConcreteTracer):
         return original_apply.__func__(cls, *args, **kwargs)
 
     patch(torch.autograd.Function, "apply", classmethod(apply))
+
+    original_is_tensor = torch.is_tensor
+
+    def is_tensor(obj):  # diffusers: ``if not torch.is_tensor(timesteps): timesteps = torch.tensor([...])``
+        if isinstance(obj, Proxy):
+            return isinstance(tracer.value_of(obj.node), torch.Tensor)
+        return original_is_tensor(obj)
+
+    patch(torch, "is_tensor", is_tensor)
     try:
         yield
     finally:
@@ -102,13 +111,17 @@ def _bind_inputs(model: torch.nn.Module, example_inputs) -> dict[str, Any]:
     return out
 
 
-def capture(model: torch.nn.Module, example_inputs: Sequence[Any] | Mapping[str, Any]) -> GraphModule:
+def capture(model: torch.nn.Module, example_inputs: Sequence[Any] | Mapping[str, Any], *,
+            output: str | None = None) -> GraphModule:
     """Trace ``model`` on ``example_inputs`` into a :class:`torch.fx.GraphModule`.
 
     ``example_inputs`` is a tuple of positional arguments of ``model.forward`` (e.g. ``(x, t)``) or a
     mapping by parameter name (``{"x": x, "timesteps": t, "y": y}``).  Parameters not given (``y=None``,
     ``gt=None``, ``**kwargs``) keep their defaults: the graph's inputs are exactly the given ones.
-    The result keeps its example inputs in ``gm.meta["fxpass_example_inputs"]``.
+    The result keeps its example inputs in ``gm.meta["fxpass_example_inputs"]``.  A model that returns
+    a dataclass, dict or tuple (diffusers' ``UNet2DOutput``) is reduced to one tensor output by
+    :func:`fxpass.outputs.pick_output` (``output`` names it); the key taken is in
+    ``gm.meta["fxpass_output"]``.
     """
     if not isinstance(model, torch.nn.Module):
         raise FxpassError(f"capture: expected a torch.nn.Module, got {type(model).__name__}")
@@ -143,7 +156,11 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[Any] | Mapping[str,
     finally:
         model.train(was_training)
 
+    output_key = _reduce_output(graph, output, type(model).__name__)
     gm = GraphModule(model, graph, class_name=f"{type(model).__name__}Captured")
+    if output_key is not None:
+        gm.graph.eliminate_dead_code()  # what only the other outputs read
+        gm.recompile()
     for node in gm.graph.nodes:
         value = tracer._values.get(node)
         if isinstance(value, torch.Tensor):
@@ -153,7 +170,21 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[Any] | Mapping[str,
             node.meta["fxpass_value"] = value
     gm.meta["fxpass_example_inputs"] = dict(inputs)
     gm.meta["fxpass_guards"] = len(tracer.guards)
+    gm.meta["fxpass_output"] = output_key
     return gm
+
+
+def _reduce_output(graph: torch.fx.Graph, output: str | None, cls: str) -> str | None:
+    """The graph returns the one tensor :func:`~fxpass.outputs.pick_output` chooses from what forward
+    returned; the key it was found under (None: forward returned a tensor)."""
+    from .outputs import pick_output
+
+    out = next(n for n in reversed(graph.nodes) if n.op == "output")
+    chosen, key = pick_output(out.args[0], output, is_leaf=lambda v: isinstance(v, torch.fx.Node),
+                              where=f"{cls}.forward")
+    if key is not None:
+        out.args = (chosen,)
+    return key
 
 
 class _CallableModule(type(sys)):

@@ -11,6 +11,8 @@ import torch
 from polygraphy.backend.base import BaseRunner
 from polygraphy.common import TensorMetadata
 
+from fxpass.outputs import pick_output
+
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -84,4 +86,5 @@ class TorchReferenceRunner(BaseRunner):
         with torch.no_grad():
             out = self._model(x, t, **kwargs)
         self.inference_time = time.perf_counter() - start
+        out, _ = pick_output(out)  # a library's dataclass / dict / tuple output, as capture reduces it
         return OrderedDict([(self.output_name, out.to(torch.float32).numpy())])

@@ -46,11 +46,21 @@ def reads_t_shape(node: Node, t_node: Node) -> bool:
     return node.op == "call_method" and node.target in _SHAPE_METHODS
 
 
-def timestep_cone(gm: GraphModule, t_node: Node) -> tuple[list[Node], set[Node]]:
+def reads_input_shape(node: Node) -> bool:
+    """``x.shape`` / ``x.size(0)`` / ``x.dim()`` of a graph input."""
+    if not node.args or not isinstance(node.args[0], Node) or node.args[0].op != "placeholder":
+        return False
+    return reads_t_shape(node, node.args[0])
+
+
+def timestep_cone(gm: GraphModule, t_node: Node, *, static_shapes: bool = False) -> tuple[list[Node], set[Node]]:
     """(cone in graph order, nodes that need only constants) for the timestep input ``t_node``.
 
     Reads of the timestep input's shape are not in the cone (they are the batch size, which a table
-    row cannot carry): what uses them stays in the graph, reading ``t_index``'s shape instead."""
+    row cannot carry): what uses them stays in the graph, reading ``t_index``'s shape instead.
+    ``static_shapes`` (a static-batch model): the other inputs' shapes are constants, so the
+    timesteps broadcast to the batch (diffusers' ``timesteps * torch.ones(sample.shape[0])``) stay in
+    the cone."""
     depends_t: set[Node] = set()
     depends_other: set[Node] = set()
     constant: set[Node] = set()
@@ -63,7 +73,7 @@ def timestep_cone(gm: GraphModule, t_node: Node) -> tuple[list[Node], set[Node]]
         if node.op == "placeholder" or reads_t_shape(node, t_node):
             depends_other.add(node)
             continue
-        if is_static_attr(node):  # x.dtype / x.device: known without reading x
+        if is_static_attr(node) or (static_shapes and reads_input_shape(node)):  # x.dtype, x.shape (static)
             constant.add(node)
             continue
         inputs = _input_nodes(node)
@@ -91,7 +101,7 @@ class ConeEvaluator:
 
     def _constant(self, node: Node):
         if node not in self._constants:
-            if is_static_attr(node):
+            if is_static_attr(node) or reads_input_shape(node):
                 value = self.static.get(node, UNKNOWN)
                 if value is UNKNOWN:
                     raise FxpassError(f"fold_timesteps: cannot tell {node.format_node()} without example inputs")

@@ -85,7 +85,8 @@ def fold_timesteps(
         raise FxpassError("fold_timesteps: the timestep schedule is empty")
 
     static = static_values(gm, example_inputs)
-    cone, constant = timestep_cone(gm, t_node)
+    dynamic = dynamic_batch_of(gm, dynamic_batch)
+    cone, constant = timestep_cone(gm, t_node, static_shapes=not dynamic)
     cone_set = set(cone)
     guards = [n for n in cone if is_assert(n)]
     frontier = [
@@ -96,7 +97,6 @@ def fold_timesteps(
 
     evaluator = ConeEvaluator(gm, t_node, cone, constant, static)
     batch = t_example.shape[0] if isinstance(t_example, torch.Tensor) and t_example.ndim else 1
-    dynamic = dynamic_batch_of(gm, dynamic_batch)
     if dynamic and guards:
         _refuse_batch_guards(gm, example_inputs, guards)
     if guards:
