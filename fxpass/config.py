@@ -58,6 +58,12 @@ class ModelConfig:
     timestep_respacing: str = "250"
     noise_schedule: str = "linear"
     rescale_timesteps: bool = False
+    #: a library's schedule (diffusers' scheduler config): the linear / scaled_linear schedule's first and
+    #: last beta (0, 0: guided-diffusion's 0.0001 and 0.02 scaled to 1000 steps)
+    beta_start: float = 0.0
+    beta_end: float = 0.0
+    #: what the model predicts: "epsilon" (the noise; guided-diffusion), "v_prediction" or "sample" (x0)
+    prediction_type: str = "epsilon"
     #: "" for fxpass's own U-Net; ``pkg.mod:Class`` for a user's class (``--model-class``), whose config
     #: is checked only for what fxpass uses (size, schedule), not for fxpass's architecture rules
     model_class: str = ""
@@ -87,6 +93,12 @@ class ModelConfig:
         values = dataclasses.asdict(self)
         if not values["model_class"]:
             del values["model_class"]  # fxpass's own U-Net: the keys every earlier version wrote
+        else:  # a user's class: what fxpass knows of it (size, schedule, output), not its U-Net's settings
+            for key in ARCHITECTURE_KEYS:
+                del values[key]
+        for key in OPTIONAL_KEYS[1:]:  # a library's schedule only: at their defaults, the keys earlier versions wrote
+            if values[key] == getattr(ModelConfig, key):
+                del values[key]
         return values
 
     def replace(self, **changes) -> "ModelConfig":
@@ -94,6 +106,14 @@ class ModelConfig:
 
 
 CAMUS = ModelConfig()
+#: fxpass's own U-Net's settings: not recorded for a user's class (whose architecture is its own)
+ARCHITECTURE_KEYS = ("num_channels", "num_res_blocks", "channel_mult", "attention_resolutions", "num_heads",
+                     "num_head_channels", "num_heads_upsample", "class_cond", "use_scale_shift_norm",
+                     "resblock_updown", "use_new_attention_order", "dropout", "use_checkpoint", "use_fp16")
+#: keys a config may leave out (at their defaults), even one fxpass wrote itself
+OPTIONAL_KEYS = ("model_class", "beta_start", "beta_end", "prediction_type")
+NOISE_SCHEDULES = ("linear", "cosine", "scaled_linear")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 _INT = ("image_size", "num_channels", "num_res_blocks", "num_heads", "num_head_channels",
         "num_heads_upsample", "diffusion_steps")
@@ -115,7 +135,8 @@ def from_dict(values: dict[str, Any], source: str = "config", *, complete: bool 
     """
     known = {f.name for f in fields(ModelConfig)}
     if complete:
-        missing = sorted(known - set(values) - {"model_class"})
+        optional = set(OPTIONAL_KEYS) | (set(ARCHITECTURE_KEYS) if values.get("model_class") else set())
+        missing = sorted(known - set(values) - optional)
         if missing:
             raise FxpassError(f"{source}: missing key '{missing[0]}'")
     kwargs: dict[str, Any] = {}
@@ -146,6 +167,16 @@ def from_dict(values: dict[str, Any], source: str = "config", *, complete: bool 
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
             raise _bad(source, "dropout", d, "must be a number in [0, 1)")
         kwargs["dropout"] = float(d)
+    for key in ("beta_start", "beta_end"):
+        value = kwargs.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise _bad(source, key, value, "must be a number in [0, 1)")
+        kwargs[key] = float(value)
+    if (kwargs["beta_start"] == 0.0) != (kwargs["beta_end"] == 0.0) or kwargs["beta_start"] > kwargs["beta_end"]:
+        raise _bad(source, "beta_start", (kwargs["beta_start"], kwargs["beta_end"]),
+                   "beta_start and beta_end: both or neither, beta_start below beta_end")
+    if kwargs.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
+        raise _bad(source, "prediction_type", kwargs["prediction_type"], f"must be one of {', '.join(PREDICTION_TYPES)}")
     if "model_class" in kwargs and not isinstance(kwargs["model_class"], str):
         raise _bad(source, "model_class", kwargs["model_class"], "must be a string such as 'pkg.mod:Class'")
     cfg = ModelConfig(**kwargs)
@@ -159,8 +190,8 @@ def _check_schedule(cfg: ModelConfig, source: str) -> None:
         raise _bad(source, "image_size", cfg.image_size, f"must be in 1..{MAX_USER_IMAGE_SIZE}")
     if cfg.diffusion_steps < 1:
         raise _bad(source, "diffusion_steps", cfg.diffusion_steps, "must be positive")
-    if cfg.noise_schedule not in ("linear", "cosine"):
-        raise _bad(source, "noise_schedule", cfg.noise_schedule, "must be 'linear' or 'cosine'")
+    if cfg.noise_schedule not in NOISE_SCHEDULES:
+        raise _bad(source, "noise_schedule", cfg.noise_schedule, f"must be one of {', '.join(NOISE_SCHEDULES)}")
     from .diffusion import respaced
     from .limits import MAX_DIFFUSION_STEPS, MAX_SCHEDULE, schedule_length
 
@@ -251,8 +282,8 @@ def _check(cfg: ModelConfig, source: str) -> None:
             raise _bad(source, "num_heads", cfg.num_heads, f"does not divide the {width} channels of an attention block")
     if cfg.diffusion_steps < 1:
         raise _bad(source, "diffusion_steps", cfg.diffusion_steps, "must be positive")
-    if cfg.noise_schedule not in ("linear", "cosine"):
-        raise _bad(source, "noise_schedule", cfg.noise_schedule, "must be 'linear' or 'cosine'")
+    if cfg.noise_schedule not in NOISE_SCHEDULES:
+        raise _bad(source, "noise_schedule", cfg.noise_schedule, f"must be one of {', '.join(NOISE_SCHEDULES)}")
     from .diffusion import respaced
     from .limits import check_config_fits
 

@@ -123,23 +123,25 @@ class TableModel:
         """(out, the cached feature) of a full call (needs :meth:`load_shallow` first)."""
         self.calls += 1
         out, cache = self._run_full(self._x(x), np.ascontiguousarray(t_index, dtype=np.int64))
-        return self._checked(out, x), cache
+        return self._checked(out, x, t_index), cache
 
     def shallow(self, x: np.ndarray, t_index: np.ndarray, cache: np.ndarray) -> np.ndarray:
         """out of a shallow call from the feature of an earlier full call."""
         self.calls += 1
-        return self._checked(self._run_shallow(self._x(x), np.ascontiguousarray(t_index, dtype=np.int64), cache), x)
+        return self._checked(self._run_shallow(self._x(x), np.ascontiguousarray(t_index, dtype=np.int64), cache), x,
+                             t_index)
 
     def _x(self, x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(x, dtype=np.float32).astype(self.x_dtype, copy=False)
 
-    def _checked(self, out, x: np.ndarray) -> np.ndarray:
+    def _checked(self, out, x: np.ndarray, t_index) -> np.ndarray:
+        """The output, its shape checked, as eps (a v- or x0-predicting model's turned into eps)."""
         out = np.asarray(out, dtype=np.float32)
         want = (x.shape[0], self.diffusion.out_channels, *x.shape[2:])
         if out.shape != want:
             raise FxpassError(f"{self.path}: output out has shape {list(out.shape)}, expected {list(want)} "
                               f"(learn_sigma={self.diffusion.learn_sigma})")
-        return out
+        return self.diffusion.as_eps(out, np.asarray(x, dtype=np.float32), t_index)
 
     def _check_signature(self, inputs: dict[str, tuple[str, list]], outputs: list[str]) -> None:
         if set(inputs) != {"x", "t_index"}:
@@ -167,7 +169,7 @@ class TableModel:
         if self.static_batch == 1 and x.shape[0] != 1:
             return np.concatenate([self(x[i:i + 1], t_index[i:i + 1]) for i in range(x.shape[0])])
         self.calls += 1
-        return self._checked(self._run(self._x(x), t_index), x)
+        return self._checked(self._run(self._x(x), t_index), x, t_index)
 
 
 class OnnxDenoiser(TableModel):

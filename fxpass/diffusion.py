@@ -93,7 +93,7 @@ def noise_levels(config: Any, kept: Sequence[int], kind: str) -> list[float]:
     noise schedule over its full diffusion chain."""
     if kind not in TIMESTEP_VALUES[1:]:
         raise FxpassError(f"--timestep-values {kind}: expected one of {', '.join(TIMESTEP_VALUES)}")
-    betas = base_betas(str(_get(config, "noise_schedule", "linear")), int(_get(config, "diffusion_steps")))
+    betas = config_betas(config)
     alpha_bar = np.cumprod(1.0 - betas)
     values = alpha_bar if kind == "alpha_bar" else np.sqrt(alpha_bar)
     return [float(values[int(t)]) for t in kept]
@@ -141,14 +141,28 @@ def cosine_betas(diffusion_steps: int, max_beta: float = 0.999) -> np.ndarray:
     )
 
 
-def base_betas(noise_schedule: str, diffusion_steps: int) -> np.ndarray:
+def base_betas(noise_schedule: str, diffusion_steps: int, beta_start: float = 0.0, beta_end: float = 0.0) -> np.ndarray:
+    """The schedule's betas over the whole chain: guided-diffusion's linear (scaled to the step count) or
+    cosine; with ``beta_start``/``beta_end`` a library's linear (evenly spaced betas) or scaled_linear
+    (evenly spaced square roots, diffusers' and Stable Diffusion's)."""
     if diffusion_steps < 1:
         raise ValueError(f"diffusion_steps must be positive, got {diffusion_steps}")
-    if noise_schedule == "linear":
-        return linear_betas(diffusion_steps)
     if noise_schedule == "cosine":
         return cosine_betas(diffusion_steps)
-    raise ValueError(f"unknown noise_schedule {noise_schedule!r} (expected 'linear' or 'cosine')")
+    if noise_schedule == "scaled_linear":
+        start, end = (beta_start, beta_end) if beta_end else (0.00085, 0.012)
+        return np.linspace(start ** 0.5, end ** 0.5, diffusion_steps, dtype=np.float64) ** 2
+    if noise_schedule == "linear":
+        if beta_end:
+            return np.linspace(beta_start, beta_end, diffusion_steps, dtype=np.float64)
+        return linear_betas(diffusion_steps)
+    raise ValueError(f"unknown noise_schedule {noise_schedule!r} (expected linear, scaled_linear or cosine)")
+
+
+def config_betas(cfg: Any) -> np.ndarray:
+    """:func:`base_betas` of a ModelConfig or its ``to_dict()``."""
+    return base_betas(str(_get(cfg, "noise_schedule", "linear")), int(_get(cfg, "diffusion_steps", 1000)),
+                      float(_get(cfg, "beta_start", 0.0) or 0.0), float(_get(cfg, "beta_end", 0.0) or 0.0))
 
 
 def respaced_betas(betas: np.ndarray, kept: Sequence[int]) -> np.ndarray:
@@ -196,6 +210,8 @@ class Diffusion:
             raise ValueError(f"{len(self.timesteps)} timesteps for {n} betas")
         self.learn_sigma = bool(learn_sigma)
         self.fixed_variance = fixed_variance
+        #: what the model's output is (``as_eps`` turns v and x0 into eps): set by ``from_config``
+        self.prediction_type = "epsilon"
 
         alphas = 1.0 - betas
         ac = np.cumprod(alphas)
@@ -224,9 +240,11 @@ class Diffusion:
         """From a ModelConfig or its ``to_dict()``: schedule, step count, respacing, learn_sigma."""
         steps = int(_get(cfg, "diffusion_steps", 1000))
         kept = respaced(steps, _get(cfg, "timestep_respacing", "") or "")
-        betas = respaced_betas(base_betas(_get(cfg, "noise_schedule", "linear"), steps), kept)
-        return cls(betas, timesteps=kept, learn_sigma=bool(_get(cfg, "learn_sigma", True)),
+        betas = respaced_betas(config_betas(cfg), kept)
+        made = cls(betas, timesteps=kept, learn_sigma=bool(_get(cfg, "learn_sigma", True)),
                    fixed_variance=fixed_variance)
+        made.prediction_type = str(_get(cfg, "prediction_type", "epsilon") or "epsilon")
+        return made
 
     @property
     def out_channels(self) -> int:
@@ -246,6 +264,25 @@ class Diffusion:
 
     def predict_xstart(self, x: np.ndarray, t: int, eps: np.ndarray) -> np.ndarray:
         return self._at(self.sqrt_recip_alphas_cumprod, t) * x - self._at(self.sqrt_recipm1_alphas_cumprod, t) * eps
+
+    def as_eps(self, model_out: np.ndarray, x: np.ndarray, t_index) -> np.ndarray:
+        """The model's output with its prediction (``prediction_type``: v or x0) turned into the eps the
+        samplers take, per batch entry's ``t_index``; a learned-variance half stays as it is."""
+        if self.prediction_type == "epsilon":
+            return model_out
+        c = x.shape[1]
+        index = np.asarray(t_index, dtype=np.int64).reshape(-1)
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        a = self.sqrt_alphas_cumprod[index].astype(np.float32).reshape(shape)
+        s = self.sqrt_one_minus_alphas_cumprod[index].astype(np.float32).reshape(shape)
+        pred = model_out[:, :c]
+        if self.prediction_type == "v_prediction":  # v = a eps - s x0  =>  eps = a v + s x
+            eps = a * pred + s * x
+        elif self.prediction_type == "sample":  # x = a x0 + s eps
+            eps = (x - a * pred) / s
+        else:
+            raise ValueError(f"unknown prediction_type {self.prediction_type!r}")
+        return np.concatenate([eps.astype(np.float32), model_out[:, c:]], axis=1)
 
     def predict_eps(self, x: np.ndarray, t: int, xstart: np.ndarray) -> np.ndarray:
         """The eps that :meth:`predict_xstart` maps to ``xstart`` at ``t`` (its inverse)."""

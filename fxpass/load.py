@@ -18,6 +18,14 @@ def load(checkpoint: str | Path, *, config: ModelConfig, model_class: str | None
     """fxpass's U-Net for ``config``, ``model_class`` (``pkg.mod:Class``) or what ``model_factory``
     (``pkg.mod:function``) returns, weights from ``checkpoint``, float32, eval mode; weights with
     NaN/Inf are refused unless ``allow_nonfinite``."""
+    from .library import load_folder, model_folder
+
+    folder = model_folder(checkpoint)
+    if folder is not None:  # a diffusers model folder: the class and its arguments are in its config.json
+        if model_class or model_factory or model_kwargs:
+            raise FxpassError(f"{checkpoint}: a diffusers model folder names its own class; drop "
+                              "--model-class / --model-factory / --model-kwargs")
+        return load_folder(folder, allow_nonfinite=allow_nonfinite)
     if model_class and model_factory:
         raise FxpassError("give --model-class or --model-factory, not both")
     if model_class or model_factory:
@@ -37,8 +45,21 @@ def sized_config(config: ModelConfig | None, model) -> ModelConfig | None:
     :func:`fxpass.config.user_class_config`) takes the model's ``image_size`` attribute."""
     if config is None or config.image_size != 0:
         return config
-    size = getattr(model, "image_size", None)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise FxpassError(f"{type(model).__name__}: image size unknown (the model has no image_size attribute); "
-                          "pass --image-size N or --config FILE")
+    size = model_image_size(model)
+    if size is None:
+        raise FxpassError(f"{type(model).__name__}: image size unknown (the model has no image_size attribute, nor a "
+                          "config.sample_size as diffusers models have); pass --image-size N or --config FILE")
     return dataclasses.replace(config, image_size=size)
+
+
+def model_image_size(model) -> int | None:
+    """The side of the square images the model takes, by its attributes: ``image_size`` (guided-diffusion),
+    ``sample_size`` or ``config.sample_size`` (diffusers; a square pair too), ``img_size``."""
+    config = getattr(model, "config", None)
+    for value in (getattr(model, "image_size", None), getattr(model, "sample_size", None),
+                  getattr(config, "sample_size", None), getattr(model, "img_size", None)):
+        if isinstance(value, (tuple, list)) and len(value) == 2 and value[0] == value[1]:
+            value = value[0]
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+    return None

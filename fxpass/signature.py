@@ -109,13 +109,17 @@ def first_conv(model: torch.nn.Module) -> torch.nn.Module | None:
 
 
 def class_count(model: torch.nn.Module) -> int | None:
-    """The model's own class count: ``num_classes``, else the size of a ``label_emb`` embedding."""
-    n = getattr(model, "num_classes", None)
-    if isinstance(n, int) and not isinstance(n, bool) and n > 0:
-        return n
-    emb = getattr(model, "label_emb", None)
-    if isinstance(emb, torch.nn.Embedding):
-        return int(emb.num_embeddings)
+    """The model's own class count: ``num_classes`` (or diffusers' / MONAI's ``num_class_embeds``, on the
+    model or its ``config``), else the size of a ``label_emb`` / ``class_embedding`` embedding."""
+    config = getattr(model, "config", None)
+    for n in (getattr(model, "num_classes", None), getattr(model, "num_class_embeds", None),
+              getattr(config, "num_class_embeds", None)):
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    for name in ("label_emb", "class_embedding"):
+        emb = getattr(model, name, None)
+        if isinstance(emb, torch.nn.Embedding):
+            return int(emb.num_embeddings)
     return None
 
 

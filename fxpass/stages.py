@@ -128,7 +128,28 @@ def capture_stage(state: Lowering) -> None:
         raise FxpassError(f"{exc}; forward ran with {', '.join(left)} left at its default: if the model "
                           f"needs it, give its shape with --input {left[0]}=SHAPE") from None
     _refuse_half(state.gm, state.model)
+    _output_channels(state)
     state.report["fx_nodes_captured"] = len(state.gm.graph.nodes)
+
+
+def _output_channels(state: Lowering) -> None:
+    """A user's model records what its output is: ``learn_sigma`` from its output channels (twice x's: eps
+    and the variance; as many: eps, v or x0 alone), not guided-diffusion's default."""
+    config = state.config
+    if config is None or not config.model_class:
+        return
+    out = next(n for n in reversed(state.gm.graph.nodes) if n.op == "output").args[0]
+    out_shape = out.meta.get("fxpass_shape") if isinstance(out, torch.fx.Node) else None
+    x = (state.example_inputs or {}).get("x") if isinstance(state.example_inputs, dict) else None
+    if out_shape is None or x is None or len(out_shape) < 2:
+        return
+    channels, x_channels = int(out_shape[1]), int(x.shape[1])
+    if channels in (x_channels, 2 * x_channels) and config.learn_sigma != (channels == 2 * x_channels):
+        state.config = config.replace(learn_sigma=channels == 2 * x_channels)
+        state.report["config"] = state.config.to_dict()
+    if state.request.rewrite.step_graph and state.config.prediction_type != "epsilon":
+        raise FxpassError(f"--step-graph: the model predicts {state.config.prediction_type}; the step graph's "
+                          "posterior takes eps (lower without --step-graph: sample turns it into eps)")
 
 
 def _refuse_half(gm, model) -> None:

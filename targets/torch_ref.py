@@ -46,7 +46,7 @@ class TorchReferenceRunner(BaseRunner):
         self.class_cond = getattr(model, "num_classes", None) is not None
         #: inputs beside x and t_index, passed to the model by name: (name, numpy dtype, shape)
         self.extra_inputs = [tuple(e) for e in extra_inputs]
-        if self.class_cond and not any(e[0] == "y" for e in self.extra_inputs):
+        if self.class_cond and not any(e[0] in ("y", "class_labels", "labels") for e in self.extra_inputs):
             self.extra_inputs.append(("y", "int64", (-1,)))
 
     def activate_impl(self):

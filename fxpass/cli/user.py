@@ -23,6 +23,11 @@ def user_spec(args) -> str | None:
     the flags that describe a user's class are refused without one."""
     if args.model_class and args.model_factory:
         raise FxpassError("give --model-class or --model-factory, not both")
+    from ..library import class_name, model_folder
+
+    folder = model_folder(getattr(args, "model", None))
+    if folder is not None and not (args.model_class or args.model_factory):
+        return f"diffusers:{class_name(folder)}"  # a diffusers model folder: the class its config.json names
     user = args.model_class or args.model_factory
     if user:
         return user
@@ -44,7 +49,12 @@ def schedule_config(args, user: str):
     """A user class's config from ``--config`` and/or the schedule flags, as ``lower`` builds it
     (``image_size`` 0: the model's ``image_size`` attribute, see :func:`sized`)."""
     from ..config import user_class_config
+    from ..library import folder_config, model_folder
 
+    folder = model_folder(getattr(args, "model", None))
+    if folder is not None and not args.config:
+        return folder_config(folder, timestep_respacing=args.timestep_respacing, image_size=args.image_size,
+                             diffusion_steps=args.diffusion_steps)
     return user_class_config(args.config, diffusion_steps=args.diffusion_steps,
                              timestep_respacing=args.timestep_respacing, image_size=args.image_size,
                              spec=flag_of(args), model_class=user)

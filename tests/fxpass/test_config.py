@@ -193,7 +193,7 @@ def test_unknown_key_is_an_error_naming_it(tmp_path, write_yaml, small_values):
         ("num_res_blocks", 0, "num_res_blocks: must be at least 1"),
         ("dropout", 1.5, "dropout: must be a number in [0, 1)"),
         ("dropout", "0.1", "dropout: must be a number in [0, 1)"),
-        ("noise_schedule", "quadratic", "noise_schedule: must be 'linear' or 'cosine'"),
+        ("noise_schedule", "quadratic", "noise_schedule: must be one of linear, cosine, scaled_linear"),
         ("diffusion_steps", 0, "diffusion_steps: must be positive"),
         ("timestep_respacing", "ddim1", "timestep_respacing: cannot take exactly 1 steps of 1000"),
         ("timestep_respacing", "2000", "timestep_respacing: cannot divide a section of 1000 steps into 2000"),
