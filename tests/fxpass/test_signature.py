@@ -99,7 +99,7 @@ def test_check_rechecks_a_user_class(tmp_path, capsys):
      "no timestep input found (looked for timesteps, timestep, t, "),
     ("SuperResNet", SuperResNet, [],
      "left at its default: if the model needs it, give its shape with --input low_res=SHAPE"),
-    ("FiveChannelNet", FiveChannelNet, [], "image size unknown (the model has no image_size attribute); pass --image-size"),
+    ("FiveChannelNet", FiveChannelNet, [], "image size unknown (the model has no image_size attribute"),
     ("FiveChannelNet", FiveChannelNet, ["--image-size", "16", "--input", "mask=1,1,16,16"],
      "--input mask: FiveChannelNet.forward has no such parameter"),
     ("FiveChannelNet", FiveChannelNet, ["--image-size", "16", "--input", "low_res=1,3"],
