@@ -52,11 +52,12 @@ def pick_output(value, name: str | None = None, *, is_leaf=None, where: str = "t
     if items is None:
         raise FxpassError(f"{where} returns a {type(value).__name__}, not a tensor or named tensors")
     tensors = [(k, v) for k, v in items if is_leaf(v)]
+    kind = "dict" if isinstance(value, Mapping) and not dataclasses.is_dataclass(value) else type(value).__name__
     keys = ", ".join(k for k, _ in items) or "nothing"
     if name is not None:
         found = next((v for k, v in items if k == name), None)
         if found is None or not is_leaf(found):
-            raise FxpassError(f"--model-output {name}: {where} returns {type(value).__name__} with {keys}; "
+            raise FxpassError(f"--model-output {name}: {where} returns {kind} with {keys}; "
                               f"{name} is not one of its tensors")
         return found, name
     for key, chosen in tensors:
@@ -66,5 +67,5 @@ def pick_output(value, name: str | None = None, *, is_leaf=None, where: str = "t
         return tensors[0][1], tensors[0][0]
     if isinstance(value, (tuple, list)) and tensors and tensors[0][0] == "0":
         return tensors[0][1], "0"
-    raise FxpassError(f"{where} returns {type(value).__name__} with {keys}: name the tensor to lower with "
+    raise FxpassError(f"{where} returns {kind} with {keys}: name the tensor to lower with "
                       "--model-output NAME")

@@ -52,6 +52,8 @@ class Source:
     timestep_input: str | None = None
     inputs: tuple[str, ...] | dict[str, tuple] = ()
     timestep_values: str = "index"
+    #: which output to lower where forward returns several (fxpass.outputs.pick_output)
+    model_output: str | None = None
 
 
 @dataclass(frozen=True)

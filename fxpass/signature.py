@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .adapter import Adapter, wrap  # noqa: F401  (fxpass.signature.wrap: the model called as planned)
 from .errors import FxpassError
 
 #: parameter names taken for the timestep, in this order
@@ -70,6 +71,8 @@ class Plan:
     omitted: tuple[str, ...] = ()
     #: where each input's shape came from ("--input", "model.small_size, channels as x's (…)", ...)
     origins: dict[str, str] = field(default_factory=dict)
+    #: the output to take where forward returns several (``--model-output``; None: fxpass.outputs' rule)
+    output: str | None = None
 
     @property
     def continuous(self) -> bool:
@@ -112,8 +115,8 @@ def class_count(model: torch.nn.Module) -> int | None:
     """The model's own class count: ``num_classes`` (or diffusers' / MONAI's ``num_class_embeds``, on the
     model or its ``config``), else the size of a ``label_emb`` / ``class_embedding`` embedding."""
     config = getattr(model, "config", None)
-    for n in (getattr(model, "num_classes", None), getattr(model, "num_class_embeds", None),
-              getattr(config, "num_class_embeds", None)):
+    for n in (getattr(model, "num_classes", None), getattr(config, "num_class_embeds", None),
+              vars(model).get("num_class_embeds")):
         if isinstance(n, int) and not isinstance(n, bool) and n > 0:
             return n
     for name in ("label_emb", "class_embedding"):
@@ -197,7 +200,8 @@ def _example(name: str, batch: int, channels, spatial, dims: int = 2) -> str:
 
 
 def plan(model: torch.nn.Module, *, image_size: int | None, timestep_input: str | None = None,
-         inputs: Sequence[str] | Mapping[str, tuple] = (), batch: int = 1, seed: int = 0) -> Plan:
+         inputs: Sequence[str] | Mapping[str, tuple] = (), batch: int = 1, seed: int = 0,
+         output: str | None = None) -> Plan:
     """Infer how to call ``model`` (see the module docstring); refuses in one line what it cannot infer."""
     cls = type(model).__name__
     signature = inspect.signature(model.forward)
@@ -244,7 +248,7 @@ def plan(model: torch.nn.Module, *, image_size: int | None, timestep_input: str 
     extra_tensors = {n: tensor(*extras.fixed[n]) for n in extras.order}  # drawn before x, as they always were
     x = torch.randn(x_shape, generator=gen)
     t_dtype = torch.float32 if t_name in CONTINUOUS_NAMES else torch.int64
-    return Plan(x_name, t_name, t_dtype, x, extra_tensors, n_classes, tuple(extras.omitted), extras.origins)
+    return Plan(x_name, t_name, t_dtype, x, extra_tensors, n_classes, tuple(extras.omitted), extras.origins, output)
 
 
 def _given_inputs(inputs: Sequence[str] | Mapping[str, tuple]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -389,45 +393,8 @@ def _fill_spatial(cls: str, extras: _Extras, x_shape: tuple[int, ...], batch: in
         extras.origins[n] = ", ".join(f"model.{r}" if r.isidentifier() else r for r in d.read)
 
 
-class Adapter(torch.nn.Module):
-    """``forward(x, timesteps, <extras>)`` in front of a model whose parameters are named otherwise (or
-    whose timestep is a float noise level: the schedule's values are cast to it)."""
-
-    def __init__(self, model: torch.nn.Module, p: Plan):
-        super().__init__()
-        self.model = model
-        self.x_name, self.t_name, self.t_dtype = p.x_name, p.t_name, p.t_dtype
-        self.num_classes = p.num_classes
-        self.cast = p.continuous  # the schedule's values as the float noise level the model takes
-
-    def forward(self, x, timesteps, **extras):
-        if self.cast:
-            timesteps = timesteps.to(self.t_dtype)
-        return self.model(**{self.x_name: x, self.t_name: timesteps}, **extras)
-
-
-def wrap(model: torch.nn.Module, p: Plan) -> torch.nn.Module:
-    """``model`` itself when it already takes ``(x, timesteps, ...)``; else an :class:`Adapter` whose
-    ``forward`` signature names x, timesteps and the plan's extras (what capture binds to)."""
-    if p.standard and (p.num_classes is None or getattr(model, "num_classes", None) == p.num_classes):
-        return model  # else the adapter carries the class count the label draws and the reference read
-    names = ["x", "timesteps", *p.extras]
-    sig = inspect.Signature([inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-                            + [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                                 default=None if k >= 2 else inspect.Parameter.empty)
-                               for k, n in enumerate(names)]
-                            + [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)])
-
-    def forward(self, x, timesteps, **extras):
-        return Adapter.forward(self, x, timesteps, **extras)
-
-    forward.__signature__ = sig
-    cls = type(f"{type(model).__name__}Inputs", (Adapter,), {"forward": forward})
-    return cls(model, p).eval()
-
-
 def plan_for_graph(model: torch.nn.Module, info, *, timestep_input: str | None = None,
-                   inputs: Sequence[str] = ()) -> Plan:
+                   inputs: Sequence[str] = (), output: str | None = None) -> Plan:
     """The plan of a model that was lowered to ``info`` (an :class:`~fxpass.metadata.OnnxInfo`): its
     graph inputs' shapes (x and the extras; t_index is the timestep), then ``--input`` overrides."""
     np_to_torch = {"float32": torch.float32, "float16": torch.float32, "float64": torch.float64,
@@ -441,4 +408,4 @@ def plan_for_graph(model: torch.nn.Module, info, *, timestep_input: str | None =
         name, shape, dtype = parse_input(item)
         given[name] = (shape, dtype)
     x = given.get("x")
-    return plan(model, image_size=x[0][-1] if x else None, timestep_input=timestep_input, inputs=given)
+    return plan(model, image_size=x[0][-1] if x else None, timestep_input=timestep_input, inputs=given, output=output)

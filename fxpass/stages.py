@@ -101,7 +101,7 @@ def plan_inputs(state: Lowering) -> None:
         if config is None:
             raise FxpassError("lower: give example_inputs or a config")
         state.signature_plan = plan(state.model, image_size=config.image_size, timestep_input=src.timestep_input,
-                                    inputs=src.inputs)
+                                    inputs=src.inputs, output=src.model_output)
         state.model = wrap(state.model, state.signature_plan)
         state.example_inputs = state.signature_plan.example_inputs(state.seen[-1])
     state.report.update(mode=state.mode)

@@ -59,6 +59,9 @@ def add_model_class(p: argparse.ArgumentParser) -> None:
                    help="shape of another forward input, e.g. low_res=1,3,16,16 (repeatable; x=... overrides "
                         "the inferred x); without it, an input's shape comes from the model's attributes where "
                         "they give it (NAME_shape, NAME_size, NAME_channels; small_size for low_res)")
+    p.add_argument("--model-output", metavar="NAME",
+                   help="the output to lower where forward returns several (a dataclass field, dict key or tuple "
+                        "index; default: 'sample', the only tensor, or a tuple's first)")
 
 
 def add_user_schedule(p: argparse.ArgumentParser) -> None:

@@ -97,7 +97,8 @@ def request_from(args):
     source = Source(checkpoint=args.model, config=cfg, model_class=args.model_class, model_factory=args.model_factory,
                     model_kwargs=args.model_kwargs, trust_pickle=args.trust_pickle,
                     allow_nonfinite=args.allow_nonfinite, timestep_input=args.timestep_input,
-                    inputs=tuple(args.inputs), timestep_values=args.timestep_values)
+                    inputs=tuple(args.inputs), timestep_values=args.timestep_values,
+                    model_output=args.model_output)
     rewrite = Rewrite(timesteps=args.timesteps, step_graph=args.step_graph, dynamic_batch=args.dynamic_batch,
                       opset=args.opset, simplifier=None if args.simplifier == "none" else args.simplifier,
                       group_norm=args.group_norm, precision=args.precision, int8=int8, deep_cache=args.deep_cache)

@@ -15,7 +15,7 @@ from ..errors import FxpassError
 #: the flags that describe a user's class, by argparse destination
 _USER_FLAGS = (("--model-kwargs", "model_kwargs"), ("--timestep-input", "timestep_input"), ("--input", "inputs"),
                ("--diffusion-steps", "diffusion_steps"), ("--timestep-respacing", "timestep_respacing"),
-               ("--image-size", "image_size"))
+               ("--image-size", "image_size"), ("--model-output", "model_output"))
 
 
 def user_spec(args) -> str | None:
@@ -95,4 +95,5 @@ def wrapped_for_graph(model, args, info):
     ``--input`` / ``--timestep-input`` (see :func:`fxpass.signature.plan_for_graph`)."""
     from ..signature import plan_for_graph, wrap
 
-    return wrap(model, plan_for_graph(model, info, timestep_input=args.timestep_input, inputs=args.inputs))
+    return wrap(model, plan_for_graph(model, info, timestep_input=args.timestep_input, inputs=args.inputs,
+                                      output=getattr(args, "model_output", None)))
