@@ -216,3 +216,20 @@ def test_pick_output_rule():
         pick_output({"p": a, "q": b})
     with pytest.raises(FxpassError, match="returns a str"):
         pick_output("nope")
+
+
+def test_a_safetensors_checkpoint_is_taken_where_a_pt_is(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = TwoOutputs().eval()
+    ckpt, out = tmp_path / "two.safetensors", tmp_path / "two.onnx"
+    save_file(model.state_dict(), str(ckpt))
+    flags = ["--model-class", "library_models:TwoOutputs", "--model-output", "eps", *SCHEDULE]
+    code, _, err = cli(capsys, "lower", str(ckpt), "-o", str(out), *flags)
+    assert code == 0, err
+    assert _against_eager(out, lambda f, t: model(f["x"], t)["eps"]) <= BOUND
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x80garbage" * 8)
+    code, _, err = cli(capsys, "lower", str(bad), "-o", str(tmp_path / "b.onnx"), *flags)
+    assert code == 2 and "not a readable safetensors file" in err and not (tmp_path / "b.onnx").exists()
