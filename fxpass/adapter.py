@@ -23,10 +23,13 @@ class Adapter(torch.nn.Module):
         self.cast = p.continuous  # the schedule's values as the float noise level the model takes
         self.output = p.output
 
-    def forward(self, x, timesteps, **extras):
-        if self.cast:
-            timesteps = timesteps.to(self.t_dtype)
-        out = self.model(**{self.x_name: x, self.t_name: timesteps}, **extras)
+    def forward(self, x, timesteps=None, **extras):
+        if self.t_name is None:  # a model with no timestep
+            out = self.model(**{self.x_name: x}, **extras)
+        else:
+            if self.cast:
+                timesteps = timesteps.to(self.t_dtype)
+            out = self.model(**{self.x_name: x, self.t_name: timesteps}, **extras)
         if self.output is None:
             return out  # capture and the reference reduce it by fxpass.outputs' rule
         return pick_output(out, self.output, is_leaf=_is_tensor_like, where=type(self.model).__name__)[0]
@@ -38,14 +41,15 @@ def wrap(model: torch.nn.Module, p) -> torch.nn.Module:
     same_classes = p.num_classes is None or getattr(model, "num_classes", None) == p.num_classes
     if p.standard and p.output is None and same_classes:
         return model  # else the adapter carries the class count the label draws and the reference read
-    names = ["x", "timesteps", *p.extras]
+    names = ["x", *(["timesteps"] if p.t_name is not None else []), *p.extras]
     sig = inspect.Signature([inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
                             + [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                                 default=None if k >= 2 else inspect.Parameter.empty)
+                                                 default=None if k >= 2 or (k == 1 and p.t_name is None)
+                                                 else inspect.Parameter.empty)
                                for k, n in enumerate(names)]
                             + [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)])
 
-    def forward(self, x, timesteps, **extras):
+    def forward(self, x, timesteps=None, **extras):
         return Adapter.forward(self, x, timesteps, **extras)
 
     forward.__signature__ = sig

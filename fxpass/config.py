@@ -188,6 +188,8 @@ def _check_schedule(cfg: ModelConfig, source: str) -> None:
     """What fxpass uses of a user class's config: the image size and the diffusion schedule."""
     if cfg.image_size <= 0 or cfg.image_size > MAX_USER_IMAGE_SIZE:
         raise _bad(source, "image_size", cfg.image_size, f"must be in 1..{MAX_USER_IMAGE_SIZE}")
+    if cfg.diffusion_steps == 0 and cfg.timestep_respacing == "":
+        return  # a user's network with no timestep (a segmentation U-Net): no schedule at all
     if cfg.diffusion_steps < 1:
         raise _bad(source, "diffusion_steps", cfg.diffusion_steps, "must be positive")
     if cfg.noise_schedule not in NOISE_SCHEDULES:
@@ -216,9 +218,10 @@ def user_class_config(path: str | Path | None, *, diffusion_steps: int | None = 
         values = dict(_read_yaml(path))
         source = str(path)
     elif diffusion_steps is None:
-        raise FxpassError(f"{spec}: fxpass needs the diffusion schedule of your model: pass --config FILE, "
-                          "or --diffusion-steps N [--timestep-respacing S] (and --image-size N unless the "
-                          "model has an image_size attribute)")
+        if timestep_respacing is not None:
+            raise FxpassError(f"--timestep-respacing {timestep_respacing}: needs --diffusion-steps N")
+        values["diffusion_steps"] = 0  # no schedule: a model with no timestep (lowering refuses one that has)
+        values["timestep_respacing"] = ""
     if diffusion_steps is not None:
         values["diffusion_steps"] = diffusion_steps
         values.setdefault("timestep_respacing", "")

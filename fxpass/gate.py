@@ -28,7 +28,9 @@ def reference_runner(model, *, mode: str, model_timesteps: Sequence, image_size:
     from targets.torch_ref import TorchReferenceRunner
 
     extra = [(s.name, s.dtype, s.shape) for s in specs if s.name not in ("x", "t_index")]
-    if mode == "fixed":
+    if mode == "plain":  # a network with no timestep
+        runner = TorchReferenceRunner(model, plain=True, image_size=image_size, name=name, extra_inputs=extra)
+    elif mode == "fixed":
         runner = TorchReferenceRunner(model, fixed_timestep=model_timesteps[0], image_size=image_size, name=name,
                                       extra_inputs=extra)
     else:

@@ -117,7 +117,8 @@ def make_golden(model, cfg, *, name: str, checkpoint: Path, info=None, seed: int
     mode, kept, seen, specs = _golden_schedule(cfg, info, specs, model_timesteps)
     t_indices = _golden_t_indices(mode, kept, t_indices, info)
     feeds = seeded_feeds(specs, seed=seed, timesteps=kept, model_timesteps=seen,
-                         t_indices=t_indices if mode != "fixed" else None, count=2, num_classes=num_classes_of(model))
+                         t_indices=t_indices if mode not in ("fixed", "plain") else None, count=2,
+                         num_classes=num_classes_of(model))
     golden, outputs, scale = _eager_outputs(model, cfg, mode, seen, specs, feeds, checkpoint)
     tolerances = _tolerances(scale)
     onnx_for_command = str(info.path) if info is not None else ONNX_PLACEHOLDER
@@ -148,6 +149,8 @@ def _golden_schedule(cfg, info, specs, model_timesteps) -> tuple[str, list, list
         if specs[0].shape[-1] != cfg.image_size:
             raise FxpassError(f"{info.path}: input x is {specs[0].shape[-1]} px, the config says image_size "
                               f"{cfg.image_size}")
+    elif cfg.model_class and cfg.diffusion_steps == 0:
+        mode, kept, seen = "plain", [], []  # a user's network with no timestep
     else:
         mode, kept, seen = schedule_for(cfg, "respaced")
         if model_timesteps is not None:
@@ -163,9 +166,10 @@ def _golden_schedule(cfg, info, specs, model_timesteps) -> tuple[str, list, list
 
 def _golden_t_indices(mode: str, kept, t_indices: list[int] | None, info) -> list[int] | None:
     """The schedule positions (default the first and the last), checked against the schedule."""
-    if mode == "fixed":
+    if mode in ("fixed", "plain"):
         if t_indices:
-            raise FxpassError(f"--t-index: {info.path} is a fixed-timestep model (no t_index input)")
+            raise FxpassError(f"--t-index: {info.path} is a {'fixed-timestep' if mode == 'fixed' else 'plain'} "
+                              "model (no t_index input)")
     else:
         t_indices = t_indices or [0, len(kept) - 1]
         bad = [i for i in t_indices if not 0 <= i < len(kept)]
@@ -233,8 +237,8 @@ def _manifest(cfg, feeds, outputs: list[dict], *, name: str, checkpoint: Path, m
                                 for k, v in outputs[0].items()},
                     "max_abs": scale},
         "t_index": [it["t_index"] for it in iterations] if mode == "table" else None,
-        "timesteps": [it["timestep"] for it in iterations],
-        "model_timesteps": [it["model_timestep"] for it in iterations],
+        "timesteps": [it["timestep"] for it in iterations] if mode != "plain" else None,
+        "model_timesteps": [it["model_timestep"] for it in iterations] if mode != "plain" else None,
         "iterations": iterations,
         "tolerances": tolerances,
         "regression": regression,
@@ -354,6 +358,9 @@ def golden_labels(golden: GoldenSet, info) -> list[dict]:
             if "timestep" in it and it.get("t_index") == i and it["timestep"] != info.timesteps[i]:
                 raise FxpassError(f"{directory}: golden t_index {i} is timestep {it['timestep']}, "
                                   f"{info.path.name} maps it to {info.timesteps[i]} (different schedule)")
+        elif info.mode == "plain":
+            if "timestep" in it or "t_index" in feed:
+                raise FxpassError(f"{directory}: a golden set of a diffusion model; {info.path.name} takes no timestep")
         else:
             if "timestep" in it and it["timestep"] != info.timesteps[0]:
                 raise FxpassError(f"{directory}: golden timestep {it['timestep']}, {info.path.name} is "

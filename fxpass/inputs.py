@@ -69,7 +69,9 @@ def seeded_feeds(specs: Sequence[InputSpec], *, seed: int, timesteps: Sequence, 
         else:
             n = batch or (static_batch if static_batch > 0 else 1)
             index = None
-            label = {"input": k, "timestep": timesteps[0], "model_timestep": model_timesteps[0]}
+            label = {"input": k}
+            if timesteps:  # fixed mode (a plain model has none)
+                label.update(timestep=timesteps[0], model_timestep=model_timesteps[0])
         if n != 1:
             label["batch"] = n
         feed = {}

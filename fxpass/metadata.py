@@ -42,7 +42,8 @@ KEYS = (VERSION, MODE, TIMESTEPS, MODEL_TIMESTEPS, CONFIG, PRECISION, REQUEST, D
 #: the roles of a --deep-cache pair's files
 CACHE_ROLES = ("full", "shallow")
 
-MODES = ("table", "fixed", "step")
+#: plain: a network with no timestep (a segmentation U-Net): input x (and extras), nothing folded
+MODES = ("table", "fixed", "step", "plain")
 #: fp32, fp16 (float32 islands), bf16 (a float32 file meant to run at bf16 inference precision, OpenVINO),
 #: int8 (QDQ W8A8 with the float layers of a precision plan)
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
@@ -108,8 +109,8 @@ def _load(props: Mapping[str, str], key: str, kind: type, source: str):
     return value
 
 
-def _int_list(values: list, key: str, source: str) -> tuple[int, ...]:
-    if not values:
+def _int_list(values: list, key: str, source: str, *, empty: bool = False) -> tuple[int, ...]:
+    if not values and not empty:
         raise FxpassError(f"{source}: metadata {key} is empty")
     if len(values) > MAX_SCHEDULE:
         raise FxpassError(f"{source}: metadata {key} has {len(values):,} entries (at most {MAX_SCHEDULE:,})")
@@ -132,9 +133,11 @@ def parse(props: Mapping[str, str], source: str = "model", *, require: tuple[str
         raise FxpassError(f"{source}: metadata {MODE} is {mode!r}, expected one of {', '.join(MODES)}")
     if require and mode not in require:
         raise FxpassError(f"{source}: metadata {MODE} is {mode!r}; this needs a {' or '.join(require)}-mode model")
-    timesteps = _int_list(_load(props, TIMESTEPS, list, source), TIMESTEPS, source)
+    timesteps = _int_list(_load(props, TIMESTEPS, list, source), TIMESTEPS, source, empty=mode == "plain")
     if mode == "fixed" and len(timesteps) != 1:
         raise FxpassError(f"{source}: metadata {TIMESTEPS} of a fixed-mode model must hold one timestep")
+    if (mode == "plain") != (len(timesteps) == 0):
+        raise FxpassError(f"{source}: metadata {TIMESTEPS} must be empty exactly for a plain-mode model (no timestep)")
     if MODEL_TIMESTEPS in props:
         seen = _load(props, MODEL_TIMESTEPS, list, source)
         if len(seen) != len(timesteps):
@@ -186,6 +189,11 @@ def _check_config(config: dict, timesteps: tuple[int, ...], mode: str, source: s
 
     where = f"{source}: metadata {CONFIG}"
     cfg = from_dict(config, source=where, complete=True)
+    if (mode == "plain") != (cfg.diffusion_steps == 0):
+        raise FxpassError(f"{where}: diffusion_steps {cfg.diffusion_steps} on a {mode}-mode model (0 exactly for a "
+                          "model with no timestep)")
+    if mode == "plain":
+        return
     if mode == "fixed":
         if timesteps[0] >= cfg.diffusion_steps:
             raise FxpassError(f"{where}: timestep {timesteps[0]} is outside diffusion_steps {cfg.diffusion_steps}")

@@ -76,14 +76,17 @@ class Plan:
 
     @property
     def continuous(self) -> bool:
-        return self.t_dtype.is_floating_point
+        return self.t_name is not None and self.t_dtype.is_floating_point
 
     @property
     def standard(self) -> bool:
-        return self.x_name == "x" and self.t_name == "timesteps" and not self.continuous
+        return self.x_name == "x" and self.t_name in ("timesteps", None) and not self.continuous
 
     def example_inputs(self, first_timestep) -> dict[str, torch.Tensor]:
-        """Inputs by the names the (wrapped) model takes: x, timesteps, then the extras."""
+        """Inputs by the names the (wrapped) model takes: x, timesteps, then the extras (no timesteps for a
+        model that takes none)."""
+        if self.t_name is None:
+            return {"x": self.x, **self.extras}
         t = torch.full((self.x.shape[0],), first_timestep, dtype=self.t_dtype if self.continuous else
                        (torch.float32 if isinstance(first_timestep, float) and not float(first_timestep).is_integer()
                         else torch.int64))
@@ -201,7 +204,7 @@ def _example(name: str, batch: int, channels, spatial, dims: int = 2) -> str:
 
 def plan(model: torch.nn.Module, *, image_size: int | None, timestep_input: str | None = None,
          inputs: Sequence[str] | Mapping[str, tuple] = (), batch: int = 1, seed: int = 0,
-         output: str | None = None) -> Plan:
+         output: str | None = None, plain: bool = False) -> Plan:
     """Infer how to call ``model`` (see the module docstring); refuses in one line what it cannot infer."""
     cls = type(model).__name__
     signature = inspect.signature(model.forward)
@@ -211,7 +214,7 @@ def plan(model: torch.nn.Module, *, image_size: int | None, timestep_input: str 
         raise FxpassError(f"{cls}.forward takes no named inputs")
     given = _given_inputs(inputs)
     x_name = names[0]
-    t_name = _timestep_name(cls, names, timestep_input)
+    t_name = _plain(cls, names, timestep_input) if plain else _timestep_name(cls, names, timestep_input)
     unknown = [n for n in given if n not in names and n not in ("x", names[0])]
     if unknown and not any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values()):
         raise FxpassError(f"--input {unknown[0]}: {cls}.forward has no such parameter (it takes {', '.join(names)})")
@@ -249,6 +252,24 @@ def plan(model: torch.nn.Module, *, image_size: int | None, timestep_input: str 
     x = torch.randn(x_shape, generator=gen)
     t_dtype = torch.float32 if t_name in CONTINUOUS_NAMES else torch.int64
     return Plan(x_name, t_name, t_dtype, x, extra_tensors, n_classes, tuple(extras.omitted), extras.origins, output)
+
+
+def takes_timestep(model: torch.nn.Module, timestep_input: str | None = None) -> bool:
+    """Whether ``model.forward`` has a timestep parameter (``timestep_input`` or one named as in
+    :data:`TIMESTEP_NAMES`, after x)."""
+    names = [p.name for p in inspect.signature(model.forward).parameters.values()
+             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return timestep_input is not None or any(n in names[1:] for n in TIMESTEP_NAMES)
+
+
+def _plain(cls: str, names: list[str], timestep_input: str | None) -> None:
+    """A model lowered with no schedule must take no timestep (refused in one line where it does)."""
+    found = timestep_input or next((n for n in TIMESTEP_NAMES if n in names[1:]), None)
+    if found is not None:
+        raise FxpassError(f"{cls}.forward takes a timestep ('{found}'): fxpass needs the diffusion schedule of your "
+                          "model: pass --config FILE, or --diffusion-steps N [--timestep-respacing S] (and "
+                          "--image-size N unless the model has an image_size attribute)")
+    return None
 
 
 def _given_inputs(inputs: Sequence[str] | Mapping[str, tuple]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -408,4 +429,5 @@ def plan_for_graph(model: torch.nn.Module, info, *, timestep_input: str | None =
         name, shape, dtype = parse_input(item)
         given[name] = (shape, dtype)
     x = given.get("x")
-    return plan(model, image_size=x[0][-1] if x else None, timestep_input=timestep_input, inputs=given, output=output)
+    return plan(model, image_size=x[0][-1] if x else None, timestep_input=timestep_input, inputs=given, output=output,
+                plain=getattr(info, "mode", None) == "plain")

@@ -69,6 +69,8 @@ def load_stage(state: Lowering) -> None:
 
 
 def _schedule(config: ModelConfig | None, timesteps) -> tuple[str, list, list]:
+    if config is not None and config.model_class and config.diffusion_steps == 0:
+        return "plain", [], []  # a user's network with no timestep: nothing to fold
     if config is not None:
         return schedule_for(config, timesteps)
     if isinstance(timesteps, (str, type(None))):
@@ -93,6 +95,11 @@ def plan_inputs(state: Lowering) -> None:
             raise FxpassError(f"--timestep-values {src.timestep_values}: needs the config's noise schedule")
         state.seen = noise_levels(config, state.kept, src.timestep_values)
         state.report["timestep_values"] = src.timestep_values
+    if state.mode == "plain" and (rw.precision == "int8" or rw.deep_cache is not None or rw.timesteps != "respaced"):
+        what = "--precision int8 (calibrated over the schedule)" if rw.precision == "int8" else (
+            "--deep-cache" if rw.deep_cache is not None else f"--timesteps {rw.timesteps}")
+        raise FxpassError(f"{what}: needs a diffusion model; {src.model_class or src.model_factory or src.checkpoint} "
+                          "is lowered with no timestep (no --diffusion-steps)")
     if rw.step_graph and (config is None or state.mode != "table"):
         raise FxpassError("--step-graph needs a config and the respaced schedule (table mode)")
     if state.example_inputs is None:
@@ -101,9 +108,9 @@ def plan_inputs(state: Lowering) -> None:
         if config is None:
             raise FxpassError("lower: give example_inputs or a config")
         state.signature_plan = plan(state.model, image_size=config.image_size, timestep_input=src.timestep_input,
-                                    inputs=src.inputs, output=src.model_output)
+                                    inputs=src.inputs, output=src.model_output, plain=state.mode == "plain")
         state.model = wrap(state.model, state.signature_plan)
-        state.example_inputs = state.signature_plan.example_inputs(state.seen[-1])
+        state.example_inputs = state.signature_plan.example_inputs(state.seen[-1] if state.seen else None)
     state.report.update(mode=state.mode)
     if config is not None:
         state.report["config"] = config.to_dict()

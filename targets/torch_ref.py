@@ -23,16 +23,18 @@ class TorchReferenceRunner(BaseRunner):
     runner stays on the CPU, computes in float32 or float64, and feeds ``model(x, timesteps[, y])``.
 
     ``timesteps``: the model timestep for each ``t_index`` (table mode), or ``fixed_timestep`` for a
-    model lowered at one timestep (then the feed has no ``t_index``).
+    model lowered at one timestep (then the feed has no ``t_index``); ``plain``: neither, a model with no
+    timestep, called ``model(x, **extras)``.
     """
 
     def __init__(self, model: torch.nn.Module, *, timesteps: Sequence[float] | None = None,
                  fixed_timestep: float | None = None, dtype: str = "float32", image_size: int | None = None,
                  name: str | None = None, output_name: str = "out", timestep_dtype=torch.int64,
-                 extra_inputs: Sequence[tuple[str, str, Sequence[int]]] = ()):
+                 extra_inputs: Sequence[tuple[str, str, Sequence[int]]] = (), plain: bool = False):
         super().__init__(name=name or f"torch-{dtype}", prefix="torch-runner")
-        if (timesteps is None) == (fixed_timestep is None):
-            raise ValueError("give exactly one of timesteps (table mode) or fixed_timestep")
+        if sum((timesteps is not None, fixed_timestep is not None, plain)) != 1:
+            raise ValueError("give exactly one of timesteps (table mode), fixed_timestep or plain")
+        self.plain = plain
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}")
         self.model = model
@@ -70,7 +72,9 @@ class TorchReferenceRunner(BaseRunner):
         # a copy: a model that writes into its input in place must not change the feed the runtimes see
         x = torch.tensor(np.array(feed_dict["x"]), dtype=self.torch_dtype)
         n = x.shape[0]
-        if self.timesteps is not None:
+        if self.plain:
+            t = None
+        elif self.timesteps is not None:
             index = torch.as_tensor(np.asarray(feed_dict["t_index"]), dtype=torch.int64)
             t = self.timesteps[index]
         else:
@@ -84,7 +88,7 @@ class TorchReferenceRunner(BaseRunner):
                 kwargs[name] = torch.tensor(value, dtype=torch.int64 if value.dtype.kind in "iu" else self.torch_dtype)
         start = time.perf_counter()
         with torch.no_grad():
-            out = self._model(x, t, **kwargs)
+            out = self._model(x, **kwargs) if self.plain else self._model(x, t, **kwargs)
         self.inference_time = time.perf_counter() - start
         out, _ = pick_output(out)  # a library's dataclass / dict / tuple output, as capture reduces it
         return OrderedDict([(self.output_name, out.to(torch.float32).numpy())])

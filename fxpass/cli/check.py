@@ -95,7 +95,7 @@ def run(args) -> int:
     user = user_flags.user_spec(args)
     if str(args.onnx).lower().endswith(".tflite"):
         return _check_tflite(args, user, t0)
-    info = read_file(args.onnx, require=("table", "fixed", "step"))
+    info = read_file(args.onnx, require=("table", "fixed", "step", "plain"))
     precision = asked_precision(info, args.precision, args.lowering_report)
     targets = _targets(args)
     if user:  # the schedule flags of the lower command, where given, say what the metadata says

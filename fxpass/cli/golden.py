@@ -113,8 +113,11 @@ def _user_inputs(model, cfg, args):
     from . import user as user_flags
 
     cfg = user_flags.sized(cfg, model)
-    p = plan(model, image_size=cfg.image_size, timestep_input=args.timestep_input, inputs=args.inputs)
-    specs = [InputSpec("x", "float32", tuple(p.x.shape)), InputSpec("t_index", "int64", (int(p.x.shape[0]),))]
+    plain = cfg.diffusion_steps == 0  # no schedule given: a network with no timestep (refused if it takes one)
+    p = plan(model, image_size=cfg.image_size, timestep_input=args.timestep_input, inputs=args.inputs,
+             output=args.model_output, plain=plain)
+    specs = [InputSpec("x", "float32", tuple(p.x.shape))]
+    specs += [] if plain else [InputSpec("t_index", "int64", (int(p.x.shape[0]),))]
     specs += [InputSpec(n, str(v.dtype).removeprefix("torch."), tuple(v.shape)) for n, v in p.extras.items()]
     seen = None
     if args.timestep_values != "index":

@@ -38,7 +38,7 @@ def run(args) -> int:
 
     user = user_flags.user_spec(args)
     if user:  # a schedule only where one is given: inspecting needs none
-        cfg = user_flags.schedule_config(args, user) if args.config or args.diffusion_steps is not None else None
+        cfg = user_flags.schedule_config(args, user)  # no schedule flags: a model with no timestep
     else:
         cfg = load_config(args.config)
     t0 = time.perf_counter()
@@ -57,8 +57,9 @@ def run(args) -> int:
     size = sum(p.numel() * p.element_size() for p in params)
     table = Table(title=escape(f"{args.model}"), show_header=False)
     if user:
-        table.add_row("config", escape(args.config or ("schedule flags" if cfg else "none given (lower needs "
-                                                       "--config FILE or --diffusion-steps N)")))
+        table.add_row("config", escape(args.config or ("schedule flags" if cfg.diffusion_steps else "no schedule given "
+                                                       "(lowered as a network with no timestep; a diffusion model "
+                                                       "needs --config FILE or --diffusion-steps N)")))
     else:
         table.add_row("config", escape(args.config or "built-in CAMUS default"))
     table.add_row("model", f"{type(model).__module__}.{type(model).__name__}")
@@ -84,20 +85,23 @@ def _inputs(table, model, cfg, args) -> None:
     from rich.markup import escape
 
     from ..errors import FxpassError
-    from ..signature import plan
+    from ..load import model_image_size
+    from ..signature import plan, takes_timestep
 
-    size = args.image_size or (cfg.image_size if cfg is not None else 0) or getattr(model, "image_size", None)
+    size = args.image_size or (cfg.image_size if cfg is not None else 0) or model_image_size(model)
     size = size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
     try:
-        p = plan(model, image_size=size, timestep_input=args.timestep_input, inputs=args.inputs)
+        p = plan(model, image_size=size, timestep_input=args.timestep_input, inputs=args.inputs,
+                 plain=cfg is not None and cfg.diffusion_steps == 0 and not takes_timestep(model, args.timestep_input))
     except FxpassError as exc:
         table.add_row("inputs", escape(f"not inferred: {exc}"))
         return
-    table.add_row("inputs", "as fxpass lower infers them (graph inputs: x, t_index"
+    table.add_row("inputs", "as fxpass lower infers them (graph inputs: x" + (", t_index" if p.t_name else "")
                   + "".join(f", {k}" for k in p.extras) + ")")
     table.add_row(f"  {p.x_name}", escape(f"{tuple(p.x.shape)} from {p.origins.get(p.x_name, 'the model')}"))
     kind = "a continuous noise level (float32)" if p.continuous else "int64 timesteps"
-    table.add_row(f"  {p.t_name}", escape(f"{kind}, folded into tables gathered by t_index"))
+    if p.t_name is not None:
+        table.add_row(f"  {p.t_name}", escape(f"{kind}, folded into tables gathered by t_index"))
     for name, value in p.extras.items():
         dtype = str(value.dtype).removeprefix("torch.")
         table.add_row(f"  {name}", escape(f"{tuple(value.shape)} {dtype} from {p.origins.get(name, '--input')}"))

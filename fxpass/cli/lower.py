@@ -143,6 +143,7 @@ def _summary(lowered, args) -> None:
     table = Table(title=f"fxpass lower → {args.output}", show_header=False)
     mode = "step graph" if args.step_graph else lowered.mode
     table.add_row("mode", f"{mode} ({len(lowered.timesteps)} timesteps)" if lowered.mode == "table"
+                  else "plain (no timestep: nothing folded)" if lowered.mode == "plain"
                   else f"fixed timestep {lowered.timesteps[0]}")
     table.add_row("precision / opset", f"{args.precision} / {args.opset}")
     table.add_row("fx nodes", f"{report['fx_nodes_captured']} captured → {report['fx_nodes_rewritten']} rewritten")

@@ -233,3 +233,41 @@ def test_a_safetensors_checkpoint_is_taken_where_a_pt_is(tmp_path, capsys):
     bad.write_bytes(b"\x80garbage" * 8)
     code, _, err = cli(capsys, "lower", str(bad), "-o", str(tmp_path / "b.onnx"), *flags)
     assert code == 2 and "not a readable safetensors file" in err and not (tmp_path / "b.onnx").exists()
+
+
+def test_a_segmentation_unet_with_no_timestep_lowers_checks_and_goldens(tmp_path, capsys):
+    """MONAI's UNet takes x alone: no schedule flags, nothing folded, the same lower / check / golden."""
+    _needs("monai")
+    from library_models import monai_segmentation
+
+    model = randomized(monai_segmentation(), seed=1).eval()
+    ckpt, out, argv = _lower(tmp_path, "monai_segmentation", model, "--image-size", "16")
+    code, _, err = cli(capsys, *argv)
+    assert code == 0, err
+    meta = parse(read_props(onnx.load(str(out))))
+    assert meta.mode == "plain" and meta.timesteps == () and set(input_shapes(out)) == {"x"}
+    import onnxruntime as ort
+
+    x = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(8))
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert np.abs(got - ref).max() <= BOUND * np.abs(ref).max()
+    factory = ("--model-factory", "library_models:monai_segmentation")
+    assert cli(capsys, "check", str(out), "--model", str(ckpt), *factory)[0] == 0
+    wrong = tmp_path / "wrong.pt"
+    save_checkpoint(randomized(monai_segmentation(), seed=2), wrong)
+    assert cli(capsys, "check", str(out), "--model", str(wrong), *factory)[0] == 1  # another model's weights fail
+    code, _, err = cli(capsys, "golden", str(ckpt), "-o", str(tmp_path / "gold"), "--onnx", str(out), *factory)
+    assert code == 0, err
+    assert cli(capsys, "check", str(out), "--golden", str(tmp_path / "gold"))[0] == 0
+    code, _, err = cli(capsys, *argv, "--precision", "int8", "--calibrate-on-samples", "-o", str(tmp_path / "q.onnx"))
+    assert code == 2 and "needs a diffusion model" in err
+
+
+def test_a_diffusion_model_without_its_schedule_is_refused_naming_the_timestep(tmp_path, capsys):
+    _needs("diffusers")
+    _, out, argv = _lower(tmp_path, "ddpm", ddpm().eval())
+    code, _, err = cli(capsys, *argv)
+    assert code == 2 and "takes a timestep ('timestep')" in err and "--diffusion-steps N" in err
+    assert not out.exists()

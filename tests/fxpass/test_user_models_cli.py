@@ -208,7 +208,7 @@ def test_inspect_says_what_to_pass(tmp_path, capsys):
      "--timestep-input, --image-size describe your own class: they need --model-class"),
     (["inspect", "{ckpt}", "--timestep-values", "alpha_bar"], "--timestep-values describes your own class"),
     (["golden", "{ckpt}", "-o", "{tmp}/g", "--model-class", "user_models:SmallSizeSRNet"],
-     "--model-class user_models:SmallSizeSRNet: fxpass needs the diffusion schedule of your model: pass --config FILE"),
+     "SmallSizeSRNet.forward takes a timestep ('timesteps'): fxpass needs the diffusion schedule of your model: pass --config FILE"),
     (["golden", "{bare}", "-o", "{tmp}/g", "--model-class", "user_models:BareCondNet", *SCHEDULE, "--image-size", "16"],
      "BareCondNet.forward needs 'cond'"),
     (["check", "{out}", "--model", "{ckpt}", "--model-class", "user_models:SmallSizeSRNet", "--image-size", "32"],
