@@ -149,9 +149,11 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[Any] | Mapping[str,
             src = linecache.getline(frame.f_code.co_filename, frame_line).strip()
             where = f"{frame.f_code.co_filename}:{frame_line}: `{src}`"
         if isinstance(exc, NameError) and "not a member of this module" in str(exc):
-            raise FxpassError(f"{where}: a parameter that is not part of the model (a module built inside "
-                              "forward gets fresh random weights on every call, so its output does not come from "
-                              "the checkpoint); build it in __init__") from exc
+            refused = FxpassError(f"{where}: a parameter that is not part of the model (a module built inside "
+                                  "forward gets fresh random weights on every call, so its output does not come "
+                                  "from the checkpoint); build it in __init__")
+            refused.model_refused = True  # torch.export would take it, with one call's random weights
+            raise refused from exc
         raise FxpassError(f"{where}: capture cannot handle this ({type(exc).__name__}: {first_line(exc)})") from exc
     finally:
         model.train(was_training)

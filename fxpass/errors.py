@@ -5,6 +5,8 @@ class FxpassError(Exception):
     """A failure the user can act on; the CLI prints ``str(err)`` on one line and exits non-zero."""
 
     exit_code = 2
+    #: the model itself is refused (not the means of one capture route): no other route is tried
+    model_refused = False
 
     def __init__(self, message: str, exit_code: int | None = None):
         super().__init__(" ".join(str(message).split()))

@@ -32,6 +32,8 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 #: auto: for the target (CPU: the GroupNorms of at least 2^21 elements as LayerNormalization on a grouped
 #: view; --format ort: all of them, whose static shapes CoreML/NNAPI take); all; keep: one node each
 GROUP_NORM_FORMS = ("auto", "all", "keep")
+#: auto: the example-value tracer, then torch.export where it refuses the code; trace; export
+CAPTURE_ROUTES = ("auto", "trace", "export")
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class Source:
     ``config``, or a user's ``model_class`` / ``model_factory`` with ``model_kwargs``), and how the
     model is called (``timestep_input`` names the timestep parameter where fxpass does not know its
     name; ``inputs`` gives other inputs' shapes, ``"low_res=1,3,16,16"``; ``timestep_values``: what a
-    continuous-timestep model is fed for timestep t)."""
+    continuous-timestep model is fed for timestep t); ``capture``: which capture route runs."""
 
     checkpoint: str | Path | None = None
     config: ModelConfig | None = None
@@ -54,6 +56,9 @@ class Source:
     timestep_values: str = "index"
     #: which output to lower where forward returns several (fxpass.outputs.pick_output)
     model_output: str | None = None
+    #: how: "trace" (route 1, fxpass.capture), "export" (route 2, torch.export: fxpass.capture_export),
+    #: "auto" (route 1, and route 2 where route 1 refuses the code)
+    capture: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,10 @@ class LowerRequest:
         _one_of("--precision", rw.precision, PRECISIONS, ", ".join(PRECISIONS))
         _one_of("--group-norm", rw.group_norm, GROUP_NORM_FORMS, " or ".join(GROUP_NORM_FORMS))
         _one_of("--format", out.format, FORMATS, "one of " + ", ".join(FORMATS))
+        _one_of("--capture", self.source.capture, CAPTURE_ROUTES, " or ".join(CAPTURE_ROUTES))
+        if self.source.capture == "export" and rw.dynamic_batch:
+            raise FxpassError("--capture export: torch.export's graph has static shapes here; --dynamic-batch needs "
+                              "--capture trace")
         if rw.precision == "bf16" and (out.format != "onnx" or rw.step_graph):  # a runtime hint only OpenVINO takes
             raise FxpassError(f"--precision bf16: an OpenVINO inference precision for the table-mode ONNX model "
                               f"(not {self.mode_flag}); use --precision fp16 for the mobile formats")

@@ -6,7 +6,8 @@ none calls another.
 
 ``load`` reads the checkpoint (when the request names one; the API may hand a module instead);
 ``capture`` plans the schedule and the model's inputs, then traces the unmodified model
-(:mod:`fxpass.capture`); ``passes`` runs the fx pass table (:mod:`fxpass.passes`); ``export`` is
+(:mod:`fxpass.capture`; where that refuses the code, ``torch.export``: :mod:`fxpass.capture_export`);
+``passes`` runs the fx pass table (:mod:`fxpass.passes`); ``export`` is
 ``torch.onnx.export(dynamo=True)`` (:mod:`fxpass.export`), of the rewritten graph or the denoising step
 around it; ``surgery`` is ``surgery.simplify``; ``precision`` converts to float16 with float32 islands,
 marks the float32 file for bf16 inference (checked on OpenVINO) or quantizes it to int8 with a measured
@@ -122,12 +123,10 @@ def plan_inputs(state: Lowering) -> None:
 
 
 def capture_stage(state: Lowering) -> None:
-    from .capture import capture
-
     plan_inputs(state)
     state.model = state.model.eval()
     try:
-        state.gm = capture(state.model, state.example_inputs)
+        state.gm, state.report["capture_route"] = _capture(state)
     except FxpassError as exc:
         left = state.signature_plan.omitted if state.signature_plan is not None else ()
         if not left:
@@ -157,6 +156,33 @@ def _output_channels(state: Lowering) -> None:
     if state.request.rewrite.step_graph and state.config.prediction_type != "epsilon":
         raise FxpassError(f"--step-graph: the model predicts {state.config.prediction_type}; the step graph's "
                           "posterior takes eps (lower without --step-graph: sample turns it into eps)")
+
+
+def _capture(state: Lowering) -> tuple[Any, dict[str, str]]:
+    """(the captured graph, which route made it and why): route 1, the example-value tracer
+    (:mod:`fxpass.capture`), unless ``--capture export``; route 2, torch.export
+    (:mod:`fxpass.capture_export`), where asked for or where route 1 refused the code (``auto``)."""
+    from .capture import capture
+    from .capture_export import capture_exported
+
+    route = state.request.source.capture
+    if route == "export":
+        return capture_exported(state.model, state.example_inputs), {"route": "export", "why": "--capture export"}
+    try:
+        return capture(state.model, state.example_inputs), {"route": "trace", "why": f"--capture {route}"}
+    except FxpassError as exc:
+        if route == "trace" or exc.model_refused:
+            raise
+        first = str(exc)
+    if state.request.rewrite.dynamic_batch:
+        raise FxpassError(f"capture: {first}; route 2 (torch.export) captures static shapes, and --dynamic-batch "
+                          "needs route 1") from None
+    try:
+        gm = capture_exported(state.model, state.example_inputs)
+    except FxpassError as exc:
+        raise FxpassError(f"capture: neither route takes the model: route 1 (trace): {first}; route 2 "
+                          f"(torch.export): {exc}") from None
+    return gm, {"route": "export", "why": f"route 1 (trace) refused: {first}"}
 
 
 def _refuse_half(gm, model) -> None:

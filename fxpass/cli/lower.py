@@ -38,6 +38,10 @@ def add_parser(sub, common) -> None:
                         "(x86 without VNNI, whose ORT kernels saturate 8-bit weights); on for such targets")
     q.add_argument("--precision-plan", metavar="FILE.json",
                    help="reuse a plan (a plan file or the --report of an earlier int8 lowering) instead of searching")
+    p.add_argument("--capture", choices=("auto", "trace", "export"), default="auto",
+                   help="how the model becomes a graph: trace (fxpass's example-value tracer: guided-diffusion code), "
+                        "export (torch.export, static shapes: einops layers, index assignment, other libraries' "
+                        "code), auto (default: trace, then export where the tracer refuses the code)")
     p.add_argument("--opset", type=int, default=21)
     p.add_argument("--dynamic-batch", action="store_true", help="make the batch dimension symbolic")
     shared.add_model_class(p)
@@ -98,7 +102,7 @@ def request_from(args):
                     model_kwargs=args.model_kwargs, trust_pickle=args.trust_pickle,
                     allow_nonfinite=args.allow_nonfinite, timestep_input=args.timestep_input,
                     inputs=tuple(args.inputs), timestep_values=args.timestep_values,
-                    model_output=args.model_output)
+                    model_output=args.model_output, capture=args.capture)
     rewrite = Rewrite(timesteps=args.timesteps, step_graph=args.step_graph, dynamic_batch=args.dynamic_batch,
                       opset=args.opset, simplifier=None if args.simplifier == "none" else args.simplifier,
                       group_norm=args.group_norm, precision=args.precision, int8=int8, deep_cache=args.deep_cache)
@@ -145,6 +149,11 @@ def _summary(lowered, args) -> None:
     table.add_row("mode", f"{mode} ({len(lowered.timesteps)} timesteps)" if lowered.mode == "table"
                   else "plain (no timestep: nothing folded)" if lowered.mode == "plain"
                   else f"fixed timestep {lowered.timesteps[0]}")
+    route = report.get("capture_route") or {}
+    if route.get("route") == "export":
+        table.add_row("capture", f"torch.export (route 2): {route['why']}")
+    elif route:
+        table.add_row("capture", "example-value tracer (route 1)")
     table.add_row("precision / opset", f"{args.precision} / {args.opset}")
     table.add_row("fx nodes", f"{report['fx_nodes_captured']} captured → {report['fx_nodes_rewritten']} rewritten")
     nodes = f"{report['onnx_nodes_exported']} exported → {report.get('onnx_nodes_before_precision', report['onnx_nodes'])}" \

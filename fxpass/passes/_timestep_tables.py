@@ -12,7 +12,7 @@ import warnings
 import torch
 from torch.fx import Node
 
-from ..errors import FxpassError
+from ..errors import FxpassError, first_line
 from ._timestep_cone import ConeEvaluator, cone_closure
 from ._util import source_of
 
@@ -30,7 +30,9 @@ def tabulate(evaluator: ConeEvaluator, cone_set: set[Node], frontier, entries, t
     (``torch.func.vmap`` over single-entry batches; a plain loop where vmap cannot run the cone).
     A cone that mixes entries along the batch (``emb - emb.mean(0)``, ``emb.flip(0)``) fails that
     check: at a static batch of one the per-entry rows are the right table and are used; at a larger
-    or dynamic batch the eager model mixes its samples, which no table reproduces: an error.
+    or dynamic batch the eager model mixes its samples, which no table reproduces: an error.  A cone
+    that cannot take the whole schedule as one batch (route 2's graphs have the static batch size in
+    their reshapes) is evaluated entry by entry alone, at a static batch of one.
     """
     value_nodes = cone_closure(frontier, cone_set)
     if not table_mode:  # one entry: the rows of a batch of it are the same timestep
@@ -45,7 +47,15 @@ def tabulate(evaluator: ConeEvaluator, cone_set: set[Node], frontier, entries, t
                 raise FxpassError(f"fold_timesteps: {mismatch}; the timestep path mixes the entries of its batch, "
                                   "so a constant folded at one timestep is wrong at a batch larger than one")
         return single
-    batched_env = evaluator.run(torch.tensor(entries, dtype=t_dtype), value_nodes)
+    try:
+        batched_env = evaluator.run(torch.tensor(entries, dtype=t_dtype), value_nodes)
+    except FxpassError:
+        raise
+    except Exception as exc:  # the cone has the batch size in it (an exported graph: reshape to [1, C, 1, 1])
+        if not exact_batch:
+            raise FxpassError(f"fold_timesteps: the timestep path cannot take a batch of {len(entries)} timesteps "
+                              f"({type(exc).__name__}: {first_line(exc)})") from None
+        return _per_entry(evaluator, value_nodes, frontier, entries, t_dtype, vectorised=True)
     tables = [_as_tensor(batched_env[n], n) for n in frontier]
     rows = _per_entry(evaluator, value_nodes, frontier, entries, t_dtype, vectorised=True)
     mismatch = _first_mismatch(frontier, tables, rows, entries)

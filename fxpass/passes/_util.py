@@ -33,8 +33,12 @@ MOVEMENT_FUNCTIONS = frozenset(
 )
 
 
+#: assertion targets: route 1's asserts and guards (``torch._assert``), torch.export's runtime asserts
+ASSERT_TARGETS = (torch._assert, torch.ops.aten._assert_async.msg, torch.ops.aten._assert_scalar.default)
+
+
 def is_assert(node: Node) -> bool:
-    return node.op == "call_function" and node.target in (torch._assert, torch.ops.aten._assert_async.msg)
+    return node.op == "call_function" and node.target in ASSERT_TARGETS
 
 
 #: reads of a tensor's metadata: their values depend on its shape, dtype and device, never on its data
