@@ -262,8 +262,14 @@ def takes_timestep(model: torch.nn.Module, timestep_input: str | None = None) ->
     return timestep_input is not None or any(n in names[1:] for n in TIMESTEP_NAMES)
 
 
-def _plain(cls: str, names: list[str], timestep_input: str | None) -> None:
+def refuse_timestep(model: torch.nn.Module, timestep_input: str | None = None) -> None:
     """A model lowered with no schedule must take no timestep (refused in one line where it does)."""
+    names = [p.name for p in inspect.signature(model.forward).parameters.values()
+             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    _plain(type(model).__name__, names, timestep_input)
+
+
+def _plain(cls: str, names: list[str], timestep_input: str | None) -> None:
     found = timestep_input or next((n for n in TIMESTEP_NAMES if n in names[1:]), None)
     if found is not None:
         raise FxpassError(f"{cls}.forward takes a timestep ('{found}'): fxpass needs the diffusion schedule of your "

@@ -87,6 +87,10 @@ def plan_inputs(state: Lowering) -> None:
     from .load import sized_config
 
     src, rw = state.request.source, state.request.rewrite
+    if src.config is not None and src.config.model_class and src.config.diffusion_steps == 0:
+        from .signature import refuse_timestep
+
+        refuse_timestep(state.model, src.timestep_input)  # no schedule: a network with no timestep
     state.config = config = sized_config(src.config, state.model)
     state.mode, state.kept, state.seen = _schedule(config, rw.timesteps)
     if src.timestep_values != "index":  # a continuous-timestep model sees the noise level of each timestep
