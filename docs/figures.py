@@ -15,6 +15,7 @@ come from ``python -m bench`` (whose tables live in docs/performance.md):
     python docs/figures.py formats             # every mobile route of CAMUS (heavy: several minutes per route)
     python docs/figures.py presets             # --preset paper/balanced/fast on the trained reference (minutes)
     python docs/figures.py defects             # wrong models at every precision: error and structural verdict (minutes)
+    python docs/figures.py libraries           # diffusers and MONAI U-Nets through fxpass lower (a minute)
 
 ``--write`` (anywhere on the line) also replaces the body of every figure block whose command is this
 command line without ``--write``, in README.md, docs/*.md, bench/README.md and golden/README.md.  The
@@ -461,10 +462,24 @@ def defects(_args) -> str:
                        "graph. " + _machine_line()])
 
 
+def libraries(_args) -> str:
+    """``python -m bench.libraries``: diffusers and MONAI U-Nets lowered by the CLI, ORT against the library model."""
+    from bench.libraries import cases, table
+
+    _progress("lower each library's model")
+    with tempfile.TemporaryDirectory(prefix="fxpass-libraries-") as tmp:
+        rows = cases(Path(tmp))
+    return "\n".join([table(rows), "", "Small models of each library's own class with seeded weights, lowered by "
+                       "`fxpass lower` with no wrapper (`--model-factory bench.libraries:NAME`, or the diffusers folder "
+                       "itself), 50 respaced steps of 1000; error: max\\|ORT − library model\\| / max\\|library model\\| "
+                       "at the first, middle and last t_index and three seeded ones. " + _machine_line()])
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], str]] = {
     "golden-sets": golden_sets, "golden-tolerances": golden_tolerances, "reference": reference,
     "precision": precision, "fidelity": fidelity, "sample-runtimes": sample_runtimes, "formats": formats,
     "presets": presets, "sampling-time": sampling_time, "deep-cache": deep_cache, "defects": defects,
+    "libraries": libraries,
 }
 #: the subcommands that read committed files only (tests/test_docs.py regenerates and compares them)
 COMMITTED = ("golden-sets", "golden-tolerances", "reference", "precision", "sampling-time")
@@ -494,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("deep-cache", help="the trained reference cut at each skip connection: sizes and latencies")
     d.add_argument("--levels", type=int, default=3)
     sub.add_parser("defects", help="wrong models at every precision: numeric error and structural verdict")
+    sub.add_parser("libraries", help="diffusers and MONAI U-Nets through fxpass lower: route and error")
     r = sub.add_parser("presets", help="--preset paper, balanced, fast on held-out images of the trained reference")
     r.add_argument("--first", type=int, default=32, help="first held-out image, sorted by name (default 32: the "
                                                          "presets were chosen on images 0..31, 100..131, 150..181)")
