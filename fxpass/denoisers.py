@@ -285,7 +285,8 @@ class TorchDenoiser:
     def __init__(self, model, diffusion: Diffusion, model_timesteps, *, batch: int = 64):
         import torch
 
-        self.model = model.eval()
+        torch.nn.Module.train(model, False)  # a model may override eval(); its return value is not relied on
+        self.model = model
         self.diffusion = diffusion
         self.timesteps = torch.as_tensor(list(model_timesteps))
         self.batch = batch

@@ -150,7 +150,10 @@ def check_step_against_numpy(proto, model, *, config, t_indices: Sequence[int] |
     feeds = seeded_feeds(specs, seed=seed, timesteps=meta.timesteps, model_timesteps=meta.model_timesteps,
                          t_indices=items, num_classes=num_classes_of(model))
     diffusion = Diffusion.from_config(config.to_dict())
-    reference = NumpyStepRunner(model.eval(), diffusion, meta.model_timesteps)
+    import torch
+
+    torch.nn.Module.train(model, False)  # never a method's return value the model may override
+    reference = NumpyStepRunner(model, diffusion, meta.model_timesteps)
     runner = ort_runner(proto, cuda=False, name="onnxrt-cpu")
     results = run_runners([reference, runner], feeds.feeds)
 

@@ -89,7 +89,11 @@ def load_folder(folder: Path, *, allow_nonfinite: bool = False):
         from .checkpoint import _refuse_nonfinite
 
         _refuse_nonfinite(model.state_dict().items(), folder)
-    return model.float().eval()
+    import torch
+
+    torch.nn.Module.float(model)
+    torch.nn.Module.train(model, False)
+    return model
 
 
 def scheduler_file(folder: Path) -> Path | None:

@@ -128,7 +128,7 @@ def plan_inputs(state: Lowering) -> None:
 
 def capture_stage(state: Lowering) -> None:
     plan_inputs(state)
-    state.model = state.model.eval()
+    torch.nn.Module.train(state.model, False)  # never the return value of a method the model may override
     try:
         state.gm, state.report["capture_route"] = _capture(state)
     except FxpassError as exc:

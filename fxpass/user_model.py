@@ -87,7 +87,9 @@ def load_user_model(spec: str, kwargs_json: str | None, checkpoint: Path, trust_
         if result.unexpected_keys:
             parts.append("unexpected " + ", ".join(result.unexpected_keys[:3]))
         raise FxpassError(f"{checkpoint}: does not match {class_name}({kwargs_json or ''}): " + "; ".join(parts))
-    return as_float32(model, f"{flag} {spec}").eval()
+    model = as_float32(model, f"{flag} {spec}")
+    torch.nn.Module.train(model, False)  # torch's own: a model may override eval()/to() (PatchDDM's .to returns None)
+    return model
 
 
 def as_float32(model, spec: str = "model"):
@@ -109,4 +111,5 @@ def as_float32(model, spec: str = "model"):
                                   "set; construct it with use_fp16 false in --model-kwargs") from None
     if callable(getattr(model, "convert_to_fp32", None)):
         model.convert_to_fp32()
-    return model.float()
+    torch.nn.Module.float(model)  # torch's own, its return value not relied on (a model may override it)
+    return model

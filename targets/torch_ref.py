@@ -52,10 +52,14 @@ class TorchReferenceRunner(BaseRunner):
             self.extra_inputs.append(("y", "int64", (-1,)))
 
     def activate_impl(self):
-        self._model = self.model.to(self.torch_dtype).eval()
+        # torch's own methods, their return values not relied on: a model may override .to() (PatchDDM's
+        # spreads blocks over devices and returns None)
+        torch.nn.Module.to(self.model, self.torch_dtype)
+        torch.nn.Module.train(self.model, False)
+        self._model = self.model
 
     def deactivate_impl(self):
-        self.model.float()
+        torch.nn.Module.float(self.model)
         del self._model
 
     def get_input_metadata_impl(self):

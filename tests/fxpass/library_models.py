@@ -24,3 +24,31 @@ class TwoOutputs(torch.nn.Module):
     def forward(self, x, timesteps):
         h = self.conv(x) + self.emb(timesteps.float()[:, None])[:, :, None, None]
         return {"eps": h, "aux": h.mean(dim=(2, 3))}
+
+
+class OverridesTo(torch.nn.Module):
+    """PatchDDM-style: ``.to()`` spreads blocks over devices and returns nothing; so do eval() and float()."""
+
+    image_size = 8
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.emb = torch.nn.Embedding(1000, 3)
+
+    def to(self, *args, **kwargs):  # noqa: D401  (returns None, as PatchDDM's does)
+        super().to(*args, **kwargs)
+
+    def eval(self):
+        super().eval()
+
+    def float(self):
+        super().float()
+
+    def forward(self, x, timesteps):
+        return self.conv(x) + self.emb(timesteps)[:, :, None, None]
+
+
+def patchddm_like(**kwargs):
+    """A factory returning :class:`OverridesTo` (the issue's case was built through --model-factory)."""
+    return OverridesTo(**kwargs)

@@ -271,3 +271,19 @@ def test_a_diffusion_model_without_its_schedule_is_refused_naming_the_timestep(t
     code, _, err = cli(capsys, *argv)
     assert code == 2 and "takes a timestep ('timestep')" in err and "--diffusion-steps N" in err
     assert not out.exists()
+
+
+def test_a_model_whose_to_eval_float_return_none_lowers_and_checks(tmp_path, capsys):
+    """PatchDDM overrides .to() and returns nothing: fxpass never relies on those methods' return values."""
+    from library_models import OverridesTo
+
+    torch.manual_seed(0)
+    model = OverridesTo()
+    ckpt, out = tmp_path / "o.pt", tmp_path / "o.onnx"
+    save_checkpoint(model, ckpt)
+    flags = ["--model-factory", "library_models:patchddm_like", *SCHEDULE]
+    code, _, err = cli(capsys, "lower", str(ckpt), "-o", str(out), *flags)
+    assert code == 0, err
+    assert _against_eager(out, lambda f, t: model(f["x"], t)) <= BOUND
+    code, _, err = cli(capsys, "check", str(out), "--model", str(ckpt), *flags[:2])
+    assert code == 0, err
