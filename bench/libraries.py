@@ -42,6 +42,21 @@ def ddpm_classes(**kwargs):
     return ddpm(num_class_embeds=5, **kwargs)
 
 
+def text_conditioned(**kwargs):
+    """diffusers' UNet2DConditionModel (cross-attention on ``encoder_hidden_states`` of width 32)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                norm_num_groups=8, attention_head_dim=8, **kwargs)
+
+
+def monai_context(**kwargs):
+    """MONAI's DiffusionModelUNet with cross-attention on ``context`` (width 24)."""
+    return monai_ddpm(with_conditioning=True, cross_attention_dim=24, **kwargs)
+
+
 def monai_ddpm(**kwargs):
     """MONAI's DiffusionModelUNet, 2-D, attention at the lower level (einops inside)."""
     from monai.networks.nets import DiffusionModelUNet
@@ -138,6 +153,14 @@ def cases(directory: Path) -> list[dict]:
                  lambda f, t: m(f["x"], t).sample, *SCHEDULE, "--capture", "export")
     factory_case("monai_ddpm", "MONAI DiffusionModelUNet (2-D), --capture export", d, lambda f, t: d(f["x"], t),
                  *SCHEDULE, "--image-size", "16", "--capture", "export")
+    e = text_conditioned().eval()
+    factory_case("text_conditioned", "diffusers UNet2DConditionModel (cross-attention)", e,
+                 lambda f, t: e(f["x"], t, encoder_hidden_states=f["encoder_hidden_states"]).sample, *SCHEDULE,
+                 "--input", "encoder_hidden_states=1,7,32")
+    k = randomized(monai_context(), seed=3)
+    factory_case("monai_context", "MONAI DiffusionModelUNet (cross-attention)", k,
+                 lambda f, t: k(f["x"], t, context=f["context"]), *SCHEDULE, "--image-size", "16",
+                 "--input", "context=1,1,24")
     s = randomized(monai_segmentation(), seed=1)
     factory_case("monai_segmentation", "MONAI UNet (segmentation, no timestep)", s, lambda f, t: s(f["x"]),
                  "--image-size", "16")

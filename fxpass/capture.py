@@ -92,6 +92,23 @@ def _traceable_python(tracer: ConcreteTracer):
             setattr(owner, name, value)
 
 
+@contextlib.contextmanager
+def quiet_loggers(*names: str):
+    """torch's loggers ``names`` at CRITICAL for the duration: a failure is said in one line of ours, not logged
+    with its traceback (FakeTensor logs one for every operation the example inputs do not fit)."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def _bind_inputs(model: torch.nn.Module, example_inputs) -> dict[str, Any]:
     signature = inspect.signature(model.forward)
     if isinstance(example_inputs, Mapping):
@@ -132,7 +149,7 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[Any] | Mapping[str,
     was_training = model.training
     model.eval()
     try:
-        with _traceable_python(tracer), torch.no_grad():
+        with _traceable_python(tracer), torch.no_grad(), quiet_loggers("torch._subclasses.fake_tensor"):
             graph = tracer.trace(model)
     except FxpassError:
         raise

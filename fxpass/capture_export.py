@@ -28,7 +28,6 @@ import contextlib
 import copy
 import io
 import linecache
-import logging
 import os
 import re
 import warnings
@@ -52,7 +51,7 @@ _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+)')
 #: export's own checks on the example's static metadata: nothing a lowered graph needs
 _DROPPED = ("aten._assert_tensor_metadata.default",)
 _QUIET_LOGGERS = ("torch.export", "torch._export", "torch._dynamo", "torch.fx", "torch.fx.experimental.symbolic_shapes",
-                  "torch._functorch", "torch._subclasses")
+                  "torch._functorch", "torch._subclasses", "torch._subclasses.fake_tensor")
 
 
 def _is_library_file(filename: str) -> bool:
@@ -83,18 +82,12 @@ class _OneTensor(torch.nn.Module):
 @contextlib.contextmanager
 def _quiet():
     """torch.export prints the graph it had and logs warnings when it fails: not ours to show."""
-    loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    from .capture import quiet_loggers
+
+    with quiet_loggers(*_QUIET_LOGGERS), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
 
 
 def capture_exported(model: torch.nn.Module, example_inputs: Sequence[Any] | Mapping[str, Any], *,

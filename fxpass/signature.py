@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .adapter import Adapter, wrap  # noqa: F401  (fxpass.signature.wrap: the model called as planned)
+from .conditioning import sequence_example
 from .errors import FxpassError
 
 #: parameter names taken for the timestep, in this order
@@ -335,6 +336,10 @@ def _extra_inputs(model: torch.nn.Module, params, t_name: str, given: dict, n_cl
             extras.order.append(p.name)
             extras.described[p.name] = found
         elif p.default is inspect.Parameter.empty:
+            sequence = sequence_example(model, p.name, batch)
+            if sequence is not None:  # a cross-attention sequence: its length is the user's
+                raise FxpassError(f"{cls}.forward needs '{p.name}', a cross-attention sequence; give its shape "
+                                  f"with {sequence}")
             attrs = input_attributes(p.name)
             looked = ", ".join(attrs["shape"] + attrs["size"][:1] + attrs["channels"][:1])
             raise FxpassError(f"{cls}.forward needs '{p.name}', whose shape fxpass cannot infer (the model has no "

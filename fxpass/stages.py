@@ -135,8 +135,12 @@ def capture_stage(state: Lowering) -> None:
         left = state.signature_plan.omitted if state.signature_plan is not None else ()
         if not left:
             raise
+        from .conditioning import SEQUENCE_NAMES, sequence_example
+
+        first = next((n for n in left if n in SEQUENCE_NAMES), left[0])  # a cross-attention input first
+        hint = sequence_example(state.model, first, 1) or f"--input {first}=SHAPE"
         raise FxpassError(f"{exc}; forward ran with {', '.join(left)} left at its default: if the model "
-                          f"needs it, give its shape with --input {left[0]}=SHAPE") from None
+                          f"needs it, give its shape with {hint}") from None
     _refuse_half(state.gm, state.model)
     _output_channels(state)
     state.report["fx_nodes_captured"] = len(state.gm.graph.nodes)

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from bench.libraries import ddpm, ddpm_classes, monai_ddpm, monai_segmentation, randomized  # noqa: F401
+from bench.libraries import (  # noqa: F401
+    ddpm,
+    ddpm_classes,
+    monai_context,
+    monai_ddpm,
+    monai_segmentation,
+    randomized,
+    text_conditioned,
+)
 
 
 class TwoOutputs(torch.nn.Module):

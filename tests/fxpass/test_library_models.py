@@ -287,3 +287,24 @@ def test_a_model_whose_to_eval_float_return_none_lowers_and_checks(tmp_path, cap
     assert _against_eager(out, lambda f, t: model(f["x"], t)) <= BOUND
     code, _, err = cli(capsys, "check", str(out), "--model", str(ckpt), *flags[:2])
     assert code == 0, err
+
+
+def test_cross_attention_inputs_say_their_shape_and_lower_once_given(tmp_path, capsys):
+    """encoder_hidden_states / context are [B, L, D]: fxpass fills D from the model, L is the user's."""
+    _needs("diffusers")
+    _needs("monai")
+    from library_models import monai_context, text_conditioned
+
+    torch.manual_seed(0)
+    model = text_conditioned().eval()
+    _, out, argv = _lower(tmp_path, "text_conditioned", model, *SCHEDULE)
+    code, _, err = cli(capsys, *argv)
+    assert code == 2 and "--input encoder_hidden_states=1,L,32 (L its sequence length" in err
+    code, _, err = cli(capsys, *argv, "--input", "encoder_hidden_states=1,7,32")
+    assert code == 0, err
+    worst = _against_eager(out, lambda f, t: model(f["x"], t, encoder_hidden_states=f["encoder_hidden_states"]).sample)
+    assert worst <= BOUND
+    monai = randomized(monai_context(), seed=3)
+    _, out, argv = _lower(tmp_path, "monai_context", monai, *SCHEDULE, "--image-size", "16")
+    code, _, err = cli(capsys, *argv)  # context is optional in forward: capture fails, the hint names it
+    assert code == 2 and "--input context=1,L,24" in err and "fake_tensor.py" not in err
