@@ -143,11 +143,13 @@ def test_sample_on_a_v_predicting_folder_model_is_deterministic(tmp_path, capsys
     for k in range(2):
         png = tmp_path / f"r{k}.png"
         code, _, err = cli(capsys, "sample", str(out), "--image", str(tmp_path / "i.png"), "--mask",
-                           str(tmp_path / "m.png"), "-o", str(png), "--seed", "4", "--sampler", "ddim", "--steps", "5")
+                           str(tmp_path / "m.png"), "-o", str(png), "--seed", "4")  # RePaint, the default
         assert code == 0, err
         results.append(np.asarray(Image.open(png)))
     assert np.array_equal(results[0], results[1])
-    assert np.array_equal(results[0][:, :8], np.asarray(Image.open(tmp_path / "i.png"))[:, :8])  # known pixels kept
+    known = np.asarray(Image.open(tmp_path / "i.png"))[:, :8].astype(int)
+    # RePaint pastes the noised known pixels into x_t: at t = 0 they are kept within the last step's noise
+    assert np.abs(results[0][:, :8].astype(int) - known).mean() <= 3.0
 
 
 @pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
