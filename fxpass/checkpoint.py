@@ -95,7 +95,27 @@ def extract_state_dict(obj, path: Path | str = "checkpoint") -> "OrderedDict[str
         while key.startswith("module."):
             key = key[len("module."):]
         state[key] = value
+    _refuse_unusable(state, path)
     return state
+
+
+#: weight dtypes a checkpoint may hold (a model computes in float32 after loading; integers are buffers)
+USABLE_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+                           torch.int16, torch.int8, torch.uint8, torch.bool})
+
+
+def _refuse_unusable(state, path) -> None:
+    """Tensors no model can load as weights, refused in one line naming the first: meta tensors (no data),
+    sparse or other non-dense layouts, float8 / complex / quantized dtypes."""
+    for name, t in state.items():
+        if t.is_meta:
+            raise FxpassError(f"{path}: tensor {name} is a meta tensor (a shape without data); save the real weights")
+        if t.layout != torch.strided:
+            raise FxpassError(f"{path}: tensor {name} is {str(t.layout).removeprefix('torch.')}, not a dense tensor; "
+                              "save it with .to_dense()")
+        if t.dtype not in USABLE_DTYPES:
+            raise FxpassError(f"{path}: tensor {name} is {str(t.dtype).removeprefix('torch.')}, which fxpass does not "
+                              "load (float32/16, bfloat16 or integer weights)")
 
 
 def _is_tensor_dict(obj: dict) -> bool:

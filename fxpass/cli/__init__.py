@@ -7,6 +7,7 @@ library functions (pipeline, verify, golden, sampler), holding no lowering, chec
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from .. import __version__
@@ -60,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+#: OSErrors that are about the path a user gave, not fxpass: said as one line naming the path
+_PATH_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR, errno.EACCES, errno.EROFS})
+
+
 def _run(args) -> int:
     try:
         return int(args.func(args) or 0)
@@ -80,6 +85,14 @@ def _run(args) -> int:
     except Terminated:
         print("fxpass: terminated", file=sys.stderr)
         return 143
+    except OSError as exc:
+        if getattr(args, "debug", False) or exc.errno not in _PATH_ERRNOS:
+            raise
+        # a path the file system refuses (a name over 255 bytes, a loop of links): the path and why, shortened
+        name = str(exc.filename or "a path")
+        shown = name if len(name) <= 120 else f"{name[:60]}…{name[-40:]} ({len(name)} characters)"
+        print(f"fxpass: error: {shown}: {exc.strerror}", file=sys.stderr)
+        return 2
     except MemoryError:
         if getattr(args, "debug", False):
             raise

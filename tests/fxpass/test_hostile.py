@@ -96,6 +96,13 @@ def originals(tmp_path_factory, tiny_ckpt, tiny_yaml, tiny_onnx):
         {**meta_cfg, "image_size": 40000, "channel_mult": "1,2"})})
     _onnx_with(root / "six.onnx", base, x_shape=[1, 6, 32, 32])
     _onnx_with(root / "custom.onnx", base, op=("com.evil", "Pwn"))
+    import torch
+
+    state = torch.load(tiny_ckpt, weights_only=True)
+    key = next(k for k, v in state.items() if v.dtype == torch.float32 and v.dim() == 4)
+    for name, make in {"sparse": lambda t: t.to_sparse(), "meta": lambda t: torch.empty(t.shape, device="meta"),
+                       "float8": lambda t: t.to(torch.float8_e4m3fn)}.items():
+        torch.save({**state, key: make(state[key])}, root / f"{name}.pt")
     for name, location in {"dotdot": "../../etc/passwd", "absolute": "/etc/passwd", "proc": "/proc/self/mem",
                            "dev": "/dev/zero", "missing": "weights.bin", "link": "link.bin"}.items():
         _onnx_with(root / f"ext-{name}.onnx", base, external=location)
@@ -181,6 +188,12 @@ CASES = {
     "external data missing": (["check", "ext-missing.onnx", "--model", "ck.pt"], "is missing"),
     "external data through a symlink out": (["check", "ext-link.onnx", "--model", "ck.pt"], "leads outside"),
     "sample external data outside": (["sample", "ext-dotdot.onnx", *SAMPLE, "-o", "r.png"], "not a relative path"),
+    # checkpoint tensors no model loads: one line naming the tensor
+    "a sparse checkpoint tensor": (["lower", "sparse.pt", "--config", "c.yml", "-o", "a.onnx"], "not a dense tensor"),
+    "a meta checkpoint tensor": (["lower", "meta.pt", "--config", "c.yml", "-o", "a.onnx"], "is a meta tensor"),
+    "a float8 checkpoint tensor": (["check", "m.onnx", "--model", "float8.pt"], "is float8_e4m3fn"),
+    "a 300-character output name": (["lower", "ck.pt", "--config", "c.yml", "-o", "a" * 300 + ".onnx"],
+                                    "File name too long"),
     # fxpass metadata parsed strictly
     "check timesteps as strings": (["check", "strings.onnx", "--model", "ck.pt"], "must list non-negative integers"),
     "sample timesteps as strings": (["sample", "strings.onnx", *SAMPLE, "-o", "r.png"],
