@@ -129,6 +129,7 @@ def test_diffusers_folder_lowers_with_its_scheduler_config(tmp_path, capsys):
     np.testing.assert_allclose(ours.alphas_cumprod, theirs, rtol=1e-5)  # the library's betas, reproduced
 
 
+@pytest.mark.slow
 def test_sample_on_a_v_predicting_folder_model_is_deterministic(tmp_path, capsys):
     _, folder = _folder(tmp_path)
     out = tmp_path / "folder.onnx"
@@ -237,6 +238,7 @@ def test_a_safetensors_checkpoint_is_taken_where_a_pt_is(tmp_path, capsys):
     assert code == 2 and "not a readable safetensors file" in err and not (tmp_path / "b.onnx").exists()
 
 
+@pytest.mark.slow
 def test_a_segmentation_unet_with_no_timestep_lowers_checks_and_goldens(tmp_path, capsys):
     """MONAI's UNet takes x alone: no schedule flags, nothing folded, the same lower / check / golden."""
     _needs("monai")
@@ -291,6 +293,7 @@ def test_a_model_whose_to_eval_float_return_none_lowers_and_checks(tmp_path, cap
     assert code == 0, err
 
 
+@pytest.mark.slow
 def test_cross_attention_inputs_say_their_shape_and_lower_once_given(tmp_path, capsys):
     """encoder_hidden_states / context are [B, L, D]: fxpass fills D from the model, L is the user's."""
     _needs("diffusers")
