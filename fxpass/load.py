@@ -18,6 +18,16 @@ def load(checkpoint: str | Path, *, config: ModelConfig, model_class: str | None
     """fxpass's U-Net for ``config``, ``model_class`` (``pkg.mod:Class``) or what ``model_factory``
     (``pkg.mod:function``) returns, weights from ``checkpoint``, float32, eval mode; weights with
     NaN/Inf are refused unless ``allow_nonfinite``."""
+    from .capture import quiet_loggers
+
+    # a library the model imports may log notices through torch's loggers (torchao's pytree
+    # registrations when diffusers imports it): not the user's concern
+    with quiet_loggers("torch.utils._pytree"):
+        return _load(checkpoint, config=config, model_class=model_class, model_kwargs=model_kwargs,
+                     trust_pickle=trust_pickle, allow_nonfinite=allow_nonfinite, model_factory=model_factory)
+
+
+def _load(checkpoint, *, config, model_class, model_kwargs, trust_pickle, allow_nonfinite, model_factory):
     from .library import load_folder, model_folder
 
     folder = model_folder(checkpoint)
