@@ -313,3 +313,26 @@ def test_cross_attention_inputs_say_their_shape_and_lower_once_given(tmp_path, c
     _, out, argv = _lower(tmp_path, "monai_context", monai, *SCHEDULE, "--image-size", "16")
     code, _, err = cli(capsys, *argv)  # context is optional in forward: capture fails, the hint names it
     assert code == 2 and "--input context=1,L,24" in err and "fake_tensor.py" not in err
+
+
+def test_a_pipeline_folder_gives_its_unet_and_scheduler(tmp_path):
+    """model_index.json + unet/ + scheduler/: the model folder is unet/, the schedule scheduler/'s; diffusers'
+    squaredcos_cap_v2 is guided-diffusion's cosine, whose alphas_cumprod fxpass reproduces."""
+    diffusers = _needs("diffusers")
+    from fxpass.library import model_folder
+
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline"}))
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "sample_size": [16, 16]}))
+    diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").save_pretrained(
+        str(tmp_path / "scheduler"))
+    folder = model_folder(tmp_path)
+    assert folder == tmp_path / "unet"
+    cfg = folder_config(folder, timestep_respacing="25")
+    assert (cfg.noise_schedule, cfg.diffusion_steps, cfg.image_size, cfg.model_class) == (
+        "cosine", 1000, 16, "diffusers:UNet2DModel")
+    theirs = diffusers.DDPMScheduler.from_pretrained(str(tmp_path / "scheduler")).alphas_cumprod.double().numpy()
+    ours = Diffusion.from_config(cfg.replace(timestep_respacing="")).alphas_cumprod
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-12)  # diffusers computes its betas in float32
+    assert model_folder(tmp_path / "scheduler") is None and model_folder(tmp_path / "nothing") is None
