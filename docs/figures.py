@@ -291,10 +291,23 @@ def sample_runtimes(args) -> str:
         ImageDraw.Draw(mask).rectangle([size // 4, size // 4, 3 * size // 4 - 1, 3 * size // 4 - 1], fill=0)
         mask.save(tmp / "mask.png")
 
+        def model_for(runtime: str) -> tuple[str, str]:
+            """(the file, the --runtime) of a row: litert[-fp16|-int8] samples the .tflite of that precision."""
+            if not runtime.startswith("litert"):
+                return "tiny.onnx", runtime
+            precision = runtime.partition("-")[2] or "fp32"
+            path = f"tiny-{precision}.tflite"
+            if not (tmp / path).exists():
+                _progress(f"lower the tiny config --format tflite --precision {precision}")
+                _fxpass("lower", "tiny.pt", "--config", "tiny.yml", "-o", path, "--format", "tflite",
+                        "--precision", precision, cwd=tmp)
+            return path, "litert"
+
         def run(runtime: str, seed: int) -> np.ndarray | str:
             out = tmp / f"{runtime}-{seed}.png"
-            proc = _fxpass("sample", "tiny.onnx", "--image", "img.png", "--mask", "mask.png", "-o", out.name,
-                           "--seed", str(seed), "--jump-length", "3", "--jump-n-sample", "2", "--runtime", runtime,
+            path, flag = model_for(runtime)
+            proc = _fxpass("sample", path, "--image", "img.png", "--mask", "mask.png", "-o", out.name,
+                           "--seed", str(seed), "--jump-length", "3", "--jump-n-sample", "2", "--runtime", flag,
                            cwd=tmp, check=False)
             if proc.returncode == 3:
                 return (proc.stdout + proc.stderr).strip().splitlines()[-1]
@@ -501,7 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--jump-length", type=int, default=10)
     f.add_argument("--jump-n-sample", type=int, default=10)
     s = sub.add_parser("sample-runtimes", help="the tiny config sampled on other runtimes than ONNX Runtime")
-    s.add_argument("--runtimes", default="openvino,openvino-bf16")
+    s.add_argument("--runtimes", default="openvino,openvino-bf16,litert,litert-fp16,litert-int8",
+                   help="litert[-fp16|-int8]: the .tflite of that precision on LiteRT")
     s.add_argument("--seeds", type=int, default=3)
     m = sub.add_parser("formats", help="every mobile route (default: CAMUS, heavy)")
     m.add_argument("--config", metavar="FILE", help="another config (default: built-in CAMUS)")

@@ -22,7 +22,7 @@ from .diffusion import Diffusion
 from .errors import FxpassError, first_line
 
 #: ``fxpass sample --runtime`` names → OpenVINO inference precision (``None``: ONNX Runtime)
-RUNTIMES = {"ort": None, "openvino": "f32", "openvino-bf16": "bf16"}
+RUNTIMES = {"ort": None, "openvino": "f32", "openvino-bf16": "bf16", "litert": "litert"}
 
 
 def ort_reason(exc: BaseException) -> str:
@@ -73,14 +73,13 @@ class TableModel:
         from .limits import check_input_fits
 
         self.path = path = check_model_file(path)
-        graph = _read_graph(path)
-        self.meta = meta = metadata.parse(metadata.read_props(graph), str(path), require=("table",))
+        meta, inputs, outputs = self._read(path)
+        self.meta = meta
         if meta.config is None:
             raise FxpassError(f"{path}: no {metadata.CONFIG} metadata; sampling needs the model's schedule")
         if not metadata.schedule_matches_config(meta):
             raise FxpassError(f"{path}: metadata {metadata.TIMESTEPS} ({meta.steps} steps) does not match the "
                               f"respaced schedule of its {metadata.CONFIG}; sampling needs the config's schedule")
-        metadata.check_table_rows(graph, meta, str(path))
         self.config = meta.config
         self.diffusion = Diffusion.from_config(self.config)
         self.timesteps = list(meta.timesteps)
@@ -89,9 +88,17 @@ class TableModel:
         if meta.deep_cache is not None and meta.deep_cache["role"] == "shallow":
             raise FxpassError(f"{path}: the shallow graph of a --deep-cache lowering; use its full graph "
                               f"(the file without {SHALLOW_SUFFIX[:-len('.onnx')]!r} in its name)")
-        self._check_signature(metadata.graph_inputs(graph), [o.name for o in graph.graph.output])
+        self._check_signature(inputs, outputs)
         self.calls = 0
         self.shallow_path: Path | None = None
+
+    def _read(self, path: Path) -> tuple[metadata.ModelMeta, dict, list[str]]:
+        """(the file's fxpass metadata, its inputs, its output names): an ONNX file's, its tables' rows
+        checked against the metadata's schedule."""
+        graph = _read_graph(path)
+        meta = metadata.parse(metadata.read_props(graph), str(path), require=("table",))
+        metadata.check_table_rows(graph, meta, str(path))
+        return meta, metadata.graph_inputs(graph), [o.name for o in graph.graph.output]
 
     def load_shallow(self) -> None:
         """Load the ``--deep-cache`` shallow graph beside this file (for :meth:`full` / :meth:`shallow`):
@@ -261,11 +268,44 @@ class OpenVinoDenoiser(TableModel):
             return np.array(self.shallow_runner.infer({"x": x, "t_index": t_index, "cache": cache})["out"])
 
 
+class LiteRTDenoiser(TableModel):
+    """An fxpass table-mode ``.tflite`` file (``fxpass lower --format tflite``) in LiteRT's interpreter,
+    through :class:`targets.litert.LiteRTRunner`; its metadata is the file's ``fxpass`` entry."""
+
+    runtime = "litert"
+
+    def __init__(self, path: str | Path, *, threads: int | None = None):
+        from targets.litert import litert_runner
+
+        super().__init__(path)
+        self.runner = litert_runner(self.path, num_threads=threads)
+        try:
+            self.runner.interpreter()  # loaded once, now: errors here, not at the first step
+        except Exception as exc:  # LiteRT raises ValueError/RuntimeError for files it cannot load
+            raise FxpassError(f"{self.path}: LiteRT cannot load it ({first_line(exc, 200)})") from None
+
+    def _read(self, path: Path):
+        from .formats.tflite_file import read_tflite
+
+        info = read_tflite(path, require_modes=("table",))
+        return info.meta, info.inputs, list(info.tflite.outputs) if len(info.tflite.outputs) != 1 else ["out"]
+
+    def _run(self, x: np.ndarray, t_index: np.ndarray) -> np.ndarray:
+        return self.runner.infer_impl({"x": x, "t_index": t_index})["out"]
+
+    def _load_shallow(self, path: Path) -> None:
+        raise FxpassError(f"{self.path}: --cache-interval runs ONNX deep-cache graphs; a .tflite has no shallow graph")
+
+
 def runtime_unavailable_reason(runtime: str) -> str | None:
     """Why ``runtime`` (a :data:`RUNTIMES` name) cannot run on this machine, or ``None`` when it can."""
     precision = RUNTIMES[runtime]
     if precision is None:
         return None
+    if precision == "litert":
+        from targets.litert import litert_unavailable_reason
+
+        return litert_unavailable_reason()
     from targets.openvino import openvino_unavailable_reason
 
     return openvino_unavailable_reason(precision)
@@ -276,6 +316,8 @@ def make_denoiser(path: str | Path, runtime: str = "ort", *, threads: int | None
     precision = RUNTIMES[runtime]
     if precision is None:
         return OnnxDenoiser(path, threads=threads)
+    if precision == "litert":
+        return LiteRTDenoiser(path, threads=threads)
     return OpenVinoDenoiser(path, precision=precision, threads=threads)
 
 

@@ -2,8 +2,9 @@
 
 ``--sampler repaint`` (default) | ``ddim`` | ``ddnm`` with their knobs (:mod:`fxpass.cli.sampling`).
 
-``--runtime ort`` (default) | ``openvino`` | ``openvino-bf16`` (``fxpass.denoisers.RUNTIMES``).  Only
-NumPy, Pillow, rich, onnx and the runtime (ONNX Runtime, or OpenVINO behind Polygraphy) are imported on
+``--runtime ort`` (default) | ``openvino`` | ``openvino-bf16`` | ``litert`` (a ``.tflite`` file;
+``fxpass.denoisers.RUNTIMES``).  Only NumPy, Pillow, rich, onnx and the runtime (ONNX Runtime, OpenVINO behind
+Polygraphy, or LiteRT's interpreter) are imported on
 this path (tests check that torch stays out of ``sys.modules``).  Exit 3, before loading the model, where
 the runtime cannot run here (as ``fxpass check`` for an unavailable target).
 """
@@ -98,6 +99,7 @@ def add_parser(sub, common) -> None:
                    help="plain generation over the respaced schedule: no resampling, no image or mask")
     p.add_argument("--runtime", choices=list(RUNTIMES), default="ort",
                    help="ort: ONNX Runtime CPU (default); openvino: OpenVINO CPU, f32; openvino-bf16: OpenVINO CPU "
-                        "at bf16 inference precision (looser numerics; needs a CPU with bf16)")
+                        "at bf16 inference precision (looser numerics; needs a CPU with bf16); litert: LiteRT's "
+                        "interpreter on a .tflite file from fxpass lower --format tflite (pip install 'fxpass[tflite]')")
     shared.add_force(p, "overwrite an existing output")
     p.set_defaults(func=run)

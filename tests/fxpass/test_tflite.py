@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from test_formats import _rel
@@ -276,3 +277,27 @@ def test_lower_step_graph(tiny_ckpt, tiny_yaml, tmp_path, capsys):
     capsys.readouterr()
     assert main(["check", str(out), "--model", str(tiny_ckpt)]) == 2
     assert "step-graph .tflite is checked when fxpass lower writes it" in capsys.readouterr().err
+
+
+def test_sample_runs_on_litert_and_agrees_with_onnx_runtime(tiny_tflite, tiny_onnx, tmp_path, capsys):
+    """``fxpass sample --runtime litert``: deterministic per seed, and at fp32 the same image as ONNX Runtime's
+    on the same lowering (within one 8-bit level); an ONNX file or a deep-cache run on LiteRT is one line."""
+    from PIL import Image
+
+    img, mask = tmp_path / "i.png", tmp_path / "m.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(img)
+    keep = np.zeros((32, 32), np.uint8)
+    keep[:, :16] = 255
+    Image.fromarray(keep).save(mask)
+    common = ["--image", str(img), "--mask", str(mask), "--seed", "3", "--sampler", "ddim", "--steps", "5"]
+    images = {}
+    for name, model, runtime in (("a", tiny_tflite[0], "litert"), ("b", tiny_tflite[0], "litert"),
+                                 ("ort", tiny_onnx, "ort")):
+        out = tmp_path / f"{name}.png"
+        assert main(["sample", str(model), "--runtime", runtime, "-o", str(out), *common]) == 0
+        images[name] = np.asarray(Image.open(out)).astype(int)
+    assert "on litert" in capsys.readouterr().out
+    assert np.array_equal(images["a"], images["b"])
+    assert np.abs(images["a"] - images["ort"]).max() <= 1
+    assert main(["sample", str(tiny_onnx), "--runtime", "litert", "-o", str(tmp_path / "x.png"), *common]) == 2
+    assert "not a LiteRT (.tflite) model" in capsys.readouterr().err
