@@ -111,8 +111,8 @@ def _write_tflite(lowered, example: dict, output: Path, precision: str, rows: in
     from .formats import tflite
 
     props = {**metadata.read_props(lowered.model), metadata.PRECISION: precision}
-    result = tflite.to_tflite(lowered.source, example, output, precision=precision, rows=rows, metadata=props,
-                              overwrite=force)  # an existing output got this far only with --force
+    result = tflite.to_tflite(_tables_merged(lowered.source), example, output, precision=precision, rows=rows,
+                              metadata=props, overwrite=force)  # an existing output got this far only with --force
     import torch
 
     threads = result["latency_threads"] = torch.get_num_threads()  # both runtimes on as many threads as torch
@@ -120,9 +120,24 @@ def _write_tflite(lowered, example: dict, output: Path, precision: str, rows: in
     result["ort_latency_ms"] = tflite.ort_latency_ms(lowered.model, example, threads=threads)
     result["ort_precision"] = metadata.read_props(lowered.model).get(metadata.PRECISION)
     if result["gather_ops"] > 1:
-        result["note"] = (f"the timestep tables are {result['gather_ops']} separate GATHER_ND ops (one per table; "
-                          "the ONNX graph merges them with surgery's merge_table_gathers)")
+        result["note"] = (f"the timestep tables are {result['gather_ops']} separate gathers after "
+                          "merge_timestep_tables (tables of other dtypes or row counts stay apart)")
     return result
+
+
+def _tables_merged(source):
+    """A copy of the verified fx graph (or the step module around it) with its timestep tables gathered once
+    (:func:`fxpass.passes.merge_timestep_tables`): LiteRT keeps every gather as an op of its own."""
+    import copy
+
+    from torch.fx import GraphModule
+
+    from .passes.merge_timestep_tables import merge_timestep_tables
+
+    source = copy.deepcopy(source)
+    for module in [m for m in source.modules() if isinstance(m, GraphModule)]:
+        merge_timestep_tables(module)
+    return source
 
 
 def _discard(path: Path) -> None:

@@ -14,6 +14,7 @@ from torch.fx.passes.infra.pass_manager import PassManager
 from ..errors import FxpassError
 from .fold_timesteps import FoldTimesteps, fold_timesteps
 from .materialize_attention_scales import materialize_attention_scales
+from .merge_timestep_tables import merge_timestep_tables
 from .remove_identities import remove_identities
 from .remove_noop_casts import remove_noop_casts
 from .strip_asserts import check_no_guards_left, describe_leftover_guards, strip_asserts
@@ -27,6 +28,7 @@ __all__ = [
     "FoldTimesteps",
     "fold_timesteps",
     "materialize_attention_scales",
+    "merge_timestep_tables",
     "remove_identities",
     "remove_noop_casts",
     "strip_asserts",
