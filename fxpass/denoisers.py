@@ -73,13 +73,15 @@ class TableModel:
         from .limits import check_input_fits
 
         self.path = path = check_model_file(path)
-        meta, inputs, outputs = self._read(path)
+        meta, inputs, outputs, graph = self._read(path)
         self.meta = meta
         if meta.config is None:
             raise FxpassError(f"{path}: no {metadata.CONFIG} metadata; sampling needs the model's schedule")
         if not metadata.schedule_matches_config(meta):
             raise FxpassError(f"{path}: metadata {metadata.TIMESTEPS} ({meta.steps} steps) does not match the "
                               f"respaced schedule of its {metadata.CONFIG}; sampling needs the config's schedule")
+        if graph is not None:  # an ONNX graph: its tables' rows against the metadata's schedule
+            metadata.check_table_rows(graph, meta, str(path))
         self.config = meta.config
         self.diffusion = Diffusion.from_config(self.config)
         self.timesteps = list(meta.timesteps)
@@ -92,13 +94,11 @@ class TableModel:
         self.calls = 0
         self.shallow_path: Path | None = None
 
-    def _read(self, path: Path) -> tuple[metadata.ModelMeta, dict, list[str]]:
-        """(the file's fxpass metadata, its inputs, its output names): an ONNX file's, its tables' rows
-        checked against the metadata's schedule."""
+    def _read(self, path: Path):
+        """(the file's fxpass metadata, its inputs, its output names, its ONNX graph or None)."""
         graph = _read_graph(path)
         meta = metadata.parse(metadata.read_props(graph), str(path), require=("table",))
-        metadata.check_table_rows(graph, meta, str(path))
-        return meta, metadata.graph_inputs(graph), [o.name for o in graph.graph.output]
+        return meta, metadata.graph_inputs(graph), [o.name for o in graph.graph.output], graph
 
     def load_shallow(self) -> None:
         """Load the ``--deep-cache`` shallow graph beside this file (for :meth:`full` / :meth:`shallow`):
@@ -288,7 +288,8 @@ class LiteRTDenoiser(TableModel):
         from .formats.tflite_file import read_tflite
 
         info = read_tflite(path, require_modes=("table",))
-        return info.meta, info.inputs, list(info.tflite.outputs) if len(info.tflite.outputs) != 1 else ["out"]
+        outputs = list(info.tflite.outputs) if len(info.tflite.outputs) != 1 else ["out"]  # LiteRTRunner's name
+        return info.meta, info.inputs, outputs, None
 
     def _run(self, x: np.ndarray, t_index: np.ndarray) -> np.ndarray:
         return self.runner.infer_impl({"x": x, "t_index": t_index})["out"]
