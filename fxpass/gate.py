@@ -135,8 +135,9 @@ def check_against_eager(proto, model, *, config=None, t_indices: Sequence[int] |
 
 
 def check_step_against_numpy(proto, model, *, config, t_indices: Sequence[int] | None = None, seed: int = 1234,
-                             tolerance: tuple[float, float] = (1e-4, 0.0)) -> dict[str, Any]:
-    """A step graph on ONNX Runtime against the eager model + the NumPy sampler's posterior (Polygraphy)."""
+                             tolerance: tuple[float, float] = (1e-4, 0.0), runner=None) -> dict[str, Any]:
+    """A step graph on ONNX Runtime (or ``runner``, with ``proto`` the file's :class:`~fxpass.metadata.OnnxInfo`:
+    a step-graph ``.tflite`` in LiteRT) against the eager model + the NumPy sampler's posterior (Polygraphy)."""
     from targets.compare import compare, run_runners
     from targets.ort import ort_runner
     from targets.step_ref import NumpyStepRunner
@@ -144,7 +145,11 @@ def check_step_against_numpy(proto, model, *, config, t_indices: Sequence[int] |
     from . import metadata
     from .diffusion import Diffusion
 
-    meta = metadata.parse(metadata.read_props(proto), "lowered model", require=("step",))
+    if runner is None:
+        meta = metadata.parse(metadata.read_props(proto), "lowered model", require=("step",))
+        runner = ort_runner(proto, cuda=False, name="onnxrt-cpu")
+    else:
+        meta = proto.meta
     specs = input_specs(proto)
     items = _gate_items(meta, seed, t_indices, specs[0].shape[0] < 0)
     feeds = seeded_feeds(specs, seed=seed, timesteps=meta.timesteps, model_timesteps=meta.model_timesteps,
@@ -154,7 +159,6 @@ def check_step_against_numpy(proto, model, *, config, t_indices: Sequence[int] |
 
     torch.nn.Module.train(model, False)  # never a method's return value the model may override
     reference = NumpyStepRunner(model, diffusion, meta.model_timesteps)
-    runner = ort_runner(proto, cuda=False, name="onnxrt-cpu")
     results = run_runners([reference, runner], feeds.feeds)
 
     def conditioning(iteration: int, output: str) -> float:
@@ -166,7 +170,8 @@ def check_step_against_numpy(proto, model, *, config, t_indices: Sequence[int] |
 
     pair = compare(results, reference="numpy-step", atol_scale=tolerance[0], rtol=tolerance[1], meta=feeds.labels,
                    conditioning=conditioning)[0]
-    return {**_summary(pair, results["onnxrt-cpu"], tolerance), "reference": "eager model + NumPy posterior"}
+    return {**_summary(pair, results[runner.name], tolerance), "reference": "eager model + NumPy posterior",
+            "runtime": runner.name}
 
 
 def default_tolerance(precision: str) -> tuple[float, float]:

@@ -167,9 +167,10 @@ def _same_graph(info, model, cfg, precision: str, label) -> None:
     console().print(check_same_graph(info, model, cfg, precision, str(label)), soft_wrap=True)
 
 
-def _check_step(args, info, cfg, targets, precision: str, tol) -> int:
-    """A --step-graph file: ONNX Runtime against the eager model + the NumPy sampler's posterior, every
-    output (x_prev, pred_xstart), at the asked precision's bound (the lowering gate's comparison)."""
+def _check_step(args, info, cfg, targets, precision: str, tol, runner=None) -> int:
+    """A --step-graph file: ONNX Runtime (or ``runner``: a step-graph .tflite in LiteRT) against the eager model +
+    the NumPy sampler's posterior, every output (x_prev, pred_xstart), at the asked precision's bound (the
+    lowering gate's comparison)."""
     import onnx
 
     from ..gate import check_step_against_numpy, default_tolerance
@@ -180,14 +181,14 @@ def _check_step(args, info, cfg, targets, precision: str, tol) -> int:
         raise FxpassError(f"{info.path}: a step graph is checked against the eager model on ONNX Runtime only "
                           "(--model MODEL.pt; no --targets, --golden, --data, --plot or user class)")
     model = load(args.model, config=cfg, trust_pickle=args.trust_pickle, allow_nonfinite=args.allow_nonfinite)
-    if precision != "fp32":
+    if precision != "fp32" and runner is None:
         _same_graph(info, model, cfg, precision, args.model)
-    tolerance = tol or default_tolerance(precision)
+    tolerance = tol or (_tflite_tolerance(precision) if runner is not None else default_tolerance(precision))
     every = list(range(len(info.timesteps))) if args.all_steps else None
-    result = check_step_against_numpy(onnx.load(str(info.path)), model, config=cfg, t_indices=every,
-                                      seed=args.seed, tolerance=tolerance)
+    result = check_step_against_numpy(info if runner is not None else onnx.load(str(info.path)), model, config=cfg,
+                                      t_indices=every, seed=args.seed, tolerance=tolerance, runner=runner)
     status = "pass" if result["passed"] else "FAIL"
-    console().print(f"fxpass check {info.path} (step graph, {precision}): onnxrt-cpu vs {result['reference']}: "
+    console().print(f"fxpass check {info.path} (step graph, {precision}): {result['runtime']} vs {result['reference']}: "
                     f"{result['max_rel_to_scale']:.3g}·max|ref| (pred_xstart divided by sqrt(1/abar - 1)), "
                     f"tolerance {tolerance[0]:g}: {status}", soft_wrap=True)
     if args.report:
@@ -218,15 +219,18 @@ def _check_tflite(args, user, t0: float) -> int:
             or args.model_class or args.model_factory:
         raise FxpassError(f"{info.path}: a LiteRT file is checked against the eager model in LiteRT's interpreter "
                           "(--model MODEL.pt; --targets torch,litert; no --golden, --data, --plot or user model flags)")
-    if info.mode == "step":
-        raise FxpassError(f"{info.path}: a step-graph .tflite is checked when fxpass lower writes it; fxpass check "
-                          "re-checks table- and fixed-mode LiteRT files")
     plan_outputs({"--report": args.report}, inputs=[args.onnx, args.model, args.config, args.lowering_report],
                  force=args.force)
     problem = structure_problem(info.tflite, precision)
     if problem:
         raise FxpassError(f"{info.path}: checked as {precision}, but {problem}", exit_code=1)
     cfg = resolve_config(args.config, info.config, source=f"{info.path}: metadata")
+    if info.mode == "step":  # x_prev and pred_xstart in LiteRT against the eager model + the NumPy posterior
+        from targets.litert import litert_runner
+
+        return _check_step(args, info, cfg, ["ort", "torch"], precision,
+                           parse_tolerance(args.tolerance) if args.tolerance else None,
+                           runner=litert_runner(info.path, output_names=("x_prev", "pred_xstart")))
     model = load(args.model, config=cfg, trust_pickle=args.trust_pickle, allow_nonfinite=args.allow_nonfinite)
     every = args.all_steps and info.mode == "table"
     report = check_targets(info, targets=targets, model=model, model_label=str(args.model), seed=args.seed,
@@ -317,3 +321,10 @@ def _print(report, info, args, seconds: float, data=None) -> None:
     failed = report.failed or bool(data and data["failed"])
     status = "FAIL" if failed else ("incomplete (unavailable targets)" if report.unavailable else "pass")
     out.print(f"check: {status} ({seconds:.1f} s)")
+
+
+def _tflite_tolerance(precision: str) -> tuple[float, float]:
+    """The bound a LiteRT file of ``precision`` is written at (:func:`fxpass.formats.tflite.tolerance_for`)."""
+    from ..formats.tflite import tolerance_for
+
+    return tolerance_for(precision), 0.0

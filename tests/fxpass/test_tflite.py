@@ -275,8 +275,13 @@ def test_lower_step_graph(tiny_ckpt, tiny_yaml, tmp_path, capsys):
     info = read_tflite(out)
     assert info.mode == "step" and list(info.inputs) == ["x", "t_index", "noise"] and len(info.tflite.outputs) == 2
     capsys.readouterr()
-    assert main(["check", str(out), "--model", str(tiny_ckpt)]) == 2
-    assert "step-graph .tflite is checked when fxpass lower writes it" in capsys.readouterr().err
+    assert main(["check", str(out), "--model", str(tiny_ckpt)]) == 0  # x_prev, pred_xstart in LiteRT vs eager
+    assert "step graph, fp32): litert-cpu vs eager model + NumPy posterior" in capsys.readouterr().out
+    state = torch.load(tiny_ckpt, weights_only=True)
+    key = [k for k, v in state.items() if v.dim() == 4][-1]  # the output convolution
+    wrong = tmp_path / "wrong.pt"
+    torch.save({**state, key: state[key] * 1.05}, wrong)
+    assert main(["check", str(out), "--model", str(wrong)]) == 1  # another model's weights fail
 
 
 def test_sample_runs_on_litert_and_agrees_with_onnx_runtime(tiny_tflite, tiny_onnx, tmp_path, capsys):
