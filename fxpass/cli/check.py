@@ -128,8 +128,8 @@ def run(args) -> int:
                      model_factory=args.model_factory)
         if user:  # called as it was lowered: the graph's inputs, then --input / --timestep-input
             model = user_flags.wrapped_for_graph(model, args, info)
-        elif precision != "fp32":
-            _same_graph(info, model, cfg, precision, args.model)
+        if precision != "fp32":
+            _same_graph(info, model, cfg, precision, args.model, user=bool(user))
     every = ((args.plot and not args.data) or args.all_steps) and info.mode == "table"
     report = check_targets(info, targets=targets, model=model, model_label=str(args.model), golden=golden,
                            tolerance=tol, seed=args.seed, precision=precision,
@@ -159,12 +159,14 @@ def run(args) -> int:
     return 1 if data is not None and data["failed"] else code
 
 
-def _same_graph(info, model, cfg, precision: str, label) -> None:
-    """A reduced-precision file must be the float32 graph the model lowers to (fxpass.equivalence)."""
-    from ..same_graph import check_same_graph
+def _same_graph(info, model, cfg, precision: str, label, user: bool = False) -> None:
+    """A reduced-precision file must be the float32 graph the model lowers to (fxpass.equivalence); a user's
+    model is lowered on inputs of the file's shapes."""
+    from ..same_graph import check_same_graph, graph_example
 
     console(stderr=True).print(f"comparing {info.path}'s graph with the float32 graph of {label} ...", soft_wrap=True)
-    console().print(check_same_graph(info, model, cfg, precision, str(label)), soft_wrap=True)
+    example = graph_example(info) if user else None
+    console().print(check_same_graph(info, model, cfg, precision, str(label), example), soft_wrap=True)
 
 
 def _check_step(args, info, cfg, targets, precision: str, tol, runner=None) -> int:

@@ -336,3 +336,22 @@ def test_a_pipeline_folder_gives_its_unet_and_scheduler(tmp_path):
     ours = Diffusion.from_config(cfg.replace(timestep_respacing="")).alphas_cumprod
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-12)  # diffusers computes its betas in float32
     assert model_folder(tmp_path / "scheduler") is None and model_folder(tmp_path / "nothing") is None
+
+
+def test_a_user_models_reduced_precision_file_is_checked_structurally(tmp_path, capsys):
+    """Structure before numbers for a user's model too (issue #26): an fp16 file passes as the float32 graph of
+    its own checkpoint plus casts, and fails before any number against another checkpoint's weights."""
+    from library_models import OverridesTo
+
+    torch.manual_seed(0)
+    ckpt, other, out = tmp_path / "o.pt", tmp_path / "other.pt", tmp_path / "o16.onnx"
+    save_checkpoint(OverridesTo(), ckpt)
+    save_checkpoint(OverridesTo(), other)  # the next draw: same graph, other weights
+    flags = ["--model-factory", "library_models:patchddm_like"]
+    code, _, err = cli(capsys, "lower", str(ckpt), "-o", str(out), *flags, *SCHEDULE, "--precision", "fp16")
+    assert code == 0, err
+    code, stdout, err = cli(capsys, "check", str(out), "--model", str(ckpt), *flags, "--precision", "fp16")
+    assert code == 0, err
+    assert "structure: the float32 graph of" in stdout and "fp16's casts" in stdout
+    code, _, err = cli(capsys, "check", str(out), "--model", str(other), *flags, "--precision", "fp16")
+    assert code == 1 and "not the float32 graph of" in err and "more than its precision's rounding" in err
