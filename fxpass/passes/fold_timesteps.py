@@ -104,6 +104,11 @@ def fold_timesteps(
 
     values = tabulate(evaluator, cone_set, frontier, entries, t_dtype, table_mode,
                       exact_batch=batch == 1 and not dynamic)
+    if table_mode and _read_as_values(t_node, cone_set):
+        # the timesteps themselves meet another input outside the cone (diffusers' ``timesteps *
+        # torch.ones(sample.shape[0])`` at a dynamic batch): they become a table of their own, gathered by t_index
+        frontier.append(t_node)
+        values.append(torch.tensor(entries, dtype=t_dtype))
 
     index_node = None
     if table_mode:
@@ -116,6 +121,12 @@ def fold_timesteps(
     count = len(frontier)
     record(gm, "fold_timesteps", count)
     return finish(gm, count or 1)
+
+
+def _read_as_values(t_node: Node, cone_set: set[Node]) -> bool:
+    """Whether a node outside the cone reads the timesteps' values (not their shape, dtype or device)."""
+    return any(u not in cone_set and not reads_t_shape(u, t_node) and not is_static_attr(u) and not is_assert(u)
+               for u in t_node.users)
 
 
 def _timestep_dtype(t_example, entries) -> torch.dtype:

@@ -148,3 +148,27 @@ def test_static_reads_of_the_timestep_outside_the_cone_are_resolved():
     assert _placeholders(gm) == ["x", "t_index"]
     for k, t in enumerate(SCHEDULE):
         torch.testing.assert_close(gm(x, torch.tensor([k])), model(x, torch.tensor([t])), atol=1e-6, rtol=1e-5)
+
+
+class _TimestepsMeetX(torch.nn.Module):
+    """The timesteps' values meet x with no op of their own first: they are a table of their own."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x, timesteps):
+        return self.conv(x) * (x.mean(dim=(1, 2, 3)) * timesteps)[:, None, None, None]
+
+
+def test_timesteps_read_outside_the_cone_become_a_table():
+    model = _TimestepsMeetX().eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm = fold_timesteps(capture(model, (x, torch.tensor([5, 5]))), SCHEDULE).graph_module
+    assert _placeholders(gm) == ["x", "t_index"]
+    for index in range(len(SCHEDULE)):
+        with torch.no_grad():
+            ref = model(x, torch.tensor([SCHEDULE[index], SCHEDULE[0]]))
+            out = gm(x, torch.tensor([index, 0]))
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    assert not fold_timesteps(gm, SCHEDULE).modified  # idempotent: no timestep input left
