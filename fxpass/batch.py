@@ -115,13 +115,13 @@ def plan_cases(job: BatchJob) -> list[Case]:
     return cases
 
 
-def load_inputs(case: Case, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The case's image [1, 3, size, size] and mask [1, 1, size, size]; FxpassError naming the bad file."""
+def load_inputs(case: Case, size: int, channels: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """The case's image [1, channels, size, size] and mask [1, 1, size, size]; FxpassError naming the bad file."""
     from .images import load_image, load_mask
 
     if case.error is not None:
         raise FxpassError(case.error)
-    return load_image(case.image, size), load_mask(case.mask, size)
+    return load_image(case.image, size, channels), load_mask(case.mask, size)
 
 
 def render_png(sampler, model, gt: np.ndarray | None, mask: np.ndarray | None, seed: int, on_step=None) -> bytes:
@@ -133,7 +133,8 @@ def render_png(sampler, model, gt: np.ndarray | None, mask: np.ndarray | None, s
     from .samplers import run_plan
 
     size = int(model.image_size)
-    x = run_plan(sampler, model, (1, 3, size, size), noise=GeneratorNoise(seed), gt=gt, mask=mask, on_step=on_step)
+    shape = (1, int(getattr(model, "channels", 3)), size, size)
+    x = run_plan(sampler, model, shape, noise=GeneratorNoise(seed), gt=gt, mask=mask, on_step=on_step)
     if not np.isfinite(x).all():
         raise FxpassError(f"{getattr(model, 'path', 'the model')}: the model produced non-finite values; nothing written")
     return encode_png(x[0])
@@ -176,7 +177,7 @@ class Worker:
         """Model calls per image, the image size and the sampler's label (for progress and the summary)."""
         steps = self.model.diffusion.num_steps
         return {"calls": self.sampler.calls, "image_size": int(self.model.image_size), "runtime": self.model.runtime,
-                "steps": steps}
+                "steps": steps, "channels": int(getattr(self.model, "channels", 3))}
 
     def run(self, name: str, gt: np.ndarray, mask: np.ndarray, seed: int) -> Result:
         """Inpaint one image; any failure is the result's error (one line), never an exception."""

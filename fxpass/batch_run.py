@@ -59,11 +59,11 @@ def check_outputs(job: BatchJob) -> None:
                  directories=("-o",))
 
 
-def _inputs(todo: list[Case], size: int, failed: Callable[[Case, Result], None]) -> Iterator[tuple]:
+def _inputs(todo: list[Case], size: int, failed: Callable[[Case, Result], None], channels: int = 3) -> Iterator[tuple]:
     """(case, image, mask) for each case whose inputs load; the others go to ``failed`` as they come."""
     for case in todo:
         try:
-            gt, mask = load_inputs(case, size)
+            gt, mask = load_inputs(case, size, channels)
         except FxpassError as exc:
             failed(case, Result(case.name, None, 0.0, str(exc)))
             continue
@@ -130,7 +130,7 @@ def run_batch(job: BatchJob, *, ray: str | None = None, workers: int | None = No
         del driver  # its memory back before the actors load their copies
         runner = ray_runner(job, address=ray, workers=workers, on_actors=on_actors)
     try:
-        for case, result in runner(_inputs(todo, size, finish)):
+        for case, result in runner(_inputs(todo, size, finish, info["channels"])):
             finish(case, result)
     finally:  # also on Ctrl-C: what was written is entered
         manifest.save()

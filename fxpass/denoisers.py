@@ -144,7 +144,7 @@ class TableModel:
     def _checked(self, out, x: np.ndarray, t_index) -> np.ndarray:
         """The output, its shape checked, as eps (a v- or x0-predicting model's turned into eps)."""
         out = np.asarray(out, dtype=np.float32)
-        want = (x.shape[0], self.diffusion.out_channels, *x.shape[2:])
+        want = (x.shape[0], (2 if self.diffusion.learn_sigma else 1) * x.shape[1], *x.shape[2:])
         if out.shape != want:
             raise FxpassError(f"{self.path}: output out has shape {list(out.shape)}, expected {list(want)} "
                               f"(learn_sigma={self.diffusion.learn_sigma})")
@@ -164,8 +164,11 @@ class TableModel:
         shape = inputs["x"][1]
         self.static_batch = shape[0] if shape and shape[0] > 0 else None
         s = self.image_size
-        if len(shape) != 4 or any(d > 0 and d != w for d, w in zip(shape[1:], (3, s, s))):
-            raise FxpassError(f"{self.path}: input x has shape {shape}, expected [N, 3, {s}, {s}] (-1: any)")
+        #: image channels: 3 (RGB), or 1 for a grayscale model (MONAI's, a user's)
+        self.channels = shape[1] if len(shape) == 4 and shape[1] == 1 else 3
+        c = self.channels
+        if len(shape) != 4 or any(d > 0 and d != w for d, w in zip(shape[1:], (c, s, s))):
+            raise FxpassError(f"{self.path}: input x has shape {shape}, expected [N, 3 or 1, {s}, {s}] (-1: any)")
 
     def _run(self, x: np.ndarray, t_index: np.ndarray) -> np.ndarray:
         raise NotImplementedError

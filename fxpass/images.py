@@ -50,8 +50,13 @@ def _read(path: str | Path, size: int, what: str, gray: bool) -> np.ndarray:
         raise FxpassError(f"{p}: not a readable image ({text})") from None
 
 
-def load_image(path: str | Path, size: int) -> np.ndarray:
-    """A grayscale or RGB image as float32 [1, 3, size, size] in [-1, 1] (gray is repeated)."""
+def load_image(path: str | Path, size: int, channels: int = 3) -> np.ndarray:
+    """A grayscale or RGB image as float32 [1, channels, size, size] in [-1, 1]: 3 channels (gray is repeated)
+    or 1 (a grayscale model's: RGB is converted to luminance)."""
+    if channels not in (1, 3):
+        raise FxpassError(f"{path}: a model of {channels} image channels (fxpass reads images as 1 or 3)")
+    if channels == 1:
+        return (_read(path, size, "image", gray=True)[None, None] * 2.0 - 1.0).astype(np.float32)
     a = _read(path, size, "image", gray=False)
     return (a.transpose(2, 0, 1)[None] * 2.0 - 1.0).astype(np.float32)
 
@@ -68,12 +73,15 @@ def load_mask(path: str | Path, size: int) -> np.ndarray:
 
 
 def encode_png(x: np.ndarray) -> bytes:
-    """[3, H, W] in [-1, 1] as an 8-bit RGB PNG."""
+    """[3, H, W] (or [1, H, W]: grayscale) in [-1, 1] as an 8-bit RGB (gray) PNG."""
     from PIL import Image
 
     pixels = np.clip(np.rint((np.asarray(x, dtype=np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)), mode="RGB").save(buffer, format="PNG")
+    if pixels.shape[0] == 1:
+        Image.fromarray(np.ascontiguousarray(pixels[0]), mode="L").save(buffer, format="PNG")
+    else:
+        Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)), mode="RGB").save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -104,7 +112,7 @@ def image_files(directory: str | Path, count: int | None = None) -> list[Path]:
     return names
 
 
-def load_image_dir(directory: str | Path, size: int, count: int | None = None) -> np.ndarray:
+def load_image_dir(directory: str | Path, size: int, count: int | None = None, channels: int = 3) -> np.ndarray:
     """The first ``count`` images of ``directory`` (sorted by name), each exactly size x size, as
-    float32 [N, 3, size, size] in [-1, 1] (grayscale repeated); an error names the first bad file."""
-    return np.concatenate([load_image(p, size) for p in image_files(directory, count)])
+    float32 [N, channels, size, size] in [-1, 1] (:func:`load_image`); an error names the first bad file."""
+    return np.concatenate([load_image(p, size, channels) for p in image_files(directory, count)])

@@ -210,8 +210,8 @@ def _means(rows: list[dict]) -> dict:
 
 
 def check_cases(images: np.ndarray, masks: dict[str, np.ndarray], size: int, names: Sequence[str] | None) -> None:
-    if images.ndim != 4 or images.shape[0] < 1 or images.shape[1:] != (3, size, size):
-        raise FxpassError(f"evaluate: images must be [N, 3, {size}, {size}] for this model, got {list(images.shape)}")
+    if images.ndim != 4 or images.shape[0] < 1 or images.shape[1] not in (1, 3) or images.shape[2:] != (size, size):
+        raise FxpassError(f"evaluate: images must be [N, 3 or 1, {size}, {size}] for this model, got {list(images.shape)}")
     if not masks:
         raise FxpassError("evaluate: no masks")
     for kind, m in masks.items():

@@ -92,7 +92,7 @@ def _load(args):
 
     files = image_files(args.data, args.count)  # cheap checks before loading the model
     model = OnnxDenoiser(args.model)
-    return files, model, load_image_dir(args.data, model.image_size, args.count), \
+    return files, model, load_image_dir(args.data, model.image_size, args.count, model.channels), \
         fixed_masks(model.image_size, args.masks, args.seed)
 
 
@@ -182,7 +182,7 @@ def _tune(args) -> int:
         model.load_shallow()
         ratio = tune.shallow_ratio(model)
     found = tune.candidates(model.diffusion, args.budget, ratio=ratio)
-    images = load_image_dir(args.data, model.image_size, args.count)
+    images = load_image_dir(args.data, model.image_size, args.count, model.channels)
     masks = fixed_masks(model.image_size, args.masks, args.seed)
     t0 = time.perf_counter()
     doc = _with_progress(lambda progress: tune.tune(

@@ -66,7 +66,7 @@ def run(args) -> int:
         steps, size = model.diffusion.num_steps, model.image_size
         what = settings.label(steps) + (" generation" if args.ddpm else "")
         if not args.ddpm:
-            gt = load_image(args.image, size)
+            gt = load_image(args.image, size, model.channels)
             mask = load_mask(args.mask, size)
     total = sampler.calls
     t0 = time.perf_counter()

@@ -355,3 +355,33 @@ def test_a_user_models_reduced_precision_file_is_checked_structurally(tmp_path, 
     assert "structure: the float32 graph of" in stdout and "fp16's casts" in stdout
     code, _, err = cli(capsys, "check", str(out), "--model", str(other), *flags, "--precision", "fp16")
     assert code == 1 and "not the float32 graph of" in err and "more than its precision's rounding" in err
+
+
+@pytest.mark.slow
+def test_a_grayscale_model_samples_grayscale_images(tmp_path, capsys):
+    """MONAI's 1-channel DiffusionModelUNet: sample reads the image as gray, writes a gray PNG, keeps the known
+    pixels (DiffPIR projects them into x0), deterministic per seed; evaluate takes the same images."""
+    _needs("monai")
+    from PIL import Image
+
+    model = randomized(monai_ddpm())
+    _, out, argv = _lower(tmp_path, "monai_ddpm", model, *SCHEDULE, "--image-size", "16")
+    assert cli(capsys, *argv)[0] == 0
+    (tmp_path / "imgs").mkdir()
+    gray = np.random.default_rng(2).integers(0, 256, (16, 16), dtype=np.uint8)
+    Image.fromarray(gray).save(tmp_path / "imgs" / "a.png")
+    keep = np.zeros((16, 16), np.uint8)
+    keep[:, :8] = 255
+    Image.fromarray(keep).save(tmp_path / "m.png")
+    pngs = []
+    for k in range(2):
+        png = tmp_path / f"r{k}.png"
+        code, _, err = cli(capsys, "sample", str(out), "--image", str(tmp_path / "imgs" / "a.png"), "--mask",
+                           str(tmp_path / "m.png"), "-o", str(png), "--seed", "2", "--preset", "fast")
+        assert code == 0, err
+        pngs.append(Image.open(png))
+    assert pngs[0].mode == "L" and np.array_equal(np.asarray(pngs[0]), np.asarray(pngs[1]))
+    assert np.array_equal(np.asarray(pngs[0])[:, :8], gray[:, :8])
+    code, _, err = cli(capsys, "evaluate", str(out), "--data", str(tmp_path / "imgs"), "--count", "1",
+                       "--preset", "fast")
+    assert code == 0, err
