@@ -34,15 +34,8 @@ class TwoOutputs(torch.nn.Module):
         return {"eps": h, "aux": h.mean(dim=(2, 3))}
 
 
-class OverridesTo(torch.nn.Module):
+class OverridesTo(TwoOutputs):
     """PatchDDM-style: ``.to()`` spreads blocks over devices and returns nothing; so do eval() and float()."""
-
-    image_size = 8
-
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
-        self.emb = torch.nn.Embedding(1000, 3)
 
     def to(self, *args, **kwargs):  # noqa: D401  (returns None, as PatchDDM's does)
         super().to(*args, **kwargs)
@@ -54,7 +47,7 @@ class OverridesTo(torch.nn.Module):
         super().float()
 
     def forward(self, x, timesteps):
-        return self.conv(x) + self.emb(timesteps)[:, :, None, None]
+        return super().forward(x, timesteps)["eps"]
 
 
 def patchddm_like(**kwargs):

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from check_helpers import cli, input_shapes
+from check_helpers import cli, gray_image_and_half_mask, input_shapes
 from library_models import TwoOutputs, ddpm, ddpm_classes, monai_ddpm, randomized
 
 from fxpass.checkpoint import save_checkpoint
@@ -136,19 +136,16 @@ def test_sample_on_a_v_predicting_folder_model_is_deterministic(tmp_path, capsys
     assert cli(capsys, "lower", str(folder), "-o", str(out), "--timestep-respacing", "10")[0] == 0
     from PIL import Image
 
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "i.png")
-    keep = np.zeros((16, 16), np.uint8)
-    keep[:, :8] = 255
-    Image.fromarray(keep).save(tmp_path / "m.png")
+    img, mask = gray_image_and_half_mask(tmp_path, 16)  # the left half known
     results = []
     for k in range(2):
         png = tmp_path / f"r{k}.png"
-        code, _, err = cli(capsys, "sample", str(out), "--image", str(tmp_path / "i.png"), "--mask",
-                           str(tmp_path / "m.png"), "-o", str(png), "--seed", "4")  # RePaint, the default
+        code, _, err = cli(capsys, "sample", str(out), "--image", str(img), "--mask", str(mask), "-o", str(png),
+                           "--seed", "4")  # RePaint, the default
         assert code == 0, err
         results.append(np.asarray(Image.open(png)))
     assert np.array_equal(results[0], results[1])
-    known = np.asarray(Image.open(tmp_path / "i.png"))[:, :8].astype(int)
+    known = np.asarray(Image.open(img).convert("RGB"))[:, :8].astype(int)
     # RePaint pastes the noised known pixels into x_t: at t = 0 they are kept within the last step's noise
     assert np.abs(results[0][:, :8].astype(int) - known).mean() <= 3.0
 
@@ -368,16 +365,13 @@ def test_a_grayscale_model_samples_grayscale_images(tmp_path, capsys):
     _, out, argv = _lower(tmp_path, "monai_ddpm", model, *SCHEDULE, "--image-size", "16")
     assert cli(capsys, *argv)[0] == 0
     (tmp_path / "imgs").mkdir()
-    gray = np.random.default_rng(2).integers(0, 256, (16, 16), dtype=np.uint8)
-    Image.fromarray(gray).save(tmp_path / "imgs" / "a.png")
-    keep = np.zeros((16, 16), np.uint8)
-    keep[:, :8] = 255
-    Image.fromarray(keep).save(tmp_path / "m.png")
+    img, mask = gray_image_and_half_mask(tmp_path / "imgs", 16)  # the left half known
+    gray = np.asarray(Image.open(img))
     pngs = []
     for k in range(2):
         png = tmp_path / f"r{k}.png"
-        code, _, err = cli(capsys, "sample", str(out), "--image", str(tmp_path / "imgs" / "a.png"), "--mask",
-                           str(tmp_path / "m.png"), "-o", str(png), "--seed", "2", "--preset", "fast")
+        code, _, err = cli(capsys, "sample", str(out), "--image", str(img), "--mask", str(mask), "-o", str(png),
+                           "--seed", "2", "--preset", "fast")
         assert code == 0, err
         pngs.append(Image.open(png))
     assert pngs[0].mode == "L" and np.array_equal(np.asarray(pngs[0]), np.asarray(pngs[1]))
