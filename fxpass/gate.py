@@ -74,6 +74,8 @@ def _summary(pair, ort_runs, tolerance: tuple[float, float]) -> dict[str, Any]:
     nonfinite = getattr(pair, "nonfinite", None)
     if nonfinite:
         out["nonfinite"] = nonfinite
+    if getattr(pair, "degenerate", None):
+        out["degenerate"] = pair.degenerate
     return out
 
 

@@ -347,6 +347,7 @@ def verify_stage(state: Lowering) -> None:
         return
     where = f"{state.output}: not written: " if state.output is not None else "lower: "
     why = f"output has non-finite values ({check['nonfinite']})" if check.get("nonfinite") else \
+        f"cannot be checked: {check['degenerate']}" if check.get("degenerate") else \
         f"differs from PyTorch by {check['max_rel_to_scale']:.3g}·max|ref|"
     raise FxpassError(f"{where}{'OpenVINO (bf16)' if precision == 'bf16' else 'ONNX Runtime'} {why} "
                       f"(tolerance {check['tolerance']['atol_scale']:g})"

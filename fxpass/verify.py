@@ -158,7 +158,7 @@ def compare_rows(results, reference: str, tol: tuple[float, float], labels: list
         return rows
     rows = []
     for pair in compare(results, reference=reference, atol_scale=tol[0], rtol=tol[1], meta=labels):
-        detail = getattr(pair, "nonfinite", None) or ""
+        detail = getattr(pair, "nonfinite", None) or getattr(pair, "degenerate", None) or ""
         rows.append(Row(ref_label or reference, pair.target, "pass" if pair.passed else "FAIL", detail,
                         len(labels), pair.max_abs, pair.max_rel_to_scale, tol, pair.per_iteration))
     return rows

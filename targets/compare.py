@@ -32,6 +32,9 @@ class PairResult:
     #: the first NaN/Inf seen, e.g. "onnxrt-cpu output out has NaN at iteration 3" (then passed is False
     #: and the worst errors are inf); None when every number was finite
     nonfinite: str | None = None
+    #: set where the reference's output is exactly zero on every input (nothing was compared: an untrained,
+    #: zero-initialised output layer makes every graph "match"); then passed is False
+    degenerate: str | None = None
 
 
 def parse_tolerance(text: str) -> tuple[float, float]:
@@ -100,10 +103,12 @@ def compare(results, *, reference: str, atol_scale: float, rtol: float = 0.0, me
         passed = True
         worst_abs = worst_rel = 0.0
         first_nonfinite = None
+        zero: dict[str, bool] = {}  # output -> the reference was 0 everywhere on every input so far
         for i, (ref_run, run) in enumerate(zip(ref_runs, runs)):
             for out_name, ref_value in ref_run.items():
                 ref_arr = np.asarray(ref_value, dtype=np.float64)
                 out_arr = np.asarray(run[out_name], dtype=np.float64)
+                zero[out_name] = zero.get(out_name, True) and ref_arr.size > 0 and not np.any(ref_arr)
                 nonfinite = next(
                     (f"{who} output {out_name} has {kind}"
                      for who, arr in ((reference, ref_arr), (name, out_arr)) if (kind := nonfinite_kind(arr))),
@@ -137,5 +142,12 @@ def compare(results, *, reference: str, atol_scale: float, rtol: float = 0.0, me
                 if meta is not None and i < len(meta):
                     entry.update(meta[i])
                 per_iter.append(entry)
-        pairs.append(PairResult(reference, name, passed, worst_abs, worst_rel, per_iter, first_nonfinite))
+        blank = next((o for o, z in zero.items() if z), None)
+        degenerate = None
+        if blank is not None:
+            passed = False
+            degenerate = (f"{reference} output {blank} is 0 everywhere on all {len(ref_runs)} inputs: nothing was "
+                          "compared (an untrained model whose output layer is zero-initialised?)")
+        pairs.append(PairResult(reference, name, passed, worst_abs, worst_rel, per_iter, first_nonfinite,
+                                degenerate))
     return pairs

@@ -78,6 +78,7 @@ def test_diffusers_unet2d_with_attention_lowers_in_table_mode(tmp_path, capsys):
     assert "num_channels" not in config  # fxpass's own U-Net's settings are not recorded for a user's model
 
 
+@pytest.mark.slow
 def test_diffusers_class_conditional_takes_class_labels(tmp_path, capsys):
     _needs("diffusers")
     torch.manual_seed(1)
@@ -90,6 +91,7 @@ def test_diffusers_class_conditional_takes_class_labels(tmp_path, capsys):
     assert worst <= BOUND
 
 
+@pytest.mark.slow
 def test_monai_diffusion_unet_lowers_in_table_mode(tmp_path, capsys):
     _needs("monai")
     _needs("einops")
@@ -113,6 +115,7 @@ def _folder(tmp_path, prediction_type="v_prediction", **scheduler):
     return model, folder
 
 
+@pytest.mark.slow
 def test_diffusers_folder_lowers_with_its_scheduler_config(tmp_path, capsys):
     model, folder = _folder(tmp_path, beta_schedule="scaled_linear", beta_start=0.0002, beta_end=0.015)
     out = tmp_path / "folder.onnx"
@@ -218,6 +221,7 @@ def test_pick_output_rule():
         pick_output("nope")
 
 
+@pytest.mark.slow
 def test_a_safetensors_checkpoint_is_taken_where_a_pt_is(tmp_path, capsys):
     from safetensors.torch import save_file
 
@@ -274,6 +278,7 @@ def test_a_diffusion_model_without_its_schedule_is_refused_naming_the_timestep(t
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_a_model_whose_to_eval_float_return_none_lowers_and_checks(tmp_path, capsys):
     """PatchDDM overrides .to() and returns nothing: fxpass never relies on those methods' return values."""
     from library_models import OverridesTo
@@ -335,6 +340,7 @@ def test_a_pipeline_folder_gives_its_unet_and_scheduler(tmp_path):
     assert model_folder(tmp_path / "scheduler") is None and model_folder(tmp_path / "nothing") is None
 
 
+@pytest.mark.slow
 def test_a_user_models_reduced_precision_file_is_checked_structurally(tmp_path, capsys):
     """Structure before numbers for a user's model too (issue #26): an fp16 file passes as the float32 graph of
     its own checkpoint plus casts, and fails before any number against another checkpoint's weights."""

@@ -284,6 +284,7 @@ def test_lower_step_graph(tiny_ckpt, tiny_yaml, tmp_path, capsys):
     assert main(["check", str(out), "--model", str(wrong)]) == 1  # another model's weights fail
 
 
+@pytest.mark.slow
 def test_sample_runs_on_litert_and_agrees_with_onnx_runtime(tiny_tflite, tiny_onnx, tmp_path, capsys):
     """``fxpass sample --runtime litert``: deterministic per seed, and at fp32 the same image as ONNX Runtime's
     on the same lowering (within one 8-bit level); an ONNX file or a deep-cache run on LiteRT is one line."""

@@ -98,3 +98,15 @@ def test_parse_tolerance_accepts(text, expected):
 def test_parse_tolerance_refuses(text, message):
     with pytest.raises(ValueError, match=f"tolerance '{text}': {message}"):
         parse_tolerance(text)
+
+
+def test_a_reference_that_is_zero_everywhere_fails_and_says_so():
+    """An untrained model with a zero-initialised output layer gives 0 on every input: any graph would
+    "match" it, so the pair fails, saying nothing was compared; one non-zero input is enough to compare."""
+    zeros = [np.zeros((1, 3, 4, 4), np.float32) for _ in range(3)]
+    (pair,) = compare(_results(zeros, zeros), reference="torch-fp32", atol_scale=1e-4)
+    assert not pair.passed and pair.max_abs == 0.0
+    assert pair.degenerate.startswith("torch-fp32 output out is 0 everywhere on all 3 inputs")
+    some = zeros[:2] + [np.ones((1, 3, 4, 4), np.float32)]
+    (pair,) = compare(_results(some, some), reference="torch-fp32", atol_scale=1e-4)
+    assert pair.passed and pair.degenerate is None
