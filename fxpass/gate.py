@@ -67,6 +67,7 @@ def _summary(pair, ort_runs, tolerance: tuple[float, float]) -> dict[str, Any]:
         "passed": pair.passed,
         "max_abs": pair.max_abs,
         "max_rel_to_scale": pair.max_rel_to_scale,
+        "max_rel_l2": pair.max_rel_l2,
         "tolerance": {"atol_scale": tolerance[0], "rtol": tolerance[1]},
         "per_input": pair.per_iteration,
         "ort_latency_s": float(np.median(runtimes[1:] if len(runtimes) > 1 else runtimes)),

@@ -35,6 +35,8 @@ class Row:
     max_rel: float | None = None
     tolerance: tuple[float, float] | None = None
     per_iteration: list = field(default_factory=list)
+    #: worst ||target - reference|| / ||reference|| over the inputs (each input's is in per_iteration)
+    max_rel_l2: float | None = None
 
 
 def parse_targets(text: str | None) -> list[str]:
@@ -160,7 +162,7 @@ def compare_rows(results, reference: str, tol: tuple[float, float], labels: list
     for pair in compare(results, reference=reference, atol_scale=tol[0], rtol=tol[1], meta=labels):
         detail = getattr(pair, "nonfinite", None) or getattr(pair, "degenerate", None) or ""
         rows.append(Row(ref_label or reference, pair.target, "pass" if pair.passed else "FAIL", detail,
-                        len(labels), pair.max_abs, pair.max_rel_to_scale, tol, pair.per_iteration))
+                        len(labels), pair.max_abs, pair.max_rel_to_scale, tol, pair.per_iteration, pair.max_rel_l2))
     return rows
 
 

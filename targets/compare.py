@@ -35,6 +35,10 @@ class PairResult:
     #: set where the reference's output is exactly zero on every input (nothing was compared: an untrained,
     #: zero-initialised output layer makes every graph "match"); then passed is False
     degenerate: str | None = None
+    #: the worst relative L2 error over the iterations, ||target - reference|| / ||reference|| per output and
+    #: input (each iteration's ``rel_l2``): where max-abs says how far the worst pixel is, this says how far the
+    #: whole output is (reported beside the bound, not bounded)
+    max_rel_l2: float = 0.0
 
 
 def parse_tolerance(text: str) -> tuple[float, float]:
@@ -103,6 +107,7 @@ def compare(results, *, reference: str, atol_scale: float, rtol: float = 0.0, me
         passed = True
         worst_abs = worst_rel = 0.0
         first_nonfinite = None
+        worst_l2 = 0.0
         zero: dict[str, bool] = {}  # output -> the reference was 0 everywhere on every input so far
         for i, (ref_run, run) in enumerate(zip(ref_runs, runs)):
             for out_name, ref_value in ref_run.items():
@@ -130,11 +135,15 @@ def compare(results, *, reference: str, atol_scale: float, rtol: float = 0.0, me
                         first_nonfinite = f"{nonfinite} at iteration {i}"
                 if not math.isfinite(diff):
                     diff = math.inf
+                norm = float(np.linalg.norm(ref_arr)) if nonfinite is None else 0.0
+                rel_l2 = float(np.linalg.norm(ref_arr - out_arr)) / norm if norm > 0 else (
+                    0.0 if nonfinite is None and not np.any(out_arr) else math.inf)
                 passed &= ok
                 worst_abs = max(worst_abs, diff)
                 worst_rel = max(worst_rel, diff / (scale * factor))
+                worst_l2 = max(worst_l2, rel_l2)
                 entry = {"iteration": i, "output": out_name, "max_abs": diff, "rel_to_scale": diff / scale,
-                         "passed": ok}
+                         "rel_l2": rel_l2, "passed": ok}
                 if nonfinite is not None:
                     entry["nonfinite"] = nonfinite
                 if factor != 1.0:
@@ -149,5 +158,5 @@ def compare(results, *, reference: str, atol_scale: float, rtol: float = 0.0, me
             degenerate = (f"{reference} output {blank} is 0 everywhere on all {len(ref_runs)} inputs: nothing was "
                           "compared (an untrained model whose output layer is zero-initialised?)")
         pairs.append(PairResult(reference, name, passed, worst_abs, worst_rel, per_iter, first_nonfinite,
-                                degenerate))
+                                degenerate, worst_l2))
     return pairs

@@ -110,3 +110,13 @@ def test_a_reference_that_is_zero_everywhere_fails_and_says_so():
     some = zeros[:2] + [np.ones((1, 3, 4, 4), np.float32)]
     (pair,) = compare(_results(some, some), reference="torch-fp32", atol_scale=1e-4)
     assert pair.passed and pair.degenerate is None
+
+
+def test_relative_l2_is_reported_per_input_beside_max_abs():
+    """One pixel off by 0.5: max-abs says 0.5·max|ref|, relative L2 says how little of the whole output is off."""
+    ref = np.ones((1, 1, 10, 10), np.float32)
+    out = ref.copy()
+    out[0, 0, 0, 0] += 0.5
+    (pair,) = compare(_results([ref, ref], [ref, out]), reference="torch-fp32", atol_scale=1e-4)
+    assert [e["rel_l2"] for e in pair.per_iteration] == [0.0, pytest.approx(0.05, rel=1e-6)]  # 0.5 / sqrt(100)
+    assert pair.max_rel_l2 == pytest.approx(0.05, rel=1e-6) and pair.max_rel_to_scale == pytest.approx(0.5)
