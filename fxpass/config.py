@@ -86,6 +86,11 @@ class ModelConfig:
         return 6 if self.learn_sigma else 3
 
     @property
+    def plain(self) -> bool:
+        """A user's network with no timestep (no schedule given: ``diffusion_steps`` 0): lowered in plain mode."""
+        return bool(self.model_class) and self.diffusion_steps == 0
+
+    @property
     def num_classes(self) -> int | None:
         return NUM_CLASSES if self.class_cond else None
 

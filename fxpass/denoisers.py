@@ -144,7 +144,7 @@ class TableModel:
     def _checked(self, out, x: np.ndarray, t_index) -> np.ndarray:
         """The output, its shape checked, as eps (a v- or x0-predicting model's turned into eps)."""
         out = np.asarray(out, dtype=np.float32)
-        want = (x.shape[0], (2 if self.diffusion.learn_sigma else 1) * x.shape[1], *x.shape[2:])
+        want = self.diffusion.output_shape(x.shape)
         if out.shape != want:
             raise FxpassError(f"{self.path}: output out has shape {list(out.shape)}, expected {list(want)} "
                               f"(learn_sigma={self.diffusion.learn_sigma})")

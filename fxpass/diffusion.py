@@ -103,8 +103,11 @@ def schedule_for(config: Any, timesteps: str | int | Sequence[int] | None = "res
     """(mode, original timesteps, model timesteps) of a config for a ``--timesteps`` value.
 
     ``"respaced"``/``None``: the config's whole respaced schedule ("table"); an int: that one
-    timestep ("fixed"); a sequence: those timesteps ("table").
+    timestep ("fixed"); a sequence: those timesteps ("table").  A config with no schedule (a user's
+    network with no timestep, ``config.plain``): ("plain", [], []).
     """
+    if getattr(config, "plain", False):
+        return "plain", [], []
     steps = int(config.diffusion_steps)
     if timesteps is None or timesteps == "respaced":
         kept = respaced(steps, config.timestep_respacing)
@@ -288,10 +291,13 @@ class Diffusion:
         """The eps that :meth:`predict_xstart` maps to ``xstart`` at ``t`` (its inverse)."""
         return (self._at(self.sqrt_recip_alphas_cumprod, t) * x - xstart) / self._at(self.sqrt_recipm1_alphas_cumprod, t)
 
+    def output_shape(self, x_shape) -> tuple[int, ...]:
+        """The model's output shape for an ``x`` of ``x_shape``: eps (and v with a learned sigma) per channel."""
+        return (x_shape[0], (2 if self.learn_sigma else 1) * x_shape[1], *x_shape[2:])
+
     def check_output(self, model_out: np.ndarray, x: np.ndarray) -> None:
         """ValueError unless ``model_out`` is what the model gives for ``x``: eps (and v with a learned sigma)."""
-        c = x.shape[1]
-        want = (x.shape[0], 2 * c if self.learn_sigma else c, *x.shape[2:])
+        want = self.output_shape(x.shape)
         if model_out.shape != want:
             raise ValueError(f"model output has shape {tuple(model_out.shape)}, expected {want}")
 

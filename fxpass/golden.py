@@ -149,8 +149,6 @@ def _golden_schedule(cfg, info, specs, model_timesteps) -> tuple[str, list, list
         if specs[0].shape[-1] != cfg.image_size:
             raise FxpassError(f"{info.path}: input x is {specs[0].shape[-1]} px, the config says image_size "
                               f"{cfg.image_size}")
-    elif cfg.model_class and cfg.diffusion_steps == 0:
-        mode, kept, seen = "plain", [], []  # a user's network with no timestep
     else:
         mode, kept, seen = schedule_for(cfg, "respaced")
         if model_timesteps is not None:

@@ -31,8 +31,9 @@ MAX_CONFIG_BYTES = 1 << 20
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise FxpassError(f"{path}: {path.stat().st_size:,} bytes, not a config (at most {MAX_CONFIG_BYTES:,})")
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise FxpassError(f"{path}: {size:,} bytes, not a config (at most {MAX_CONFIG_BYTES:,})")
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise FxpassError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
@@ -151,7 +152,11 @@ def folder_config(folder: Path, *, timestep_respacing: str | None = None, image_
 
 
 def _sample_size(folder: Path) -> int | None:
-    size = _read_json(folder / "config.json").get("sample_size")
-    if isinstance(size, list) and len(size) == 2 and size[0] == size[1]:
-        size = size[0]
-    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+    return square_side(_read_json(folder / "config.json").get("sample_size"))
+
+
+def square_side(value) -> int | None:
+    """The side of a square image size given as a positive int or an equal pair (diffusers' ``sample_size``)."""
+    if isinstance(value, (tuple, list)) and len(value) == 2 and value[0] == value[1]:
+        value = value[0]
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None

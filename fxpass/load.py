@@ -65,11 +65,9 @@ def sized_config(config: ModelConfig | None, model) -> ModelConfig | None:
 def model_image_size(model) -> int | None:
     """The side of the square images the model takes, by its attributes: ``image_size`` (guided-diffusion),
     ``sample_size`` or ``config.sample_size`` (diffusers; a square pair too), ``img_size``."""
+    from .library import square_side
+
     config = getattr(model, "config", None)
-    for value in (getattr(model, "image_size", None), getattr(model, "sample_size", None),
-                  getattr(config, "sample_size", None), getattr(model, "img_size", None)):
-        if isinstance(value, (tuple, list)) and len(value) == 2 and value[0] == value[1]:
-            value = value[0]
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-            return value
-    return None
+    sizes = (getattr(model, "image_size", None), getattr(model, "sample_size", None),
+             getattr(config, "sample_size", None), getattr(model, "img_size", None))
+    return next((side for side in map(square_side, sizes) if side is not None), None)

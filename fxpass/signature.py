@@ -255,23 +255,29 @@ def plan(model: torch.nn.Module, *, image_size: int | None, timestep_input: str 
     return Plan(x_name, t_name, t_dtype, x, extra_tensors, n_classes, tuple(extras.omitted), extras.origins, output)
 
 
+def _param_names(model: torch.nn.Module) -> list[str]:
+    """``model.forward``'s named parameters (not ``*args`` / ``**kwargs``), in order."""
+    return [p.name for p in inspect.signature(model.forward).parameters.values()
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _named_timestep(names: list[str]) -> str | None:
+    """The first parameter after x named as in :data:`TIMESTEP_NAMES`, or None."""
+    return next((n for n in TIMESTEP_NAMES if n in names[1:]), None)
+
+
 def takes_timestep(model: torch.nn.Module, timestep_input: str | None = None) -> bool:
-    """Whether ``model.forward`` has a timestep parameter (``timestep_input`` or one named as in
-    :data:`TIMESTEP_NAMES`, after x)."""
-    names = [p.name for p in inspect.signature(model.forward).parameters.values()
-             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    return timestep_input is not None or any(n in names[1:] for n in TIMESTEP_NAMES)
+    """Whether ``model.forward`` has a timestep parameter (``timestep_input``, or one named as a timestep)."""
+    return timestep_input is not None or _named_timestep(_param_names(model)) is not None
 
 
 def refuse_timestep(model: torch.nn.Module, timestep_input: str | None = None) -> None:
     """A model lowered with no schedule must take no timestep (refused in one line where it does)."""
-    names = [p.name for p in inspect.signature(model.forward).parameters.values()
-             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    _plain(type(model).__name__, names, timestep_input)
+    _plain(type(model).__name__, _param_names(model), timestep_input)
 
 
 def _plain(cls: str, names: list[str], timestep_input: str | None) -> None:
-    found = timestep_input or next((n for n in TIMESTEP_NAMES if n in names[1:]), None)
+    found = timestep_input or _named_timestep(names)
     if found is not None:
         raise FxpassError(f"{cls}.forward takes a timestep ('{found}'): fxpass needs the diffusion schedule of your "
                           "model: pass --config FILE, or --diffusion-steps N [--timestep-respacing S] (and "
@@ -295,7 +301,7 @@ def _timestep_name(cls: str, names: list[str], timestep_input: str | None) -> st
             raise FxpassError(f"--timestep-input {timestep_input}: {cls}.forward has no such parameter "
                               f"(it takes {', '.join(names)})")
         return timestep_input
-    t_name = next((n for n in TIMESTEP_NAMES if n in names[1:]), None)
+    t_name = _named_timestep(names)
     if t_name is None:
         raise FxpassError(f"{cls}.forward({', '.join(names)}): no timestep input found (looked for "
                           f"{', '.join(TIMESTEP_NAMES)}); name it with --timestep-input NAME")

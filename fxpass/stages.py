@@ -70,8 +70,6 @@ def load_stage(state: Lowering) -> None:
 
 
 def _schedule(config: ModelConfig | None, timesteps) -> tuple[str, list, list]:
-    if config is not None and config.model_class and config.diffusion_steps == 0:
-        return "plain", [], []  # a user's network with no timestep: nothing to fold
     if config is not None:
         return schedule_for(config, timesteps)
     if isinstance(timesteps, (str, type(None))):
@@ -87,7 +85,7 @@ def plan_inputs(state: Lowering) -> None:
     from .load import sized_config
 
     src, rw = state.request.source, state.request.rewrite
-    if src.config is not None and src.config.model_class and src.config.diffusion_steps == 0:
+    if src.config is not None and src.config.plain:
         from .signature import refuse_timestep
 
         refuse_timestep(state.model, src.timestep_input)  # no schedule: a network with no timestep
@@ -107,6 +105,9 @@ def plan_inputs(state: Lowering) -> None:
                           "is lowered with no timestep (no --diffusion-steps)")
     if rw.step_graph and (config is None or state.mode != "table"):
         raise FxpassError("--step-graph needs a config and the respaced schedule (table mode)")
+    if rw.step_graph and config.prediction_type != "epsilon":
+        raise FxpassError(f"--step-graph: the model predicts {config.prediction_type}; the step graph's "
+                          "posterior takes eps (lower without --step-graph: sample turns it into eps)")
     if state.example_inputs is None:
         from .signature import plan, wrap
 
@@ -161,9 +162,6 @@ def _output_channels(state: Lowering) -> None:
     if channels in (x_channels, 2 * x_channels) and config.learn_sigma != (channels == 2 * x_channels):
         state.config = config.replace(learn_sigma=channels == 2 * x_channels)
         state.report["config"] = state.config.to_dict()
-    if state.request.rewrite.step_graph and state.config.prediction_type != "epsilon":
-        raise FxpassError(f"--step-graph: the model predicts {state.config.prediction_type}; the step graph's "
-                          "posterior takes eps (lower without --step-graph: sample turns it into eps)")
 
 
 def _capture(state: Lowering) -> tuple[Any, dict[str, str]]:

@@ -117,7 +117,11 @@ def run(args) -> int:
         images = load_image_dir(args.data, info.inputs["x"][1][-1], count)
     check_structure(info, precision)  # structure before numbers
     if info.mode == "step":
-        return _check_step(args, info, cfg, targets, precision, tol)
+        if sorted(targets) != ["ort", "torch"] or args.golden or args.data or args.plot or args.model_class \
+                or args.model_factory:
+            raise FxpassError(f"{info.path}: a step graph is checked against the eager model on ONNX Runtime only "
+                              "(--model MODEL.pt; no --targets, --golden, --data, --plot or user class)")
+        return _check_step(args, info, cfg, precision, tol)
     golden = load_golden(args.golden) if args.golden else None
     model = None
     if "torch" in targets:
@@ -169,7 +173,7 @@ def _same_graph(info, model, cfg, precision: str, label, user: bool = False) -> 
     console().print(check_same_graph(info, model, cfg, precision, str(label), example), soft_wrap=True)
 
 
-def _check_step(args, info, cfg, targets, precision: str, tol, runner=None) -> int:
+def _check_step(args, info, cfg, precision: str, tol, runner=None) -> int:
     """A --step-graph file: ONNX Runtime (or ``runner``: a step-graph .tflite in LiteRT) against the eager model +
     the NumPy sampler's posterior, every output (x_prev, pred_xstart), at the asked precision's bound (the
     lowering gate's comparison)."""
@@ -178,10 +182,6 @@ def _check_step(args, info, cfg, targets, precision: str, tol, runner=None) -> i
     from ..gate import check_step_against_numpy, default_tolerance
     from ..load import load
 
-    if sorted(targets) != ["ort", "torch"] or args.golden or args.data or args.plot or args.model_class \
-            or args.model_factory:
-        raise FxpassError(f"{info.path}: a step graph is checked against the eager model on ONNX Runtime only "
-                          "(--model MODEL.pt; no --targets, --golden, --data, --plot or user class)")
     model = load(args.model, config=cfg, trust_pickle=args.trust_pickle, allow_nonfinite=args.allow_nonfinite)
     if precision != "fp32" and runner is None:
         _same_graph(info, model, cfg, precision, args.model)
@@ -230,7 +230,7 @@ def _check_tflite(args, user, t0: float) -> int:
     if info.mode == "step":  # x_prev and pred_xstart in LiteRT against the eager model + the NumPy posterior
         from targets.litert import litert_runner
 
-        return _check_step(args, info, cfg, ["ort", "torch"], precision,
+        return _check_step(args, info, cfg, precision,
                            parse_tolerance(args.tolerance) if args.tolerance else None,
                            runner=litert_runner(info.path, output_names=("x_prev", "pred_xstart")))
     model = load(args.model, config=cfg, trust_pickle=args.trust_pickle, allow_nonfinite=args.allow_nonfinite)

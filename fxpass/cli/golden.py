@@ -113,7 +113,7 @@ def _user_inputs(model, cfg, args):
     from . import user as user_flags
 
     cfg = user_flags.sized(cfg, model)
-    plain = cfg.diffusion_steps == 0  # no schedule given: a network with no timestep (refused if it takes one)
+    plain = cfg.plain  # no schedule given: a network with no timestep (refused if it takes one)
     p = plan(model, image_size=cfg.image_size, timestep_input=args.timestep_input, inputs=args.inputs,
              output=args.model_output, plain=plain)
     specs = [InputSpec("x", "float32", tuple(p.x.shape))]

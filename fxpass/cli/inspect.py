@@ -92,7 +92,7 @@ def _inputs(table, model, cfg, args) -> None:
     size = size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
     try:
         p = plan(model, image_size=size, timestep_input=args.timestep_input, inputs=args.inputs,
-                 plain=cfg is not None and cfg.diffusion_steps == 0 and not takes_timestep(model, args.timestep_input))
+                 plain=cfg is not None and cfg.plain and not takes_timestep(model, args.timestep_input))
     except FxpassError as exc:
         table.add_row("inputs", escape(f"not inferred: {exc}"))
         return
