@@ -69,6 +69,17 @@ def lower_user_class(directory: Path, name: str, model, *flags):
     return code, ckpt, out, (json.loads(report.read_text()) if report.exists() else None)
 
 
+def lower_format(ckpt, config, out: Path, *flags) -> dict:
+    """``fxpass lower CKPT --config CONFIG -o OUT *flags --report``, asserted to pass: the report's ``format``
+    entry (what a ``--format`` route wrote and checked)."""
+    from fxpass.cli import main
+
+    report = out.with_name(out.name + ".report.json")
+    assert main(["lower", str(ckpt), "--config", str(config), "-o", str(out), *map(str, flags),
+                 "--report", str(report)]) == 0
+    return json.loads(report.read_text())["format"]
+
+
 def input_shapes(path) -> dict[str, list[int]]:
     """The graph inputs of the ONNX file at ``path`` by name, static dimensions."""
     graph = onnx.load(path).graph

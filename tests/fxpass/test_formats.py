@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from check_helpers import lower_format
 
 import fxpass
 from fxpass.checkpoint import init_model
@@ -344,13 +345,10 @@ def test_step_graph_as_ort_equals_eager_and_is_covered_by_coreml(tiny_ckpt, tiny
     import yaml
 
     from fxpass.checkpoint import load_model
-    from fxpass.cli import main
     from fxpass.config import from_dict
 
-    out, report = tmp_path / "step.ort", tmp_path / "r.json"
-    assert main(["lower", str(tiny_ckpt), "--config", str(tiny_yaml), "-o", str(out), "--format", "ort",
-                 "--step-graph", "--report", str(report)]) == 0
-    data = json.loads(report.read_text())["format"]
+    out = tmp_path / "step.ort"
+    data = lower_format(tiny_ckpt, tiny_yaml, out, "--format", "ort", "--step-graph")
     assert data["check"]["passed"] and data["check"]["max_rel_to_scale"] <= 1e-5
     assert data["check"]["outputs"] == ["x_prev", "pred_xstart"] and data["check"]["t_index"] == [0, 4, 9]
     ml = data["coverage"]["eps"]["CoreML MLProgram"]  # measured 386/394 nodes in 2 partitions

@@ -17,6 +17,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from check_helpers import lower_format
 from test_formats import _rel
 
 from fxpass.cli import main
@@ -253,10 +254,8 @@ def test_lower_does_not_replace_an_existing_output(tiny_tflite, tiny_ckpt, tiny_
 @needs_tflite
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_lower_and_check_reduced_precision(tiny_ckpt, tiny_yaml, tmp_path, precision):
-    out, report = tmp_path / f"tiny-{precision}.tflite", tmp_path / f"{precision}.json"
-    assert main(["lower", str(tiny_ckpt), "--config", str(tiny_yaml), "-o", str(out), "--format", "tflite",
-                 "--precision", precision, "--report", str(report)]) == 0
-    fmt = json.loads(report.read_text())["format"]
+    out = tmp_path / f"tiny-{precision}.tflite"
+    fmt = lower_format(tiny_ckpt, tiny_yaml, out, "--format", "tflite", "--precision", precision)
     assert fmt["precision"] == precision and fmt["check"]["passed"]
     assert main(["check", str(out), "--model", str(tiny_ckpt), "--precision", precision]) == 0
     assert main(["check", str(out), "--model", str(tiny_ckpt)]) == 2  # a reduced file needs --precision
@@ -265,10 +264,8 @@ def test_lower_and_check_reduced_precision(tiny_ckpt, tiny_yaml, tmp_path, preci
 @pytest.mark.slow
 @needs_tflite
 def test_lower_step_graph(tiny_ckpt, tiny_yaml, tmp_path, capsys):
-    out, report = tmp_path / "step.tflite", tmp_path / "step.json"
-    assert main(["lower", str(tiny_ckpt), "--config", str(tiny_yaml), "-o", str(out), "--format", "tflite",
-                 "--step-graph", "--report", str(report)]) == 0
-    fmt = json.loads(report.read_text())["format"]
+    out = tmp_path / "step.tflite"
+    fmt = lower_format(tiny_ckpt, tiny_yaml, out, "--format", "tflite", "--step-graph")
     assert fmt["check"]["passed"] and fmt["check"]["max_rel_to_scale"] <= 1e-4
     from fxpass.formats.tflite_file import read_tflite
 
