@@ -270,6 +270,7 @@ def test_gpu_section_skips_with_a_reason_without_cuda(monkeypatch):
 
 
 
+@pytest.mark.slow
 def test_gpu_section_dry_run_on_the_cpu():
     """``run_gpu(device="cpu")`` walks the section on the CPU: every row at each batch, in order, its figures
     from its own samples and its utilisation from the FLOPs given; TensorRT says why it was left out."""

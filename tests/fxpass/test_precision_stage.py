@@ -244,6 +244,7 @@ def test_cli_int8_refusals(tiny_ckpt, tiny_yaml, tmp_path, capsys, extra, messag
     assert not (tmp_path / "m.onnx").exists()
 
 
+@pytest.mark.slow
 def test_cli_int8_writes_the_plan_and_reuses_it(tiny_ckpt, tiny_yaml, tmp_path, capsys):
     first, report = tmp_path / "a.onnx", tmp_path / "a.json"
     args = ["lower", str(tiny_ckpt), "--config", str(tiny_yaml), "--precision", "int8", "--calibrate-on-samples",
