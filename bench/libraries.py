@@ -1,7 +1,7 @@
 """``python -m bench.libraries``: other libraries' U-Nets through ``fxpass lower`` as their users save them (issue #27).
 
     python -m bench.libraries               # the table docs/lowering.md quotes
-    python -m bench.libraries --json OUT    # ... and every figure as JSON
+    python -m bench.libraries --json OUT    # ... and every figure as JSON (not over an existing file without --force)
 
 Each case is a small model of the library's own class, built here with seeded weights (every weight drawn
 anew: MONAI zero-initialises its output convolution, which would make any graph match), saved as the
@@ -198,12 +198,18 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write every figure as JSON")
+    parser.add_argument("--force", action="store_true", help="replace an existing --json file")
     args = parser.parse_args(argv)
+    if args.json and args.json.exists() and not args.force:  # before a minute of work
+        parser.error(f"{args.json}: already exists (pass --force to replace it)")
     with tempfile.TemporaryDirectory(prefix="fxpass-libraries-") as tmp:
         rows = cases(Path(tmp))
     print(table(rows))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        from fxpass.fileio import atomic_write_bytes
+
+        text = json.dumps(rows, indent=2) + "\n"
+        atomic_write_bytes(args.json, lambda fh: fh.write(text.encode()), exclusive=not args.force)
     return 0
 
 
