@@ -17,7 +17,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .errors import FxpassError
+from .errors import PARSE_ERRORS, FxpassError, parse_reason
 
 FORMAT = "fxpass-batch-manifest/1"
 NAME = "manifest.json"
@@ -76,8 +76,8 @@ class Manifest:
             doc = json.loads(path.read_text(encoding="utf-8"))
             if doc.get("format") != FORMAT or not isinstance(doc.get("images"), dict):
                 raise ValueError("not a batch manifest")
-        except (OSError, ValueError) as exc:
-            raise FxpassError(f"{path}: cannot read it as fxpass's batch manifest ({exc}); pass --force to redo "
+        except (OSError, *PARSE_ERRORS) as exc:
+            raise FxpassError(f"{path}: cannot read it as fxpass's batch manifest ({parse_reason(exc)}); pass --force to redo "
                               "every image") from None
         differ = _same_key(doc.get("job") or {}, key)
         if differ:

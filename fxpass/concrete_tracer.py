@@ -34,23 +34,27 @@ ASSERT_PREFIX = "fxpass assert"
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _THIS_FILE = os.path.abspath(__file__)
-#: capture's own files (this one and capture.py): their frames are never the user's code
-_CAPTURE_FILES = frozenset({_THIS_FILE, os.path.join(os.path.dirname(_THIS_FILE), "capture.py")})
+#: fxpass's own files are never the user's code, except the U-Nets it ships (models/, reference/)
+_FXPASS_DIR = os.path.dirname(_THIS_FILE) + os.sep
+_MODEL_DIRS = tuple(os.path.join(_FXPASS_DIR, d) + os.sep for d in ("models", "reference"))
 
 _IS_USER_FILE: dict[str, bool] = {}
+#: the frame that calls the model's forward: frames outside it are the caller's, never the model's
+_TRACE_CODE = Tracer.trace.__code__
 
 
 def _is_user_file(co_filename: str) -> bool:
     known = _IS_USER_FILE.get(co_filename)
     if known is None:
         filename = os.path.abspath(co_filename)
-        known = _IS_USER_FILE[co_filename] = not filename.startswith(_TORCH_DIR) and filename not in _CAPTURE_FILES
+        ours = filename.startswith(_FXPASS_DIR) and not filename.startswith(_MODEL_DIRS)
+        known = _IS_USER_FILE[co_filename] = not filename.startswith(_TORCH_DIR) and not ours
     return known
 
 
 def _user_frame(frame):
     """The nearest frame outside torch and capture's own files (the user's model code)."""
-    while frame is not None:
+    while frame is not None and frame.f_code is not _TRACE_CODE:  # the model's code runs inside Tracer.trace
         if _is_user_file(frame.f_code.co_filename):
             return frame
         frame = frame.f_back
@@ -63,6 +67,13 @@ def _where(frame) -> str:
     filename, lineno = frame.f_code.co_filename, frame.f_lineno
     source = linecache.getline(filename, lineno).strip()
     return f"{filename}:{lineno}: `{source}`" if source else f"{filename}:{lineno}"
+
+
+def _describe(node: Node) -> str:
+    """A node made where no user frame is on the stack (an attribute of a traced value, read lazily)."""
+    if node.target is getattr and len(node.args) == 2:
+        return f"`{node.args[0]}.{node.args[1]}`"
+    return f"`{getattr(node.target, '__name__', node.target)}` on {', '.join(map(str, node.args))[:80]}"
 
 
 def _is_assert_jump(frame) -> bool:
@@ -292,9 +303,9 @@ class ConcreteTracer(Tracer):
                 raise
             except Exception as exc:
                 frame = _user_frame(inspect.currentframe().f_back)
-                raise FxpassError(
-                    f"{_where(frame)}: fails on the example inputs ({type(exc).__name__}: {first_line(exc)})"
-                ) from exc
+                where = _where(frame) if frame is not None else f"the model's forward: {_describe(node)}"
+                raise FxpassError(f"{where}: fails on the example inputs ({type(exc).__name__}: {first_line(exc)})"
+                                  ) from exc
             self._values[node] = value
         return proxy
 

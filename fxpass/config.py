@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import FxpassError
+from .errors import MAX_CONFIG_BYTES, PARSE_ERRORS, FxpassError, first_line, parse_reason, short_repr
 
 # Keys of RePaint / guided-diffusion YAML files that do not describe the U-Net: accepted and ignored.
 SAMPLER_KEYS = frozenset(
@@ -127,7 +127,7 @@ _BOOL = ("learn_sigma", "class_cond", "use_scale_shift_norm", "resblock_updown",
 
 
 def _bad(source: str, key: str, value: Any, why: str) -> FxpassError:
-    return FxpassError(f"{source}: {key}: {why} (got {value!r})")
+    return FxpassError(f"{source}: {key}: {why} (got {short_repr(value)})")
 
 
 def from_dict(values: dict[str, Any], source: str = "config", *, complete: bool = False,
@@ -315,11 +315,13 @@ def _read_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise FxpassError(f"{p}: config file not found")
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise FxpassError(f"{p}: {p.stat().st_size:,} bytes, not a config file (at most {MAX_CONFIG_BYTES:,})")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FxpassError(f"{p}: not a readable YAML file ({first})") from None
+    except (yaml.YAMLError, *PARSE_ERRORS) as exc:
+        reason = parse_reason(exc) if not isinstance(exc, yaml.YAMLError) else first_line(exc, 200)
+        raise FxpassError(f"{p}: not a readable YAML file ({reason})") from None
     if data is None:
         raise FxpassError(f"{p}: config file is empty")
     if not isinstance(data, dict):

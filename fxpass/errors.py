@@ -18,3 +18,33 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (its type name when it has none), at most ``limit`` chars."""
     text = str(exc).strip()
     return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
+#: a config file (YAML or JSON) larger than this is not one
+MAX_CONFIG_BYTES = 1 << 20
+
+#: what reading a JSON or YAML text can raise on a bad file (JSONDecodeError and UnicodeDecodeError are ValueErrors;
+#: a document nested thousands of levels deep exhausts the parser's recursion)
+PARSE_ERRORS = (ValueError, RecursionError)
+
+
+def parse_reason(exc: BaseException) -> str:
+    """Why a JSON/YAML text could not be read, for a one-line message."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8 text"
+    if hasattr(exc, "msg") and hasattr(exc, "lineno"):
+        return f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+    return first_line(exc, 200)
+
+
+def short_repr(value: object) -> str:
+    """``repr(value)`` cut to a few items and levels: a user's value quoted in a message stays short, whatever its
+    size (a YAML alias bomb shares one list a billion times over; its full repr would never finish)."""
+    import reprlib
+
+    shortener = reprlib.Repr()  # Python 3.11's takes no keyword arguments
+    shortener.maxlevel, shortener.maxstring, shortener.maxother, shortener.maxlong = 2, 80, 80, 40
+    shortener.maxtuple = shortener.maxlist = shortener.maxdict = shortener.maxset = 4
+    return shortener.repr(value)

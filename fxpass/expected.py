@@ -22,7 +22,7 @@ import json
 import math
 from pathlib import Path
 
-from .errors import FxpassError
+from .errors import PARSE_ERRORS, FxpassError
 from .metadata import PRECISIONS
 
 QDQ = frozenset(("QuantizeLinear", "DequantizeLinear"))
@@ -55,7 +55,7 @@ def _report_precision(report: str | Path) -> str:
     path = check_input_file(report, "a lowering report")
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8")) if path.stat().st_size < 50_000_000 else None
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, *PARSE_ERRORS):
         data = None
     precision = data.get("precision") if isinstance(data, dict) else None
     if precision not in PRECISIONS:

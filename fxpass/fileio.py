@@ -16,6 +16,7 @@ transaction; :func:`write_dir_atomically` does the same for a directory.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import os
 import shutil
@@ -46,8 +47,17 @@ def check_input_file(path: str | os.PathLike, what: str = "file") -> Path:
     return path
 
 
+#: protobuf cannot parse a message over 2 GiB: a bigger .onnx file is not one (large weights go to external data)
+MAX_ONNX_BYTES = 2**31
+
+
 def check_model_file(path: str | os.PathLike) -> Path:
-    return check_input_file(path, "an ONNX model")
+    path = check_input_file(path, "an ONNX model")
+    size = path.stat().st_size
+    if size > MAX_ONNX_BYTES and path.suffix.lower() == ".onnx":
+        raise FxpassError(f"{path}: {size / 2**30:,.1f} GiB, not an ONNX file (protobuf reads at most 2 GiB; "
+                          "larger models keep their weights as external data)")
+    return path
 
 
 def check_writable_target(path: str | os.PathLike) -> Path:
@@ -173,7 +183,7 @@ def sweep_stale_temps(directory: Path) -> list[Path]:
             pid = int(name.rsplit(TEMP_MARK, 1)[1].split("-")[0])
         except ValueError:
             continue
-        if pid == os.getpid() or _alive(pid):
+        if pid == os.getpid() or process_alive(pid):
             continue
         try:
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
@@ -183,10 +193,11 @@ def sweep_stale_temps(directory: Path) -> list[Path]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (another user's counts as existing)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # gone, or a number no process can have
         return False
     except OSError:
         return True
@@ -309,11 +320,41 @@ def _replace(src: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+#: whether :func:`staged_path` creates its output only where nothing exists yet (:func:`exclusive_outputs`)
+_EXCLUSIVE = contextvars.ContextVar("fxpass_exclusive_outputs", default=False)
+
+
+@contextmanager
+def exclusive_outputs(exclusive: bool = True):
+    """Inside the block, :func:`staged_path` puts its output in place only if the path does not exist at that
+    moment: of two runs racing for one new ``.ort``/``.pte``/``.tflite``/``.mlpackage``, one fails with
+    "already exists" (the mobile-format writers take a path, not a flag, so the write stage sets it here)."""
+    token = _EXCLUSIVE.set(exclusive)
+    try:
+        yield
+    finally:
+        _EXCLUSIVE.reset(token)
+
+
+def _claim(staged: Path, out: Path) -> None:
+    """Put ``staged`` at ``out`` only where no path exists: a file by hard link; a directory by creating ``out``
+    (which fails if it exists) and renaming onto that empty directory of its own."""
+    try:
+        if staged.is_dir():
+            os.mkdir(out)
+            os.replace(staged, out)
+        else:
+            os.link(staged, out)
+    except FileExistsError:
+        raise FxpassError(f"{out}: already exists (pass --force to overwrite)") from None
+
+
 @contextmanager
 def staged_path(out: str | os.PathLike):
     """A path to write ``out`` (a file or a directory) to, inside a temporary directory beside it; renamed onto
     ``out`` when the block ends without an exception, removed otherwise (for writers that need a path, such
-    as the mobile-format converters).  Refusing an existing ``out`` is :func:`plan_outputs`'s business."""
+    as the mobile-format converters).  Refusing an existing ``out`` is :func:`plan_outputs`'s business; inside
+    :func:`exclusive_outputs`, one that appeared meanwhile is refused too."""
     out = Path(out)
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
@@ -332,7 +373,7 @@ def staged_path(out: str | os.PathLike):
         yield staged
         if not staged.exists():
             raise FxpassError(f"{out}: nothing was written")
-        _replace(staged, out)
+        _claim(staged, out) if _EXCLUSIVE.get() else _replace(staged, out)
     except OSError as exc:
         raise FxpassError(f"{out}: cannot write ({exc.strerror or exc})") from None
     finally:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FxpassError, first_line
+from .errors import PARSE_ERRORS, FxpassError, first_line, parse_reason
 from .fileio import file_sha256
 
 GOLDEN_FORMAT = 1
@@ -89,7 +89,7 @@ def is_golden_dir(directory: Path) -> bool:
         return False
     try:
         data = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, *PARSE_ERRORS):
         return False
     return isinstance(data, dict) and data.get("format") == GOLDEN_FORMAT and \
         {p.name for p in entries} <= {f"{n}.json" for n in FILES}
@@ -307,8 +307,8 @@ def load_golden(directory: str | os.PathLike) -> GoldenSet:
             raise FxpassError(f"{p}: missing from the golden set")
     try:
         manifest = json.loads(paths["manifest"].read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FxpassError(f"{paths['manifest']}: not valid JSON ({exc})") from None
+    except PARSE_ERRORS as exc:
+        raise FxpassError(f"{paths['manifest']}: not valid JSON ({parse_reason(exc)})") from None
     if not isinstance(manifest, dict):
         raise FxpassError(f"{paths['manifest']}: expected a JSON object")
     try:

@@ -18,15 +18,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import FxpassError
+from .errors import MAX_CONFIG_BYTES, PARSE_ERRORS, FxpassError, parse_reason
 
 SCHEDULER_FILE = "scheduler_config.json"
 #: diffusers' beta_schedule → fxpass's noise_schedule (squaredcos_cap_v2 is guided-diffusion's cosine)
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
-
-
-#: a model's or scheduler's config.json is a few kB; a bigger one is not one
-MAX_CONFIG_BYTES = 1 << 20
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -37,8 +33,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise FxpassError(f"{path}: cannot read ({exc.strerror or type(exc).__name__})") from None
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise FxpassError(f"{path}: not valid JSON ({getattr(exc, 'msg', 'nested too deeply')})") from None
+    except PARSE_ERRORS as exc:
+        raise FxpassError(f"{path}: not valid JSON ({parse_reason(exc)})") from None
     if not isinstance(value, dict):
         raise FxpassError(f"{path}: expected a JSON object")
     return value

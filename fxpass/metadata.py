@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import FxpassError
+from .errors import PARSE_ERRORS, FxpassError, parse_reason
 from .limits import MAX_SCHEDULE  # the longest schedule a metadata entry may declare
 
 PREFIX = "fxpass."
@@ -102,8 +102,8 @@ def _load(props: Mapping[str, str], key: str, kind: type, source: str):
         raise FxpassError(f"{source}: metadata {key} is not a readable string")
     try:
         value = json.loads(text)
-    except ValueError:
-        raise FxpassError(f"{source}: metadata {key} is not valid JSON") from None
+    except PARSE_ERRORS as exc:
+        raise FxpassError(f"{source}: metadata {key} is not valid JSON ({parse_reason(exc)})") from None
     if not isinstance(value, kind):
         raise FxpassError(f"{source}: metadata {key} must be a JSON {kind.__name__}, got {type(value).__name__}")
     return value
@@ -288,9 +288,12 @@ def check_external_data(model, path) -> None:
             continue
         location = ExternalDataInfo(tensor).location
         where = f"{path}: tensor {tensor.name}'s external data {location!r}"
-        if not location or os.path.isabs(location) or ".." in Path(location).parts:
+        if not location or "\0" in location or os.path.isabs(location) or ".." in Path(location).parts:
             raise FxpassError(f"{where} is not a relative path inside the model's folder")
-        target = (folder / location).resolve()
+        try:
+            target = (folder / location).resolve()
+        except (OSError, RuntimeError):  # a loop of links (RuntimeError before Python 3.13)
+            raise FxpassError(f"{where} is a loop of symbolic links") from None
         if folder not in target.parents:
             raise FxpassError(f"{where} leads outside the model's folder")
         try:
@@ -372,6 +375,10 @@ def read_file(path, *, require: tuple[str, ...] = ()) -> OnnxInfo:
     inputs = graph_inputs(model)
     if "x" not in inputs:
         raise FxpassError(f"{path}: has no input named x (inputs: {', '.join(inputs)})")
+    outputs = [o.name for o in model.graph.output]
+    for name in ("x_prev", "pred_xstart") if meta.mode == "step" else ("out",):  # what fxpass writes
+        if name not in outputs:
+            raise FxpassError(f"{path}: has no output named {name} (outputs: {', '.join(outputs)[:200]})")
     from .limits import check_input_fits
 
     for name, (_, shape) in inputs.items():

@@ -28,6 +28,8 @@ from .errors import FxpassError
 
 #: what the write stage can write: the ONNX file, or a mobile format made from the verified lowering
 FORMATS = ("onnx", "ort", "pte", "mlpackage", "tflite")
+#: the file name each --format writes (fxpass lower refuses another format's suffix)
+SUFFIXES = {"onnx": ".onnx", "ort": ".ort", "pte": ".pte", "mlpackage": ".mlpackage", "tflite": ".tflite"}
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 #: auto: for the target (CPU: the GroupNorms of at least 2^21 elements as LayerNormalization on a grouped
 #: view; --format ort: all of them, whose static shapes CoreML/NNAPI take); all; keep: one node each
@@ -154,6 +156,10 @@ class LowerRequest:
         _one_of("--group-norm", rw.group_norm, GROUP_NORM_FORMS, " or ".join(GROUP_NORM_FORMS))
         _one_of("--format", out.format, FORMATS, "one of " + ", ".join(FORMATS))
         _one_of("--capture", self.source.capture, CAPTURE_ROUTES, " or ".join(CAPTURE_ROUTES))
+        from .signature import parse_input
+
+        for item in self.source.inputs:  # an --input shape that is wrong or too large: refused before any work
+            parse_input(item) if isinstance(item, str) else None
         if self.source.capture == "export" and rw.dynamic_batch:
             raise FxpassError("--capture export: torch.export's graph has static shapes here; --dynamic-batch needs "
                               "--capture trace")
@@ -179,6 +185,12 @@ class LowerRequest:
             rw.int8.check_data_source()
         if out.palettize_bits is not None and out.format != "mlpackage":
             raise FxpassError(f"--palettize-bits {out.palettize_bits}: applies to --format mlpackage only")
+        suffix = Path(out.path).suffix.lower() if out.path is not None else None
+        if suffix is not None and (suffix in SUFFIXES.values() or out.format == "mlpackage") \
+                and suffix != SUFFIXES[out.format]:  # Core ML writes only a .mlpackage; the rest would mislead
+            named = next((f"; or pass --format {f}" for f, x in SUFFIXES.items() if x == suffix), "")
+            raise FxpassError(f"{out.path}: --format {out.format} writes a {SUFFIXES[out.format]} file; name it "
+                              f"so{named}")
         if rw.precision == "bf16":
             from targets.openvino import openvino_unavailable_reason
 

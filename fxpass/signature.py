@@ -41,6 +41,7 @@ import torch
 from .adapter import Adapter, wrap  # noqa: F401  (fxpass.signature.wrap: the model called as planned)
 from .conditioning import sequence_example
 from .errors import FxpassError
+from .limits import check_input_fits
 
 #: parameter names taken for the timestep, in this order
 TIMESTEP_NAMES = ("timesteps", "timestep", "t", "time", "ts", "time_step", "noise_level", "noise_levels",
@@ -98,15 +99,14 @@ def parse_input(text: str) -> tuple[str, tuple[int, ...], torch.dtype]:
     """``NAME=D0,D1,...[:dtype]`` (``--input low_res=1,3,16,16``)."""
     name, eq, rest = text.partition("=")
     shape_text, _, dtype_text = rest.partition(":")
-    try:
-        shape = tuple(int(d) for d in shape_text.split(","))
-    except ValueError:
-        shape = ()
-    if not eq or not name.isidentifier() or not shape or any(d < 1 for d in shape):
-        raise FxpassError(f"--input {text}: expected NAME=SHAPE[:dtype], e.g. low_res=1,3,16,16")
+    parts = shape_text.split(",")
+    shape = tuple(int(d) for d in parts) if all(d.strip().isdigit() for d in parts) else ()
+    if not eq or not name.isidentifier() or not 0 < len(shape) <= 8 or any(d < 1 for d in shape):
+        raise FxpassError(f"--input {text[:80]}: expected NAME=SHAPE[:dtype], e.g. low_res=1,3,16,16")
     dtype = _DTYPES.get(dtype_text or "float32")
     if dtype is None:
-        raise FxpassError(f"--input {text}: dtype {dtype_text!r} is not one of {', '.join(sorted(_DTYPES))}")
+        raise FxpassError(f"--input {name}: dtype {dtype_text[:40]!r} is not one of {', '.join(sorted(_DTYPES))}")
+    check_input_fits(shape, f"input {name}", "--input", torch.empty((), dtype=dtype).element_size())
     return name, shape, dtype
 
 

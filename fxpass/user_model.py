@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from .errors import FxpassError
+from .errors import PARSE_ERRORS, FxpassError, parse_reason
 
 
 class ConfigNamespace(SimpleNamespace):
@@ -49,8 +49,8 @@ def load_user_model(spec: str, kwargs_json: str | None, checkpoint: Path, trust_
     if ":" not in spec:
         raise FxpassError(f"{flag} {spec}: expected pkg.module:{'function' if factory else 'ClassName'}")
     module_name, _, class_name = spec.partition(":")
-    if "" not in sys.path and "." not in sys.path:
-        sys.path.insert(0, "")
+    if "" not in sys.path and "." not in sys.path:  # last: a file in the working directory named like a module
+        sys.path.append("")                          # fxpass uses (onnxslim.py, polygraphy.py) never replaces it
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
@@ -63,8 +63,8 @@ def load_user_model(spec: str, kwargs_json: str | None, checkpoint: Path, trust_
         raise FxpassError(f"{flag} {spec}: {class_name} is not an nn.Module class in {module_name}")
     try:
         kwargs = json.loads(kwargs_json) if kwargs_json else {}
-    except json.JSONDecodeError as exc:
-        raise FxpassError(f"--model-kwargs: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except PARSE_ERRORS as exc:
+        raise FxpassError(f"--model-kwargs: not valid JSON ({parse_reason(exc)})") from None
     if not isinstance(kwargs, dict):
         raise FxpassError("--model-kwargs: expected a JSON object of keyword arguments")
     kwargs = {k: namespaces(v) for k, v in kwargs.items()}

@@ -20,7 +20,10 @@ def write_lowered(lowered, request, output: Path, report_path: Path | None, stag
     if request.output.format == "onnx":
         _write_onnx(lowered, output, report_path, stages, shallow_path, exclusive=not request.output.force)
     else:
-        _write_format(lowered, request, output, report_path, stages)
+        from .fileio import exclusive_outputs
+
+        with exclusive_outputs(not request.output.force):  # a run racing for the same new path loses
+            _write_format(lowered, request, output, report_path, stages)
 
 
 def _report_text(lowered) -> str:

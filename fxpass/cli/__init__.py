@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 
 from .. import __version__
-from ..errors import FxpassError, first_line
+from ..errors import FxpassError, first_line, short_repr
 from . import check, evaluate, golden, init, inspect, lower, sample
 
 COMMANDS = (init, inspect, lower, check, golden, sample, evaluate)
@@ -41,6 +42,20 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+class ProcessExit(SystemExit):
+    """``os._exit`` called by code a command runs (a user's model): raised instead of ending the process at once,
+    so that the command says so in one line and its temporary files are removed."""
+
+
+def _refusing_os_exit(real_exit, pid: int):
+    def refuse(code: int = 0):
+        if os.getpid() != pid:  # a forked child ends as it asked: only this process's own command is guarded
+            real_exit(code)
+        raise ProcessExit(code)
+
+    return refuse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -54,9 +69,14 @@ def main(argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     else:
         previous = None
+    from ..scratch import scratch_folder
+
+    real_exit, os._exit = os._exit, _refusing_os_exit(os._exit, os.getpid())
     try:
-        return _run(args)
+        with scratch_folder():
+            return _run(args)
     finally:
+        os._exit = real_exit
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
@@ -65,13 +85,25 @@ def main(argv: list[str] | None = None) -> int:
 _PATH_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR, errno.EACCES, errno.EROFS})
 
 
+#: an error line longer than this loses its middle (a message quoting long names or values); its start says what
+#: failed and its end what to do; --debug raises it whole
+MAX_ERROR_CHARS = 800
+
+
+def _shortened(message: str) -> str:
+    if len(message) <= MAX_ERROR_CHARS:
+        return message
+    cut = f" … ({len(message) - MAX_ERROR_CHARS:,} characters left out; --debug shows all) … "
+    return message[:MAX_ERROR_CHARS // 2] + cut + message[-(MAX_ERROR_CHARS // 2 - len(cut)):]
+
+
 def _run(args) -> int:
     try:
         return int(args.func(args) or 0)
     except FxpassError as exc:
         if getattr(args, "debug", False):
             raise
-        print(f"fxpass: error: {exc}", file=sys.stderr)
+        print(f"fxpass: error: {_shortened(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("fxpass: interrupted", file=sys.stderr)
@@ -79,8 +111,9 @@ def _run(args) -> int:
     except SystemExit as exc:  # no command of fxpass's exits this way: the model's code (or a library it runs) did
         if getattr(args, "debug", False):
             raise
-        print(f"fxpass: error: code run for {args.command or 'this command'} called sys.exit({exc.code!r}) (the model's "
-              "own code, or a library it calls); stopped there, nothing written", file=sys.stderr)
+        call = "os._exit" if isinstance(exc, ProcessExit) else "sys.exit"
+        print(f"fxpass: error: code run for {args.command or 'this command'} called {call}({short_repr(exc.code)}) "
+              "(the model's own code, or a library it calls); stopped there, nothing written", file=sys.stderr)
         return 2
     except Terminated:
         print("fxpass: terminated", file=sys.stderr)

@@ -121,7 +121,6 @@ def _int8_options(args):
         if given:
             raise FxpassError(f"{given[0]} applies to --precision int8 only")
         return None
-    from ..fileio import check_input_file
     from ..precision import Int8Options
 
     if args.calibration_data is not None:
@@ -129,8 +128,10 @@ def _int8_options(args):
 
         if not Path(args.calibration_data).is_dir():
             raise FxpassError(f"{args.calibration_data}: --calibration-data needs a directory of images")
-    if args.precision_plan is not None:
-        check_input_file(args.precision_plan, "a precision plan (JSON)")
+    if args.precision_plan is not None:  # read now: a file that is no plan is refused before the lowering
+        from ..precision.plan import PrecisionPlan
+
+        PrecisionPlan.load(args.precision_plan)
     options = Int8Options(calibration_data=args.calibration_data, calibration_steps=args.calibration_steps,
                           calibration_samples=args.calibration_samples, eval_samples=args.eval_samples,
                           error_budget=args.error_budget, plan=args.precision_plan, reduce_range=args.reduce_range,

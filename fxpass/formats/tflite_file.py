@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import FxpassError, first_line
+from ..errors import PARSE_ERRORS, FxpassError, first_line
 from ._deps import require_module
 
 IDENTIFIER = b"TFL3"  # the TFLite flatbuffer's file identifier (bytes 4..8)
@@ -79,7 +79,7 @@ def read_metadata(data: bytes, where: str = "model") -> dict[str, str]:
         raw = buffer.DataAsNumpy().tobytes() if not buffer.DataIsNone() else b""
         try:
             value = json.loads(raw.decode())
-        except ValueError:
+        except PARSE_ERRORS:
             raise FxpassError(f"{where}: its fxpass metadata is not valid JSON") from None
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
             raise FxpassError(f"{where}: its fxpass metadata is not a JSON object of strings")

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import FxpassError
+from ..errors import PARSE_ERRORS, FxpassError, parse_reason
 from .layers import Layer, groups_of
 
 PLAN_VERSION = 1
@@ -85,8 +85,8 @@ class PrecisionPlan:
         path = check_input_file(path, "a precision plan (JSON)")
         try:
             data = json.loads(Path(path).read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise FxpassError(f"{path}: not JSON ({exc})") from None
+        except PARSE_ERRORS as exc:
+            raise FxpassError(f"{path}: not a precision plan (not JSON: {parse_reason(exc)})") from None
         return cls.from_dict(data, str(path))
 
     def check_applies(self, layers: Sequence[Layer], fingerprint: str, source: str) -> None:

@@ -31,9 +31,24 @@ def _png(path: Path, value: int, size: int = 32) -> None:
     Image.fromarray(np.full((size, size), value, np.uint8)).save(path)
 
 
-def _onnx_with(path: Path, base: onnx.ModelProto, *, props=None, x_shape=None, external=None, op=None) -> None:
+def _alias_bomb(key: str, levels: int = 9) -> str:
+    """YAML whose ``key`` holds 9 aliases of 9 aliases … of a list (9**10 items once expanded; a few hundred bytes)."""
+    lines = [f"{key}:", '  a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for i in range(1, levels + 1):
+        name, prev = chr(ord("a") + i), chr(ord("a") + i - 1)
+        lines.append(f"  {name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def _onnx_with(path: Path, base: onnx.ModelProto, *, props=None, x_shape=None, external=None, op=None,
+               output_name=None) -> None:
     model = onnx.ModelProto()
     model.CopyFrom(base)
+    if output_name:
+        old = model.graph.output[0].name
+        model.graph.output[0].name = output_name
+        for node in model.graph.node:
+            node.output[:] = [output_name if o == old else o for o in node.output]
     if props:
         existing = {p.key: p for p in model.metadata_props}
         for key, value in props.items():
@@ -103,6 +118,23 @@ def originals(tmp_path_factory, tiny_ckpt, tiny_yaml, tiny_onnx):
     for name, make in {"sparse": lambda t: t.to_sparse(), "meta": lambda t: torch.empty(t.shape, device="meta"),
                        "float8": lambda t: t.to(torch.float8_e4m3fn)}.items():
         torch.save({**state, key: make(state[key])}, root / f"{name}.pt")
+    deep = "[" * 100_000 + "]" * 100_000
+    (root / "deep.yml").write_text(f"image_size: {deep}\n")
+    (root / "deep.json").write_text(deep)
+    (root / "bomb.yml").write_text(_alias_bomb("image_size") + yaml.safe_dump({k: v for k, v in cfg.items()
+                                                                                 if k != "image_size"}))
+    (root / "deepgold").mkdir()
+    for name in ("inputs", "outputs"):
+        (root / "deepgold" / f"{name}.json").write_text("[]")
+    (root / "deepgold" / "manifest.json").write_text(deep)
+    _onnx_with(root / "deepmeta.onnx", base, props={"fxpass.config": deep})
+    _onnx_with(root / "renamed.onnx", base, output_name="renamed")
+    _onnx_with(root / "ext-nul.onnx", base, external="a\x00b")
+    _onnx_with(root / "ext-loop.onnx", base, external="loop1")
+    from user_models import LazyAttributeNet, TinyTimeNet
+
+    torch.save(TinyTimeNet().state_dict(), root / "timenet.pt")
+    torch.save(LazyAttributeNet().state_dict(), root / "lazy.pt")
     for name, location in {"dotdot": "../../etc/passwd", "absolute": "/etc/passwd", "proc": "/proc/self/mem",
                            "dev": "/dev/zero", "missing": "weights.bin", "link": "link.bin"}.items():
         _onnx_with(root / f"ext-{name}.onnx", base, external=location)
@@ -119,6 +151,8 @@ def workspace(tmp_path, originals):
     (tmp_path / "link.pt").symlink_to(tmp_path / "ck.pt")
     os.link(tmp_path / "ck.pt", tmp_path / "hard.pt")
     (tmp_path / "link.bin").symlink_to("/etc/passwd")
+    (tmp_path / "loop1").symlink_to("loop2")
+    (tmp_path / "loop2").symlink_to("loop1")
     return tmp_path
 
 
@@ -135,6 +169,7 @@ def _snapshot(root: Path) -> dict:
 
 
 SAMPLE = ["--image", "img.png", "--mask", "mask.png"]
+USER = ["--diffusion-steps", "100", "--timestep-respacing", "10", "--image-size", "16"]
 CASES = {
     # data loss: an output that is an input, or exists, is refused before any work
     "lower -o the checkpoint": (["lower", "ck.pt", "--config", "c.yml", "-o", "ck.pt"], "is the input file ck.pt"),
@@ -213,6 +248,32 @@ CASES = {
                                "not a directory"),
     "sample --images without images": (["sample", "m.onnx", "--images", "keep", "--mask", "mask.png", "-o", "out"],
                                        "no images"),
+    # issue #26: what still ended as an internal error, a kill or a raw exception
+    "a config nested 100,000 deep": (["lower", "ck.pt", "--config", "deep.yml", "-o", "a.onnx"],
+                                     "deep.yml: not a readable YAML file (nested too deeply)"),
+    "a YAML alias bomb": (["lower", "ck.pt", "--config", "bomb.yml", "-o", "a.onnx"], "image_size: must be an integer"),
+    "--model-kwargs nested deep": (["lower", "timenet.pt", "--model-class", "user_models:TinyTimeNet", "--model-kwargs",
+                                    "[" * 5000 + "]" * 5000, "-o", "a.onnx"], "--model-kwargs: not valid JSON (nested"),
+    "a precision plan nested deep": (["lower", "ck.pt", "--config", "c.yml", "--precision", "int8",
+                                      "--calibrate-on-samples", "--precision-plan", "deep.json", "-o", "a.onnx"],
+                                     "deep.json: not a precision plan (not JSON: nested too deeply)"),
+    "check metadata nested deep": (["check", "deepmeta.onnx", "--model", "ck.pt"], "is not valid JSON (nested"),
+    "sample metadata nested deep": (["sample", "deepmeta.onnx", *SAMPLE, "-o", "r.png"], "is not valid JSON (nested"),
+    "a golden manifest nested deep": (["check", "m.onnx", "--golden", "deepgold"], "not valid JSON (nested"),
+    "external data named with a NUL": (["check", "ext-nul.onnx", "--model", "ck.pt"], "not a relative path"),
+    "external data through a link loop": (["check", "ext-loop.onnx", "--model", "ck.pt"], "loop of symbolic links"),
+    "check a renamed graph output": (["check", "renamed.onnx", "--model", "ck.pt"], "has no output named out"),
+    "sample a renamed graph output": (["sample", "renamed.onnx", *SAMPLE, "-o", "r.png"], "expected out"),
+    "--format mlpackage -o x.onnx": (["lower", "ck.pt", "--config", "c.yml", "--format", "mlpackage", "-o", "x.onnx"],
+                                     "--format mlpackage writes a .mlpackage file"),
+    "-o x.tflite without --format": (["lower", "ck.pt", "--config", "c.yml", "-o", "x.tflite"],
+                                     "pass --format tflite"),
+    "--input of a million images": (["lower", "timenet.pt", "--model-class", "user_models:TinyTimeNet", *USER,
+                                   "--input", "x=1000000,3,16,16", "-o", "a.onnx"], "needs about"),
+    "--input with a 20-digit dimension": (["lower", "timenet.pt", "--model-class", "user_models:TinyTimeNet", *USER,
+                                           "--input", "x=99999999999999999999,3,16,16", "-o", "a.onnx"], "needs about"),
+    "an attribute no tensor has": (["lower", "lazy.pt", "--model-class", "user_models:LazyAttributeNet", *USER,
+                                    "-o", "a.onnx"], "`x.not_a_tensor_attribute`: fails on the example inputs"),
 }
 
 
@@ -226,7 +287,7 @@ def test_hostile_case(workspace, capsys, monkeypatch, argv, words):
         code = exc.code
     err = capsys.readouterr().err
     assert code not in (0, None), err
-    lines = [line for line in err.splitlines() if line.strip()]
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("✓ ")]  # progress lines
     assert "internal error" not in err and "Traceback" not in err
     if words is not None:
         assert len(lines) == 1 and words in lines[0], err
@@ -240,3 +301,113 @@ def test_a_custom_op_is_an_error_row_not_a_crash(workspace, capsys, monkeypatch)
     captured = capsys.readouterr()
     assert code == 1 and "onnxrt-cpu: error:" in captured.out and "internal error" not in captured.err + captured.out
     assert _snapshot(workspace) == before
+
+
+def _fxpass(cwd: Path, *argv: str, pythonpath: str | None = None):
+    """``python -m fxpass ARGV`` in its own process (what ends or replaces a process must not end the test's)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": pythonpath} if pythonpath else dict(os.environ)
+    # -P: the working directory is not put first on sys.path, as for the installed ``fxpass`` command
+    return subprocess.run([sys.executable, "-P", "-m", "fxpass", *argv], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_os_exit_in_the_model_is_said_not_a_silent_success(workspace):
+    """The model's forward calls os._exit(0): the process used to end at once with exit 0, nothing said."""
+    from user_models import ProcessExitNet
+    import torch
+
+    torch.save(ProcessExitNet().state_dict(), workspace / "exit.pt")
+    here = str(Path(__file__).parent)
+    done = _fxpass(workspace, "lower", "exit.pt", "--model-class", "user_models:ProcessExitNet", *USER, "-o",
+                   "a.onnx", pythonpath=here)
+    lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("✓ ")]
+    assert done.returncode == 2, done.stderr
+    assert len(lines) == 1 and "called os._exit(0)" in lines[0] and "nothing written" in lines[0], done.stderr
+    assert not (workspace / "a.onnx").exists()
+
+
+@pytest.mark.slow
+def test_files_named_like_fxpass_modules_in_the_working_directory_never_run(workspace):
+    """--model-class imports from the working directory, which used to go first on sys.path: a file there named
+    like a module fxpass imports ran instead of it.  Now the directory goes last: they are never imported."""
+    import shutil as _shutil
+
+    _shutil.copy(Path(__file__).parent / "user_models.py", workspace / "my_models.py")
+    import torch
+    from user_models import TinyTimeNet
+
+    torch.save(TinyTimeNet().state_dict(), workspace / "tt.pt")
+    names = ("onnxslim", "onnxscript", "polygraphy", "onnx_graphsurgeon", "onnxruntime", "sympy", "onnx_ir", "rich",
+             "filelock", "networkx", "jinja2", "coremltools", "executorch")
+    for name in names:
+        (workspace / f"{name}.py").write_text("import sys\nsys.stderr.write('RAN ' + __name__ + '\\n')\n"
+                                              "raise SystemExit(9)\n")
+    done = _fxpass(workspace, "lower", "tt.pt", "--model-class", "my_models:TinyTimeNet", *USER, "-o", "tt.onnx")
+    assert done.returncode == 0 and "RAN " not in done.stderr + done.stdout, done.stderr
+    assert (workspace / "tt.onnx").is_file()
+
+
+def test_a_100_gib_onnx_file_is_refused_by_its_size(workspace, capsys, monkeypatch):
+    monkeypatch.chdir(workspace)
+    with open("big.onnx", "wb") as fh:  # sparse: no disk space used
+        fh.truncate(100 * 2**30)
+    for argv in (["check", "big.onnx", "--model", "ck.pt"], ["sample", "big.onnx", *SAMPLE, "-o", "r.png"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "100.0 GiB, not an ONNX file" in err, err
+
+
+def test_an_error_line_longer_than_800_characters_loses_its_middle(tmp_path, capsys):
+    name = "m" * 3000
+    assert main(["lower", str(tmp_path / "x.pt"), "--model-class", f"{name}:Net", "-o", str(tmp_path / "a.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and len(err) <= 850, len(err)
+    assert err.startswith("fxpass: error: ") and "characters left out; --debug shows all" in err
+
+
+def test_a_killed_runs_scratch_folder_is_removed_by_the_next_run(tmp_path, monkeypatch):
+    """SIGKILL leaves a run's temporaries (int8 calibration, .ort/.mlpackage converters) behind: every command
+    makes them in its own fxpass-run-<pid>-* folder, and the next command removes those whose process is gone."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from fxpass.scratch import scratch_folder
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = tmp_path / f"fxpass-run-{dead.stdout.strip()}-abcd1234"
+    (gone / "fxpass-int8-x").mkdir(parents=True)
+    (gone / "fxpass-int8-x" / "calib.onnx").write_bytes(b"0" * 100)
+    alive = tmp_path / f"fxpass-run-{os.getppid()}-live"  # a running process's (pytest's parent)
+    alive.mkdir()
+    other = tmp_path / "fxpass-run-notes"  # not the pattern: never touched
+    other.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with scratch_folder() as folder:
+        assert tempfile.gettempdir() == str(folder) and folder.parent == tmp_path
+        assert Path(tempfile.mkdtemp(prefix="fxpass-ort-")).parent == folder
+        assert not gone.exists() and alive.is_dir() and other.is_dir()
+    assert not folder.exists() and tempfile.gettempdir() == str(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["file", "directory"])
+def test_two_runs_racing_for_one_new_mobile_format_output_one_loses(tmp_path, kind):
+    """The mobile-format writers (.ort/.pte/.tflite files, the .mlpackage directory) used to replace whatever had
+    appeared meanwhile: without --force the output is now put in place only where nothing exists."""
+    from fxpass.errors import FxpassError
+    from fxpass.fileio import exclusive_outputs, staged_path
+
+    out = tmp_path / ("m.tflite" if kind == "file" else "m.mlpackage")
+    with pytest.raises(FxpassError, match="already exists"):
+        with exclusive_outputs(), staged_path(out) as staged:
+            staged.write_bytes(b"mine") if kind == "file" else (staged.mkdir(), (staged / "w.bin").write_bytes(b"x"))
+            out.mkdir() if kind == "directory" else out.write_bytes(b"the other run's")  # the other run won
+    assert (out.read_bytes() == b"the other run's") if kind == "file" else list(out.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporaries left
+    fresh = tmp_path / ("n.tflite" if kind == "file" else "n.mlpackage")
+    with exclusive_outputs(), staged_path(fresh) as staged:
+        staged.write_bytes(b"new") if kind == "file" else (staged.mkdir(), (staged / "w.bin").write_bytes(b"x"))
+    assert (fresh.read_bytes() == b"new") if kind == "file" else (fresh / "w.bin").read_bytes() == b"x"

@@ -605,3 +605,25 @@ class ExitsInForward(_TimedConv):
         import sys
 
         sys.exit(0)
+
+
+class ProcessExitNet(_TinyBody):
+    """Ends the process from its forward with ``os._exit(0)`` (the hostile run's silent exit 0)."""
+
+    def __init__(self):
+        super().__init__(3)
+
+    def forward(self, x, timesteps):
+        import os
+
+        os._exit(0)
+
+
+class LazyAttributeNet(_TinyBody):
+    """Returns an attribute tensors do not have: the error is raised where no line of the model is on the stack."""
+
+    def __init__(self):
+        super().__init__(3)
+
+    def forward(self, x, timesteps):
+        return x.not_a_tensor_attribute
