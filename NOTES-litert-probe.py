@@ -129,7 +129,7 @@ with torch.no_grad():
     for f in feeds:
         m(x=torch.from_numpy(f["x"]), t_index=torch.from_numpy(f["t_index"]))
 m = quantize_pt2e.convert_pt2e(m, fold_quantize=False)
-open(f"/tmp/litert-exp/{which}-conv.py","w").write(m.graph.python_code("self").src)
+open(f"{os.environ.get('PROBE_OUT', '/tmp')}/{which}-conv.py","w").write(m.graph.python_code("self").src)
 print("pt2e prepare+calibrate+convert", time.time() - t0, flush=True)
 with torch.no_grad():
     fq = m(**named); ref = src(**named)
@@ -139,5 +139,5 @@ edge = litert_torch.convert(m, sample_kwargs=named, enable_x64=True, quant_confi
 static = bytes(edge.model_content())
 FQ = m
 print("static convert", time.time() - t0, flush=True)
-open(f"/tmp/litert-exp/{which}-static.tflite", "wb").write(static)
+open(f"{os.environ.get('PROBE_OUT', '/tmp')}/{which}-static.tflite", "wb").write(static)
 check(static, "static int8 (PT2E)")
