@@ -117,9 +117,10 @@ def to_tflite(graph_module: torch.nn.Module, example_inputs: Mapping[str, torch.
     last row of its tables (``rows``; default from the graph's metadata); above ``tolerance``·max|ref|
     (default :func:`tolerance_for`) or NaN/Inf nothing is written and FxpassError (exit 1) is raised.
     An existing ``out_path`` is refused before any work unless ``overwrite``.  Returns ``{"path", "bytes", "precision", "ops",
-    "gather_ops", "convert_s", "quantize_s", "check"}``.
+    "gather_ops", "convert_s", "quantize_s", "delegates", "check"}`` (``delegates``: which op types the GPU and
+    Core ML delegates' published lists take, :func:`fxpass.formats.tflite_file.delegate_coverage`).
     """
-    from .tflite_file import read_facts, with_metadata
+    from .tflite_file import delegate_coverage, read_facts, with_metadata
 
     tolerance = tolerance_for(precision) if tolerance is None else tolerance
     named = _named(example_inputs, graph_module)
@@ -136,7 +137,7 @@ def to_tflite(graph_module: torch.nn.Module, example_inputs: Mapping[str, torch.
     facts = read_facts(data, where)
     report: dict[str, Any] = {"precision": precision, "bytes": len(data), "ops": facts.ops,
                               "op_count": sum(facts.ops.values()), "gather_ops": facts.gathers(),
-                              "convert_s": t1 - t0, "quantize_s": t2 - t1}
+                              "convert_s": t1 - t0, "quantize_s": t2 - t1, "delegates": delegate_coverage(facts.ops)}
     with staged_path(out_path) as staged:
         staged.write_bytes(data)
         if verify:

@@ -160,6 +160,22 @@ def read_tflite(path, *, require_modes: tuple[str, ...] = ()) -> Any:
     return info
 
 
+def delegate_coverage(ops: dict[str, int]) -> dict[str, Any]:
+    """Which of a file's op types the LiteRT GPU and Core ML delegates list as taken, from their published
+    op lists (``tflite_delegates.json``: each list's source and version): per delegate, its source and
+    version, the op types listed and not listed, and how many of the file's ops (by count) are listed.
+    Listing is not a promise: each delegate has conditions (versions, types, attributes) not checked here."""
+    table = json.loads((Path(__file__).with_name("tflite_delegates.json")).read_text(encoding="utf-8"))
+    out: dict[str, Any] = {}
+    for key, entry in table["delegates"].items():
+        listed = set(entry["ops"])
+        taken = sorted(op for op in ops if op in listed)
+        out[key] = {"name": entry["name"], "source": entry["url"], "version": entry["version"],
+                    "listed": taken, "not_listed": sorted(op for op in ops if op not in listed),
+                    "ops_listed": sum(ops[op] for op in taken), "ops": sum(ops.values())}
+    return out
+
+
 def structure_problem(facts: TfliteFacts, precision: str) -> str | None:
     """Why a .tflite graph is not what ``precision`` makes of it (fp16: float16 weights; int8: int8 weights;
     fp32: neither), or None."""

@@ -117,6 +117,30 @@ def test_metadata_is_stored_in_the_file(mini_fp32):
 
 
 @needs_tflite
+def test_report_lists_delegate_coverage_from_the_published_lists(mini_fp32):
+    """GPU and Core ML: the file's op types split into listed / not listed by each delegate's published list,
+    with the list's source and version; the mini graph's CONV_2D is on both lists, its GATHER_ND on neither."""
+    import json as _json
+    from pathlib import Path
+
+    import fxpass.formats.tflite_file as tflite_file
+    from fxpass.formats.tflite_file import delegate_coverage
+
+    report = mini_fp32[1]
+    data = _json.loads(Path(tflite_file.__file__).with_name("tflite_delegates.json").read_text())
+    assert set(report["delegates"]) == set(data["delegates"]) == {"gpu", "coreml"}
+    for key, entry in report["delegates"].items():
+        assert entry["source"].startswith("https://") and entry["version"]
+        assert sorted(entry["listed"] + entry["not_listed"]) == sorted(report["ops"])
+        assert "CONV_2D" in entry["listed"] and "GATHER_ND" in entry["not_listed"]
+        assert entry["ops"] == report["op_count"] and 0 < entry["ops_listed"] < entry["ops"]
+    assert "github.com/tensorflow/tensorflow/blob/" in report["delegates"]["coreml"]["source"]
+    assert delegate_coverage({"MADE_UP_OP": 2})["gpu"] == {**delegate_coverage({"MADE_UP_OP": 2})["gpu"],
+                                                            "listed": [], "not_listed": ["MADE_UP_OP"],
+                                                            "ops_listed": 0, "ops": 2}
+
+
+@needs_tflite
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_reduced_precision_weights_and_bounds(mini, mini_fp32, tmp_path, precision):
     from targets.compare import TOLERANCES
@@ -197,6 +221,9 @@ def test_lower_writes_the_file_and_its_report(tiny_tflite, tiny_ckpt):
     assert fmt["check"]["passed"] and fmt["check"]["max_rel_to_scale"] <= 1e-4
     assert fmt["ops"]["CONV_2D"] > 0 and fmt["gather_ops"] == fmt["ops"]["GATHER_ND"] == 1  # tables merged
     assert "note" not in fmt
+    gpu, coreml = fmt["delegates"]["gpu"], fmt["delegates"]["coreml"]  # the published lists, per op type
+    assert "CONV_2D" in gpu["listed"] and "GATHER_ND" in gpu["not_listed"] and "GATHER_ND" in coreml["not_listed"]
+    assert gpu["ops"] == coreml["ops"] == sum(fmt["ops"].values())
     assert fmt["latency_ms"] > 0 and fmt["ort_latency_ms"] > 0 and fmt["ort_precision"] == "fp32"
     info = read_tflite(path)
     assert (info.mode, info.precision, len(info.timesteps)) == ("table", "fp32", 10)
