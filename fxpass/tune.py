@@ -96,8 +96,6 @@ def _load_json(path: str | Path):
         return json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except UnicodeDecodeError:
         raise FxpassError(f"{path}: not a preset file (not UTF-8 text)") from None
-    except RecursionError:
-        raise FxpassError(f"{path}: not a preset file (nested too deeply)") from None
     except json.JSONDecodeError as exc:
         raise FxpassError(f"{path}: not a preset file (not JSON: {exc.msg} at line {exc.lineno} column "
                           f"{exc.colno})") from None
