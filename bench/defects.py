@@ -36,6 +36,8 @@ import torch
 DEFECTS = ("correct", "scale/shift zeroed", "attention zeroed", "timestep ignored", "output halved",
            "tables off by one row")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+#: the --step-graph file (int8 and bf16 are table-mode only)
+STEP_PRECISIONS = ("fp32", "fp16")
 
 
 def _zero_first(model: torch.nn.Module, part: str) -> None:
@@ -117,6 +119,25 @@ def numeric_error(proto: onnx.ModelProto, model: torch.nn.Module, model_timestep
     return worst
 
 
+def step_files(model: torch.nn.Module, cfg, defect: str, true_step: onnx.ModelProto) -> dict[str, onnx.ModelProto]:
+    """The defect's ``--step-graph`` file at fp32 and fp16 (made as the precision stage makes it)."""
+    from fxpass.pipeline import lower
+    from fxpass.stages import _to_fp16
+
+    fp32 = true_step if defect == "correct" else lower(model, config=cfg, step_graph=True, verify=False)
+    if defect == "tables off by one row":
+        fp32 = roll_tables(true_step)
+    return {"fp32": fp32, "fp16": _to_fp16(fp32)[0]}
+
+
+def step_error(proto: onnx.ModelProto, model: torch.nn.Module, cfg, precision: str) -> float:
+    """``fxpass check STEP --model TRUE --precision P``'s measure: x_prev and pred_xstart on ONNX Runtime against
+    the true eager model + NumPy's posterior (pred_xstart's error divided by its conditioning sqrt(1/abar - 1))."""
+    from fxpass.gate import check_step_against_numpy, default_tolerance
+
+    return check_step_against_numpy(proto, model, config=cfg, tolerance=default_tolerance(precision))["max_rel_to_scale"]
+
+
 def measure() -> dict:
     from fxpass.checkpoint import load_model
     from fxpass.config import load_config
@@ -130,6 +151,7 @@ def measure() -> dict:
     cfg = load_config(CONFIG)
     true_model = load_model(CHECKPOINT, cfg).eval()
     true_fp32 = lower(true_model, config=cfg, verify=False)
+    true_step = lower(true_model, config=cfg, step_graph=True, verify=False)
     model_ts = parse(read_props(true_fp32), "reference").model_timesteps
     rows = {}
     with tempfile.TemporaryDirectory(prefix="fxpass-defects-") as tmp:
@@ -147,19 +169,23 @@ def measure() -> dict:
                 plan.write_text(json.dumps(info["plan"]))
             rows[defect] = {p: {"error": numeric_error(f, true_model, model_ts),
                                 "structure": compare(f, true_fp32) or "same graph"} for p, f in files.items()}
-    return {"bounds": {p: default_tolerance(p)[0] for p in PRECISIONS}, "rows": rows}
+            rows[defect].update({f"step {p}": {"error": step_error(f, true_model, cfg, p),
+                                               "structure": compare(f, true_step) or "same graph"}
+                                 for p, f in step_files(model, cfg, defect, true_step).items()})
+    bounds = {p: default_tolerance(p)[0] for p in PRECISIONS}
+    return {"bounds": {**bounds, **{f"step {p}": bounds[p] for p in STEP_PRECISIONS}}, "rows": rows}
 
 
 def table(data: dict) -> str:
-    bounds = data["bounds"]
-    lines = ["| model | " + " | ".join(f"{p} error (bound {bounds[p]:g})" for p in PRECISIONS) + " | structure vs the "
-             "true float32 graph |", "|---|" + "---:|" * len(PRECISIONS) + "---|"]
+    bounds, columns = data["bounds"], [*PRECISIONS, *(f"step {p}" for p in STEP_PRECISIONS)]
+    lines = ["| model | " + " | ".join(f"{p} error (bound {bounds[p]:g})" for p in columns) + " | structure vs the "
+             "true float32 graph |", "|---|" + "---:|" * len(columns) + "---|"]
     for defect, per in data["rows"].items():
-        cells = [f"{per[p]['error']:.2g}" + ("" if per[p]["error"] <= bounds[p] else " FAIL") for p in PRECISIONS]
-        verdicts = {("same graph" if per[p]["structure"] == "same graph" else "FAIL") for p in PRECISIONS}
+        cells = [f"{per[p]['error']:.2g}" + ("" if per[p]["error"] <= bounds[p] else " FAIL") for p in columns]
+        verdicts = {("same graph" if per[p]["structure"] == "same graph" else "FAIL") for p in columns}
         verdict = "same graph at every precision" if verdicts == {"same graph"} else (
             "FAIL at every precision" if verdicts == {"FAIL"} else
-            ", ".join(f"{p}: {'same' if per[p]['structure'] == 'same graph' else 'FAIL'}" for p in PRECISIONS))
+            ", ".join(f"{p}: {'same' if per[p]['structure'] == 'same graph' else 'FAIL'}" for p in columns))
         lines.append(f"| {defect} | " + " | ".join(cells) + f" | {verdict} |")
     return "\n".join(lines)
 

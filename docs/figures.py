@@ -471,8 +471,11 @@ def defects(_args) -> str:
     data = measure()
     return "\n".join([table(data), "", "The trained reference (32 px); error: max\\|ORT − eager true model\\| / "
                        "max\\|eager\\| at the first, middle and last t_index (bf16 files on ONNX Runtime in float32); "
+                       "step: the `--step-graph` file as `fxpass check STEP --model TRUE` measures it (x_prev and "
+                       "pred_xstart against the true eager model + NumPy's posterior at the gate's t_index values, "
+                       "pred_xstart's error divided by sqrt(1/ᾱ − 1)); "
                        "FAIL: over the bound; structure: `fxpass.equivalence` against the true model's float32 "
-                       "graph. " + _machine_line()])
+                       "graph (the step files against its float32 step graph). " + _machine_line()])
 
 
 def libraries(_args) -> str:
