@@ -19,19 +19,10 @@ import numpy as np
 from . import metadata
 from .deep_cache import SHALLOW_SUFFIX
 from .diffusion import Diffusion
-from .errors import FxpassError, first_line
+from .errors import FxpassError, first_line, ort_reason  # noqa: F401  (ort_reason: here too)
 
 #: ``fxpass sample --runtime`` names → OpenVINO inference precision (``None``: ONNX Runtime)
 RUNTIMES = {"ort": None, "openvino": "f32", "openvino-bf16": "bf16", "litert": "litert"}
-
-
-def ort_reason(exc: BaseException) -> str:
-    """ONNX Runtime's load error without its "[ONNXRuntimeError] ... Load model from X failed:" and
-    C++ source-location prefixes."""
-    text = first_line(exc)
-    text = text.rsplit(" failed:", 1)[-1].strip() or text
-    text = re.sub(r"^\S+\.(?:cc|h|cpp):\d+ .*?\(\)\s*", "", text)
-    return text[:200]
 
 
 def openvino_reason(exc: BaseException, path: Path) -> str:

@@ -48,3 +48,17 @@ def short_repr(value: object) -> str:
     shortener.maxlevel, shortener.maxstring, shortener.maxother, shortener.maxlong = 2, 80, 80, 40
     shortener.maxtuple = shortener.maxlist = shortener.maxdict = shortener.maxset = 4
     return shortener.repr(value)
+
+
+def ort_reason(exc: BaseException) -> str:
+    """ONNX Runtime's error without its "[ONNXRuntimeError] : N : CODE : ... Load model from X failed:" and C++
+    source-location prefixes (other errors: their first line)."""
+    import re
+
+    text = first_line(exc)
+    if "[ONNXRuntimeError]" not in text:
+        return text[:200]
+    text = text.rsplit(" failed:", 1)[-1].strip() if " failed:" in text else \
+        re.sub(r"^.*?\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"^\S+\.(?:cc|h|cpp):\d+ .*?\(\)\s*", "", text)
+    return text[:200]

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import FxpassError, first_line
+from .errors import FxpassError, ort_reason
 from .gate import REFERENCE_NAME, default_tolerance, reference_runner
 from .inputs import input_specs, num_classes_of, seeded_feeds, spread
 
@@ -122,7 +122,7 @@ def run_each(runners: list, feeds: list[dict]):
         try:
             results = run_runners([runner], feeds)
         except Exception as exc:  # Polygraphy reports runner failures as its own exception type
-            errors[runner.name] = first_line(exc)
+            errors[runner.name] = ort_reason(exc)  # ONNX Runtime's text without its code and location prefixes
             continue
         for name, iterations in results.items():
             merged[name] = iterations

@@ -305,6 +305,21 @@ def test_a_custom_op_is_an_error_row_not_a_crash(workspace, capsys, monkeypatch)
     assert _snapshot(workspace) == before
 
 
+def test_a_model_onnx_runtime_cannot_load_is_said_without_its_error_codes(workspace, capsys, monkeypatch):
+    """x declared float16 in front of float32 weights: ONNX Runtime's "[ONNXRuntimeError] : 1 : FAIL : Load model
+    from … failed:" prefix is left out of the row's reason."""
+    monkeypatch.chdir(workspace)
+    model = onnx.load("m.onnx")
+    model.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    onnx.save(model, "half-x.onnx")
+    before = _snapshot(workspace)
+    assert main(["check", "half-x.onnx", "--model", "ck.pt"]) == 1
+    out = capsys.readouterr().out
+    assert "onnxrt-cpu: error: Type Error: Type parameter (T) of Optype (Conv)" in out, out
+    assert "[ONNXRuntimeError]" not in out and "Load model from" not in out
+    assert _snapshot(workspace) == before
+
+
 def _fxpass(cwd: Path, *argv: str, pythonpath: str | None = None):
     """``python -m fxpass ARGV`` in its own process (what ends or replaces a process must not end the test's)."""
     import subprocess
