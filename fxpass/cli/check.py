@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import time
+from pathlib import Path
 
 from ..errors import FxpassError
 from ..metadata import PRECISIONS
@@ -24,8 +25,9 @@ def add_parser(sub, common) -> None:
                        epilog="exit status: 0 every requested comparison passed; 1 a numeric failure; "
                               "3 a requested target cannot run here (TensorRT missing, no CUDA device) and "
                               "nothing failed; 2 a usage or file error")
-    p.add_argument("onnx", metavar="OUT.onnx", help="the lowered model: an ONNX file, or a LiteRT .tflite file "
-                   "written by fxpass lower --format tflite (checked in LiteRT's interpreter against --model)")
+    p.add_argument("onnx", metavar="OUT.onnx", help="the lowered model: an ONNX file, or a LiteRT .tflite or "
+                   "ORT-format .ort file written by fxpass lower --format tflite|ort (checked in its runtime against "
+                   "--model)")
     p.add_argument("--model", metavar="MODEL.pt", help="the checkpoint it was lowered from (the torch reference)")
     shared.add_config(p, "YAML config (default: the ONNX model's fxpass.config metadata, else built-in CAMUS)")
     p.add_argument("--targets", metavar="LIST",
@@ -93,8 +95,9 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     user = user_flags.user_spec(args)
-    if str(args.onnx).lower().endswith(".tflite"):
-        return _check_tflite(args, user, t0)
+    suffix = Path(str(args.onnx)).suffix.lower()
+    if suffix in MOBILE_FILES:
+        return _check_mobile(args, user, t0, suffix)
     info = read_file(args.onnx, require=("table", "fixed", "step", "plain"))
     precision = asked_precision(info, args.precision, args.lowering_report)
     targets = _targets(args)
@@ -185,7 +188,8 @@ def _check_step(args, info, cfg, precision: str, tol, runner=None) -> int:
     model = load(args.model, config=cfg, trust_pickle=args.trust_pickle, allow_nonfinite=args.allow_nonfinite)
     if precision != "fp32" and runner is None:
         _same_graph(info, model, cfg, precision, args.model)
-    tolerance = tol or (_tflite_tolerance(precision) if runner is not None else default_tolerance(precision))
+    litert = runner is not None and str(info.path).lower().endswith(".tflite")
+    tolerance = tol or (_tflite_tolerance(precision) if litert else default_tolerance(precision))
     every = list(range(len(info.timesteps))) if args.all_steps else None
     result = check_step_against_numpy(info if runner is not None else onnx.load(str(info.path)), model, config=cfg,
                                       t_indices=every, seed=args.seed, tolerance=tolerance, runner=runner)
@@ -203,46 +207,75 @@ def _check_step(args, info, cfg, precision: str, tol, runner=None) -> int:
     return 0 if result["passed"] else 1
 
 
-def _check_tflite(args, user, t0: float) -> int:
-    """A LiteRT file (``fxpass lower --format tflite``): LiteRT's interpreter against the eager model, table or
-    fixed mode, at the asked precision's bound, after the structure its precision makes (fxpass metadata
-    stored in the file says its schedule and config)."""
+#: mobile files ``check`` runs here, by suffix: (what it is, its runtime's --targets name)
+MOBILE_FILES = {".tflite": ("a LiteRT file", "litert"), ".ort": ("an ORT-format file", "ort")}
+
+
+def _check_mobile(args, user, t0: float, suffix: str) -> int:
+    """A LiteRT file (``fxpass lower --format tflite``) in LiteRT's interpreter, or an ORT-format file (``--format
+    ort``) in ONNX Runtime, against the eager model: table, fixed or step mode, at the asked precision's bound,
+    after the structure its precision makes (the fxpass metadata stored in the file says its schedule and
+    config)."""
     from ..config import resolve_config
     from ..expected import asked_precision
     from ..fileio import plan_outputs
-    from ..formats.tflite_file import read_tflite, structure_problem
     from ..load import load
     from ..verify import check_targets, parse_targets, parse_tolerance
 
-    info = read_tflite(args.onnx, require_modes=("table", "fixed", "step"))
+    what, runtime = MOBILE_FILES[suffix]
+    if runtime == "litert":
+        from ..formats.tflite_file import read_tflite as read
+    else:
+        from ..formats.ort_file import read_ort as read
+    info = read(args.onnx, require_modes=("table", "fixed", "step"))
     precision = asked_precision(info, args.precision, args.lowering_report)
-    targets = parse_targets(args.targets) if args.targets else ["torch", "litert"]
-    if sorted(targets) != ["litert", "torch"] or not args.model or args.golden or args.data or args.plot or user \
-            or args.model_class or args.model_factory:
-        raise FxpassError(f"{info.path}: a LiteRT file is checked against the eager model in LiteRT's interpreter "
-                          "(--model MODEL.pt; --targets torch,litert; no --golden, --data, --plot or user model flags)")
+    targets = parse_targets(args.targets) if args.targets else ["torch", runtime]
+    if sorted(targets) != sorted(["torch", runtime]) or not args.model or args.golden or args.data or args.plot \
+            or user or args.model_class or args.model_factory:
+        raise FxpassError(f"{info.path}: {what} is checked against the eager model in its runtime (--model MODEL.pt; "
+                          f"--targets torch,{runtime}; no --golden, --data, --plot or user model flags)")
     plan_outputs({"--report": args.report}, inputs=[args.onnx, args.model, args.config, args.lowering_report],
                  force=args.force)
-    problem = structure_problem(info.tflite, precision)
-    if problem:
-        raise FxpassError(f"{info.path}: checked as {precision}, but {problem}", exit_code=1)
+    _mobile_structure(info, precision, runtime)
     cfg = resolve_config(args.config, info.config, source=f"{info.path}: metadata")
-    if info.mode == "step":  # x_prev and pred_xstart in LiteRT against the eager model + the NumPy posterior
-        from targets.litert import litert_runner
-
-        return _check_step(args, info, cfg, precision,
-                           parse_tolerance(args.tolerance) if args.tolerance else None,
-                           runner=litert_runner(info.path, output_names=("x_prev", "pred_xstart")))
+    tol = parse_tolerance(args.tolerance) if args.tolerance else None
+    if info.mode == "step":  # x_prev and pred_xstart in the runtime against the eager model + the NumPy posterior
+        return _check_step(args, info, cfg, precision, tol, runner=_step_runner(info.path, runtime))
     model = load(args.model, config=cfg, trust_pickle=args.trust_pickle, allow_nonfinite=args.allow_nonfinite)
     every = args.all_steps and info.mode == "table"
     report = check_targets(info, targets=targets, model=model, model_label=str(args.model), seed=args.seed,
-                           tolerance=parse_tolerance(args.tolerance) if args.tolerance else None, precision=precision,
+                           tolerance=tol, precision=precision,
                            t_indices=list(range(len(info.timesteps))) if every else None,
                            progress=console(stderr=True).print)
     _print(report, info, args, time.perf_counter() - t0)
     if args.report:
         _write_report(args.report, report, None)
     return report.exit_code
+
+
+def _mobile_structure(info, precision: str, runtime: str) -> None:
+    """Structure before numbers: what ``precision`` makes of the file (LiteRT: float16 / int8 weights; ORT format:
+    the ONNX rule on its op types and weight types)."""
+    from ..expected import check_structure
+
+    if runtime == "ort":
+        check_structure(info, precision)
+        return
+    from ..formats.tflite_file import structure_problem
+
+    problem = structure_problem(info.tflite, precision)
+    if problem:
+        raise FxpassError(f"{info.path}: checked as {precision}, but {problem}", exit_code=1)
+
+
+def _step_runner(path, runtime: str):
+    if runtime == "litert":
+        from targets.litert import litert_runner
+
+        return litert_runner(path, output_names=("x_prev", "pred_xstart"))
+    from targets.ort import ort_runner
+
+    return ort_runner(str(path), cuda=False, name="onnxrt-cpu")
 
 
 def _write_report(path, report, data) -> None:
