@@ -129,6 +129,13 @@ def originals(tmp_path_factory, tiny_ckpt, tiny_yaml, tiny_onnx):
     (root / "deepgold" / "manifest.json").write_text(deep)
     _onnx_with(root / "deepmeta.onnx", base, props={"fxpass.config": deep})
     _onnx_with(root / "renamed.onnx", base, output_name="renamed")
+    steps = json.loads({p.key: p.value for p in base.metadata_props}["fxpass.timesteps"])
+    for name, props in {"cosine": {"fxpass.config": json.dumps({**meta_cfg, "noise_schedule": "cosine"})},
+                        "respaced5": {"fxpass.config": json.dumps({**meta_cfg, "timestep_respacing": "5"})},
+                        "steps1000": {"fxpass.config": json.dumps({**meta_cfg, "diffusion_steps": 1000})},
+                        "duplicate": {"fxpass.timesteps": json.dumps([steps[0], *steps[:-1]]),
+                                      "fxpass.model_timesteps": json.dumps([steps[0], *steps[:-1]])}}.items():
+        _onnx_with(root / f"edited-{name}.onnx", base, props=props)
     _onnx_with(root / "ext-nul.onnx", base, external="a\x00b")
     _onnx_with(root / "ext-loop.onnx", base, external="loop1")
     from user_models import LazyAttributeNet, TinyTimeNet
@@ -264,6 +271,18 @@ CASES = {
     "a golden manifest nested deep": (["check", "m.onnx", "--golden", "deepgold"], "not valid JSON (nested"),
     "external data named with a NUL": (["check", "ext-nul.onnx", "--model", "ck.pt"], "not a relative path"),
     "external data through a link loop": (["check", "ext-loop.onnx", "--model", "ck.pt"], "loop of symbolic links"),
+    "check: noise_schedule edited to cosine": (["check", "edited-cosine.onnx", "--model", "ck.pt"],
+                                               "says noise_schedule 'cosine', the lowering request it records says"),
+    "sample: noise_schedule edited to cosine": (["sample", "edited-cosine.onnx", *SAMPLE, "-o", "r.png"],
+                                                "the metadata was changed after lowering"),
+    "golden: noise_schedule edited to cosine": (["golden", "ck.pt", "--onnx", "edited-cosine.onnx", "-o", "g"],
+                                                "the metadata was changed after lowering"),
+    "check: respacing edited to 5": (["check", "edited-respaced5.onnx", "--model", "ck.pt"],
+                                     "is not the respaced schedule of its fxpass.config"),
+    "check: diffusion_steps edited to 1000": (["check", "edited-steps1000.onnx", "--model", "ck.pt"],
+                                              "is not the respaced schedule of its fxpass.config"),
+    "check: a timestep duplicated": (["check", "edited-duplicate.onnx", "--model", "ck.pt"],
+                                     "is not the respaced schedule of its fxpass.config"),
     "check a renamed graph output": (["check", "renamed.onnx", "--model", "ck.pt"], "has no output named out"),
     "sample a renamed graph output": (["sample", "renamed.onnx", *SAMPLE, "-o", "r.png"], "expected out"),
     "--format mlpackage -o x.onnx": (["lower", "ck.pt", "--config", "c.yml", "--format", "mlpackage", "-o", "x.onnx"],
