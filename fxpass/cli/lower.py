@@ -191,7 +191,7 @@ def _summary(lowered, args) -> None:
         if "latency_ms" in fmt:  # LiteRT: the interpreter beside ONNX Runtime, same inputs
             table.add_row("  LiteRT latency (CPU)", f"{fmt['latency_ms']:.0f} ms (ONNX Runtime {fmt['ort_latency_ms']:.0f} "
                           f"ms); {fmt['gather_ops']} table gathers")
-        for entry in (fmt.get("delegates") or {}).values():  # LiteRT: the delegates' published op lists
+        for entry in (fmt.get("delegates") or {}).values():  # LiteRT: the delegates' op lists (from their source)
             table.add_row(f"  {entry['name']}", f"{entry['ops_listed']}/{entry['ops']} ops of a listed type; not "
                           f"listed: {', '.join(entry['not_listed']) or 'none'} ({entry['version']})")
         for ep, entry in ((fmt.get("coverage") or {}).get("eps") or {}).items():  # ORT's mobile-usability check

@@ -161,8 +161,8 @@ def read_tflite(path, *, require_modes: tuple[str, ...] = ()) -> Any:
 
 
 def delegate_coverage(ops: dict[str, int]) -> dict[str, Any]:
-    """Which of a file's op types the LiteRT GPU and Core ML delegates list as taken, from their published
-    op lists (``tflite_delegates.json``: each list's source and version): per delegate, its source and
+    """Which of a file's op types the LiteRT GPU and Core ML delegates take, from the op lists read from their
+    source (``tflite_delegates.json``: each list's source and version): per delegate, its source and
     version, the op types listed and not listed, and how many of the file's ops (by count) are listed.
     Listing is not a promise: each delegate has conditions (versions, types, attributes) not checked here."""
     table = json.loads((Path(__file__).with_name("tflite_delegates.json")).read_text(encoding="utf-8"))

@@ -117,9 +117,10 @@ def test_metadata_is_stored_in_the_file(mini_fp32):
 
 
 @needs_tflite
-def test_report_lists_delegate_coverage_from_the_published_lists(mini_fp32):
-    """GPU and Core ML: the file's op types split into listed / not listed by each delegate's published list,
-    with the list's source and version; the mini graph's CONV_2D is on both lists, its GATHER_ND on neither."""
+def test_report_lists_delegate_coverage_from_the_delegates_sources(mini_fp32):
+    """GPU and Core ML: the file's op types split into listed / not listed by each delegate's op list (read from
+    its source at a pinned commit), with the list's source and version; the mini graph's CONV_2D is on both
+    lists, its GATHER_ND on neither."""
     import json as _json
     from pathlib import Path
 
@@ -221,7 +222,7 @@ def test_lower_writes_the_file_and_its_report(tiny_tflite, tiny_ckpt):
     assert fmt["check"]["passed"] and fmt["check"]["max_rel_to_scale"] <= 1e-4
     assert fmt["ops"]["CONV_2D"] > 0 and fmt["gather_ops"] == fmt["ops"]["GATHER_ND"] == 1  # tables merged
     assert "note" not in fmt
-    gpu, coreml = fmt["delegates"]["gpu"], fmt["delegates"]["coreml"]  # the published lists, per op type
+    gpu, coreml = fmt["delegates"]["gpu"], fmt["delegates"]["coreml"]  # the delegates' op lists, per op type
     assert "CONV_2D" in gpu["listed"] and "GATHER_ND" in gpu["not_listed"] and "GATHER_ND" in coreml["not_listed"]
     assert gpu["ops"] == coreml["ops"] == sum(fmt["ops"].values())
     assert fmt["latency_ms"] > 0 and fmt["ort_latency_ms"] > 0 and fmt["ort_precision"] == "fp32"
