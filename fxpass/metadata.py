@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +39,10 @@ CONFIG = "fxpass.config"
 PRECISION = "fxpass.precision"
 REQUEST = "fxpass.request"
 DEEP_CACHE = "fxpass.deep_cache"
-KEYS = (VERSION, MODE, TIMESTEPS, MODEL_TIMESTEPS, CONFIG, PRECISION, REQUEST, DEEP_CACHE)
+#: "sha256:HEX" of the verified float32 ONNX graph a file was made from (:func:`graph_digest`): a mobile file's
+#: link to the graph ``fxpass check`` re-derives from the model it is given
+FLOAT32_GRAPH = "fxpass.float32_graph"
+KEYS = (VERSION, MODE, TIMESTEPS, MODEL_TIMESTEPS, CONFIG, PRECISION, REQUEST, DEEP_CACHE, FLOAT32_GRAPH)
 #: the roles of a --deep-cache pair's files
 CACHE_ROLES = ("full", "shallow")
 
@@ -61,6 +65,7 @@ class ModelMeta:
     version: str | None = None
     request: dict[str, Any] | None = None
     deep_cache: dict[str, Any] | None = None
+    float32_graph: str | None = None  # FLOAT32_GRAPH: the digest of the float32 graph the file was made from
 
     @property
     def steps(self) -> int:
@@ -85,11 +90,21 @@ def encode(meta: ModelMeta) -> dict[str, str]:
         props[REQUEST] = _json(meta.request)
     if meta.deep_cache is not None:
         props[DEEP_CACHE] = _json(meta.deep_cache)
+    if meta.float32_graph is not None:
+        props[FLOAT32_GRAPH] = meta.float32_graph
     return props
 
 
 def _json(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
+
+
+def graph_digest(model) -> str:
+    """"sha256:HEX" of an ``onnx.ModelProto``'s graph (nodes, weights, inputs and outputs; not the model's
+    metadata), serialized deterministically: the same lowering of the same weights gives the same digest."""
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()
 
 
 def is_fxpass(props: Mapping[str, str]) -> bool:
@@ -159,7 +174,10 @@ def parse(props: Mapping[str, str], source: str = "model", *, require: tuple[str
         raise FxpassError(f"{source}: a step graph without {CONFIG} metadata")
     request = _load(props, REQUEST, dict, source) if REQUEST in props else None
     deep_cache = _deep_cache(_load(props, DEEP_CACHE, dict, source), mode, source) if DEEP_CACHE in props else None
-    return ModelMeta(mode, timesteps, model_ts, config, precision, props.get(VERSION), request, deep_cache)
+    digest = props.get(FLOAT32_GRAPH)
+    if digest is not None and (not isinstance(digest, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", digest)):
+        raise FxpassError(f"{source}: metadata {FLOAT32_GRAPH} is not a sha256:HEX digest")
+    return ModelMeta(mode, timesteps, model_ts, config, precision, props.get(VERSION), request, deep_cache, digest)
 
 
 def _deep_cache(entry: dict, mode: str, source: str) -> dict:

@@ -27,7 +27,27 @@ def float32_graph(info, model, config, example_inputs=None) -> onnx.ModelProto:
     capture = (request.get("source") or {}).get("capture")
     if capture in ("trace", "export", "auto"):
         options["capture"] = capture  # route 2's graph is not route 1's
+    fmt = (request.get("output") or {}).get("format")
+    if fmt in ("onnx", "ort", "pte", "mlpackage", "tflite"):
+        options["format"] = fmt  # the format picks the GroupNorm form (ORT's mobile format expands every one)
     return lower(model, example_inputs, config=config, precision="fp32", verify=False, **options)
+
+
+def check_recorded_graph(info, model, config, label: str, example_inputs=None) -> str:
+    """A mobile file (``.tflite``, ``.ort``) records the digest of the verified float32 graph it was made from
+    (``fxpass.float32_graph``); FxpassError (exit 1) unless the float32 graph ``model`` lowers to with the file's
+    recorded settings has that digest; the line to print where it does."""
+    from .errors import FxpassError
+    from .metadata import FLOAT32_GRAPH, graph_digest
+
+    recorded = info.meta.float32_graph
+    if not recorded:
+        raise FxpassError(f"{info.path}: records no {FLOAT32_GRAPH} (written before fxpass recorded it): lower it "
+                          "again to check its structure", exit_code=1)
+    if graph_digest(float32_graph(info, model, config, example_inputs)) != recorded:
+        raise FxpassError(f"{info.path}: not made from the float32 graph of {label}: the graph it records "
+                          f"({recorded[:19]}…) is not the one {label} lowers to", exit_code=1)
+    return f"structure: made from the float32 graph of {label} (its recorded {FLOAT32_GRAPH} re-derived)"
 
 
 def graph_example(info, model_timestep=None) -> dict:

@@ -249,6 +249,8 @@ def surgery_stage(state: Lowering) -> None:
     except ValueError as exc:  # an unknown pass or option name
         raise FxpassError(f"surgery options: {exc}") from None
     state.report["onnx_nodes"] = len(state.proto.graph.node)
+    digest = state.report["float32_graph"] = metadata.graph_digest(state.proto)  # before any precision's change
+    metadata.write_props(state.proto, {metadata.FLOAT32_GRAPH: digest})
 
 
 def _group_norm_form(group_norm: str, fmt: str, options: dict | None) -> tuple[str, dict | None]:

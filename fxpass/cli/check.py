@@ -107,10 +107,7 @@ def run(args) -> int:
     plan_outputs({"--plot": args.plot, "--report": args.report},
                  inputs=[args.onnx, args.model, args.config, args.golden, args.data, args.lowering_report],
                  force=args.force)
-    if args.data and "torch" not in targets:
-        raise FxpassError("--data compares with the eager model: it needs --model MODEL.pt")
-    if args.eps_budget is not None and (not args.data or not 0 < args.eps_budget < 10):
-        raise FxpassError("--eps-budget: a fraction such as 0.05, with --data")
+    _refuse_data_flags(args, targets)
     cfg = resolve_config(args.config, info.config, source=f"{info.path}: metadata", architecture=not user)
     tol = parse_tolerance(args.tolerance) if args.tolerance else None
     images = None
@@ -167,6 +164,13 @@ def run(args) -> int:
     return 1 if data is not None and data["failed"] else code
 
 
+def _refuse_data_flags(args, targets) -> None:
+    if args.data and "torch" not in targets:
+        raise FxpassError("--data compares with the eager model: it needs --model MODEL.pt")
+    if args.eps_budget is not None and (not args.data or not 0 < args.eps_budget < 10):
+        raise FxpassError("--eps-budget: a fraction such as 0.05, with --data")
+
+
 def _same_graph(info, model, cfg, precision: str, label, user: bool = False) -> None:
     """A reduced-precision file must be the float32 graph the model lowers to (fxpass.equivalence); a user's
     model is lowered on inputs of the file's shapes."""
@@ -189,6 +193,8 @@ def _check_step(args, info, cfg, precision: str, tol, runner=None) -> int:
     model = load(args.model, config=cfg, trust_pickle=args.trust_pickle, allow_nonfinite=args.allow_nonfinite)
     if precision != "fp32" and runner is None:
         _same_graph(info, model, cfg, precision, args.model)
+    elif precision != "fp32":  # a mobile step file: the float32 graph it records
+        _recorded_graph(info, model, cfg, args.model)
     litert = runner is not None and str(info.path).lower().endswith(".tflite")
     tolerance = tol or (_tflite_tolerance(precision) if litert else default_tolerance(precision))
     every = list(range(len(info.timesteps))) if args.all_steps else None
@@ -244,6 +250,8 @@ def _check_mobile(args, user, t0: float, suffix: str) -> int:
     if info.mode == "step":  # x_prev and pred_xstart in the runtime against the eager model + the NumPy posterior
         return _check_step(args, info, cfg, precision, tol, runner=_step_runner(info.path, runtime))
     model = load(args.model, config=cfg, trust_pickle=args.trust_pickle, allow_nonfinite=args.allow_nonfinite)
+    if precision != "fp32":  # structure before numbers: the recorded float32 graph is the model's
+        _recorded_graph(info, model, cfg, args.model)
     every = args.all_steps and info.mode == "table"
     report = check_targets(info, targets=targets, model=model, model_label=str(args.model), seed=args.seed,
                            tolerance=tol, precision=precision,
@@ -253,6 +261,13 @@ def _check_mobile(args, user, t0: float, suffix: str) -> int:
     if args.report:
         _write_report(args.report, report, None)
     return report.exit_code
+
+
+def _recorded_graph(info, model, cfg, label) -> None:
+    from ..same_graph import check_recorded_graph
+
+    console(stderr=True).print(f"re-deriving the float32 graph of {label} that {info.path} records ...", soft_wrap=True)
+    console().print(check_recorded_graph(info, model, cfg, str(label)), soft_wrap=True)
 
 
 def _mobile_structure(info, precision: str, runtime: str) -> None:

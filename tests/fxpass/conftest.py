@@ -24,7 +24,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 #: session fixtures too expensive to build on every worker: the tests using one run on one worker
 #: (pytest-xdist's loadgroup distribution)
 _SHARED_FIXTURES = {"camus_seed0": "camus-seed0", "digits_onnx": "digits-reference", "local_ray": "local-ray",
-                    "tiny_tflite": "tiny-tflite", "graphs": "equivalence-graphs", "ort_files": "check-ort"}
+                    "tiny_tflite": "tiny-tflite", "graphs": "equivalence-graphs", "ort_files": "check-mobile"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups to route the items

@@ -1,6 +1,7 @@
-"""``fxpass check FILE.ort`` (issue #26): an ORT-format file re-checked in ONNX Runtime against the eager model,
-table and step mode, at the precision the user asks for, after its precision's structure rule
-(``fxpass/formats/ort_file.py`` reads its op types and weight types from the flatbuffer)."""
+"""``fxpass check FILE.ort`` / ``FILE.tflite`` (issue #26): a mobile file re-checked in its runtime against the eager
+model, table and step mode, at the precision the user asks for, after its precision's structure rule
+(``fxpass/formats/ort_file.py`` reads an .ort file's op types and weight types from the flatbuffer) and, at a
+reduced precision, after re-deriving the float32 graph it records (``fxpass.float32_graph``)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ def ort_files(tmp_path_factory, tiny_ckpt, tiny_yaml):
     out = {"ckpt": tiny_ckpt, "other": other}
     for name, ckpt, flags in (("m.ort", tiny_ckpt, ()), ("m16.ort", tiny_ckpt, ("--precision", "fp16")),
                               ("step.ort", tiny_ckpt, ("--step-graph",)), ("w.ort", other, ()),
-                              ("wstep.ort", other, ("--step-graph",))):
+                              ("wstep.ort", other, ("--step-graph",)),
+                              ("m8.ort", tiny_ckpt, ("--precision", "int8", "--calibrate-on-samples")),
+                              ("w8.ort", other, ("--precision", "int8", "--calibrate-on-samples"))):
         out[name] = root / name
         assert lower_on_one_thread(ckpt, "--config", tiny_yaml, "-o", out[name], "--format", "ort", *flags) == 0
     return out
@@ -78,3 +81,65 @@ def test_the_precision_comes_from_the_user_not_the_file(ort_files, capsys):
 def test_an_ort_file_takes_only_its_own_runtime(ort_files, capsys):
     code, out = _check(capsys, ort_files["m.ort"], "--model", ort_files["ckpt"], "--targets", "torch,trt")
     assert code == 2 and "--targets torch,ort" in out and out.count("\n") == 1
+
+
+def test_a_reduced_precision_file_must_be_made_from_the_models_float32_graph(ort_files, capsys):
+    """int8's numeric bound (0.2·max|ref|) lets defects through; the float32 graph the file records is re-derived
+    from the model it is checked against, before any number."""
+    code, out = _check(capsys, ort_files["m8.ort"], "--model", ort_files["ckpt"], "--precision", "int8")
+    assert code == 0 and "made from the float32 graph of" in out, out
+    code, out = _check(capsys, ort_files["w8.ort"], "--model", ort_files["ckpt"], "--precision", "int8")
+    assert code == 1 and "not made from the float32 graph of" in out, out
+
+
+def test_the_recorded_digest_is_the_verified_onnx_graphs(ort_files, tiny_onnx):
+    import onnx
+
+    from fxpass.formats.ort_file import read_ort
+    from fxpass.metadata import graph_digest, parse, read_props
+
+    onnx_meta = parse(read_props(onnx.load(str(tiny_onnx), load_external_data=False)))
+    assert onnx_meta.float32_graph == graph_digest(onnx.load(str(tiny_onnx)))
+    assert read_ort(ort_files["m8.ort"]).meta.float32_graph.startswith("sha256:")
+    assert read_ort(ort_files["m8.ort"]).meta.float32_graph != read_ort(ort_files["w8.ort"]).meta.float32_graph
+
+
+@pytest.mark.skipif(format_unavailable_reason("tflite") is not None, reason=format_unavailable_reason("tflite") or "")
+def test_an_int8_tflite_of_a_defective_model_fails_before_its_numbers(tmp_path, tiny_ckpt, tiny_yaml, capsys):
+    """One attention block's output zeroed: LiteRT's dynamic-range int8 bound is loose; the recorded float32
+    graph is not the true checkpoint's."""
+    import torch
+
+    state = torch.load(tiny_ckpt, weights_only=True)
+    for key in [k for k in state if "proj_out" in k][:2]:
+        state[key] = torch.zeros_like(state[key])
+    torch.save(state, tmp_path / "defect.pt")
+    for name, ckpt in (("true.tflite", tiny_ckpt), ("defect.tflite", tmp_path / "defect.pt")):
+        assert lower_on_one_thread(ckpt, "--config", tiny_yaml, "-o", tmp_path / name, "--format", "tflite",
+                                   "--precision", "int8") == 0
+    code, out = _check(capsys, tmp_path / "true.tflite", "--model", tiny_ckpt, "--precision", "int8")
+    assert code == 0, out
+    code, out = _check(capsys, tmp_path / "defect.tflite", "--model", tiny_ckpt, "--precision", "int8")
+    assert code == 1 and "not made from the float32 graph of" in out, out
+    assert _litert_error(tmp_path / "defect.tflite", tiny_ckpt, tiny_yaml) < 0.2  # its numbers alone would pass
+
+
+def _litert_error(path, ckpt, config) -> float:
+    """max|LiteRT - true eager| / max|eager| at the first, middle and last t_index on a seeded x."""
+    import numpy as np
+    import torch
+
+    from fxpass.checkpoint import load_model
+    from fxpass.config import load_config
+    from fxpass.formats.tflite import run_tflite
+    from fxpass.formats.tflite_file import read_tflite
+
+    model, steps = load_model(ckpt, load_config(config)).eval(), read_tflite(path).model_timesteps
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    worst = 0.0
+    for i in (0, len(steps) // 2, len(steps) - 1):
+        got = run_tflite(path, {"x": x, "t_index": np.array([i])})[0]
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x), torch.tensor([steps[i]])).numpy()
+        worst = max(worst, float(np.abs(got - ref).max() / np.abs(ref).max()))
+    return worst

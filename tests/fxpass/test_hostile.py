@@ -129,6 +129,7 @@ def originals(tmp_path_factory, tiny_ckpt, tiny_yaml, tiny_onnx):
     (root / "deepgold" / "manifest.json").write_text(deep)
     _onnx_with(root / "deepmeta.onnx", base, props={"fxpass.config": deep})
     _onnx_with(root / "renamed.onnx", base, output_name="renamed")
+    _onnx_with(root / "baddigest.onnx", base, props={"fxpass.float32_graph": "md5:0"})
     steps = json.loads({p.key: p.value for p in base.metadata_props}["fxpass.timesteps"])
     for name, props in {"cosine": {"fxpass.config": json.dumps({**meta_cfg, "noise_schedule": "cosine"})},
                         "respaced5": {"fxpass.config": json.dumps({**meta_cfg, "timestep_respacing": "5"})},
@@ -283,6 +284,8 @@ CASES = {
                                               "is not the respaced schedule of its fxpass.config"),
     "check: a timestep duplicated": (["check", "edited-duplicate.onnx", "--model", "ck.pt"],
                                      "is not the respaced schedule of its fxpass.config"),
+    "a float32-graph digest that is not one": (["check", "baddigest.onnx", "--model", "ck.pt"],
+                                               "metadata fxpass.float32_graph is not a sha256:HEX digest"),
     "check a renamed graph output": (["check", "renamed.onnx", "--model", "ck.pt"], "has no output named out"),
     "sample a renamed graph output": (["sample", "renamed.onnx", *SAMPLE, "-o", "r.png"], "expected out"),
     "--format mlpackage -o x.onnx": (["lower", "ck.pt", "--config", "c.yml", "--format", "mlpackage", "-o", "x.onnx"],
