@@ -77,8 +77,8 @@ class Manifest:
             if doc.get("format") != FORMAT or not isinstance(doc.get("images"), dict):
                 raise ValueError("not a batch manifest")
         except (OSError, *PARSE_ERRORS) as exc:
-            raise FxpassError(f"{path}: cannot read it as fxpass's batch manifest ({parse_reason(exc)}); pass --force to redo "
-                              "every image") from None
+            raise FxpassError(f"{path}: cannot read it as fxpass's batch manifest ({parse_reason(exc)}); pass --force "
+                              "to redo every image") from None
         differ = _same_key(doc.get("job") or {}, key)
         if differ:
             raise FxpassError(f"{path}: made by another job ({', '.join(differ)} differ); use another -o, or pass "

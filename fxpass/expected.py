@@ -139,7 +139,8 @@ def check_schedule(meta, path) -> None:
     if meta.mode in ("table", "step") and meta.config is not None \
             and (request.get("rewrite") or {}).get("timesteps") == "respaced" and not schedule_matches_config(meta):
         raise FxpassError(f"{path}: metadata {TIMESTEPS} ({meta.steps} steps) is not the respaced schedule of "
-                          f"its {CONFIG}, which the lowering used: the metadata was changed after lowering", exit_code=1)
+                          f"its {CONFIG}, which the lowering used: the metadata was changed after lowering",
+                          exit_code=1)
     recorded = (request.get("source") or {}).get("config")
     if isinstance(recorded, dict) and meta.config is not None:
         changed = [k for k in SCHEDULE_KEYS if recorded.get(k) is not None and recorded[k] != meta.config.get(k)]

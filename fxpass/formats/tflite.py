@@ -118,7 +118,8 @@ def to_tflite(graph_module: torch.nn.Module, example_inputs: Mapping[str, torch.
     (default :func:`tolerance_for`) or NaN/Inf nothing is written and FxpassError (exit 1) is raised.
     An existing ``out_path`` is refused before any work unless ``overwrite``.  Returns ``{"path", "bytes", "precision", "ops",
     "gather_ops", "convert_s", "quantize_s", "delegates", "check"}`` (``delegates``: which op types the GPU and
-    Core ML delegates' own op lists (read from their source) take, :func:`fxpass.formats.tflite_file.delegate_coverage`).
+    Core ML delegates' own op lists (read from their source) take,
+    :func:`fxpass.formats.tflite_file.delegate_coverage`).
     """
     from .tflite_file import delegate_coverage, read_facts, with_metadata
 
