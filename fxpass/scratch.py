@@ -49,11 +49,16 @@ def sweep(base: str | Path) -> list[Path]:
 
 @contextmanager
 def scratch_folder():
-    """While the block runs, :mod:`tempfile` makes everything inside this process's own scratch folder, which
-    is removed at the end; the folders of killed runs are removed first."""
+    """While the block runs, :mod:`tempfile` makes everything inside this process's own scratch folder (yielded;
+    None where the temporary directory cannot be written), which is removed at the end; the folders of killed
+    runs are removed first."""
     base = tempfile.gettempdir()
     sweep(base)
-    folder = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=base)
+    try:
+        folder = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=base)
+    except OSError:  # a temporary directory fxpass cannot write to: the command says so where it needs one
+        yield None
+        return
     previous = tempfile.tempdir
     tempfile.tempdir = folder
     try:

@@ -450,3 +450,17 @@ def test_two_runs_racing_for_one_new_mobile_format_output_one_loses(tmp_path, ki
     with exclusive_outputs(), staged_path(fresh) as staged:
         staged.write_bytes(b"new") if kind == "file" else (staged.mkdir(), (staged / "w.bin").write_bytes(b"x"))
     assert (fresh.read_bytes() == b"new") if kind == "file" else (fresh / "w.bin").read_bytes() == b"x"
+
+
+def test_a_temporary_directory_that_cannot_be_written_leaves_tempfile_as_it_was(monkeypatch):
+    import tempfile
+
+    from fxpass.scratch import scratch_folder
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    before = tempfile.tempdir
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    with scratch_folder() as folder:
+        assert folder is None and tempfile.tempdir == before
