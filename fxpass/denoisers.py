@@ -71,11 +71,9 @@ class TableModel:
         if not metadata.schedule_matches_config(meta):
             raise FxpassError(f"{path}: metadata {metadata.TIMESTEPS} ({meta.steps} steps) does not match the "
                               f"respaced schedule of its {metadata.CONFIG}; sampling needs the config's schedule")
-        if graph is not None:  # an ONNX graph: its tables' rows against the metadata's schedule
-            metadata.check_table_rows(graph, meta, str(path))
-        from .expected import check_schedule
-
-        check_schedule(meta, path)  # nor a schedule key changed since lowering
+        if graph is not None:  # an ONNX graph (a .tflite's reader checks its file itself):
+            metadata.check_table_rows(graph, meta, str(path))  # its tables' rows against the metadata's schedule,
+            metadata.check_schedule(meta, path)  # and that schedule as its lowering made it
         self.config = meta.config
         self.diffusion = Diffusion.from_config(self.config)
         self.timesteps = list(meta.timesteps)

@@ -122,30 +122,3 @@ def golden_tolerance(manifest: dict, precision: str, default: tuple[float, float
     return default, (f"the golden manifest asks for a looser {precision} bound (atol_scale {bound[0]:g}, rtol "
                      f"{bound[1]:g}) than {precision}'s own ({default[0]:g}, {default[1]:g}); checked at "
                      "the precision's own (--trust-golden-tolerance uses the manifest's)")
-
-
-#: config keys that decide the schedule sampling uses (a file whose metadata changed one of them samples wrongly);
-#: not learn_sigma or prediction_type, which lowering may derive from a user's model after the request is made
-SCHEDULE_KEYS = ("diffusion_steps", "timestep_respacing", "noise_schedule", "beta_start", "beta_end")
-
-
-def check_schedule(meta, path) -> None:
-    """FxpassError (exit 1) where the file's schedule metadata is not what its lowering made: the timesteps of a
-    lowering of the config's respaced schedule must be that schedule, and the config's schedule keys must be
-    the ones the lowering request recorded (metadata edited after lowering: ``sample`` would use it as is)."""
-    from .metadata import CONFIG, TIMESTEPS, schedule_matches_config
-
-    request = meta.request or {}
-    if meta.mode in ("table", "step") and meta.config is not None \
-            and (request.get("rewrite") or {}).get("timesteps") == "respaced" and not schedule_matches_config(meta):
-        raise FxpassError(f"{path}: metadata {TIMESTEPS} ({meta.steps} steps) is not the respaced schedule of "
-                          f"its {CONFIG}, which the lowering used: the metadata was changed after lowering",
-                          exit_code=1)
-    recorded = (request.get("source") or {}).get("config")
-    if isinstance(recorded, dict) and meta.config is not None:
-        changed = [k for k in SCHEDULE_KEYS if recorded.get(k) is not None and recorded[k] != meta.config.get(k)]
-        if changed:
-            key = changed[0]
-            raise FxpassError(f"{path}: metadata {CONFIG} says {key} {meta.config.get(key)!r}, the lowering "
-                              f"request it records says {recorded[key]!r}: the metadata was changed after lowering",
-                              exit_code=1)

@@ -340,13 +340,17 @@ def _claim(staged: Path, out: Path) -> None:
     """Put ``staged`` at ``out`` only where no path exists: a file by hard link; a directory by creating ``out``
     (which fails if it exists) and renaming onto that empty directory of its own."""
     try:
-        if staged.is_dir():
-            os.mkdir(out)
-            os.replace(staged, out)
-        else:
+        if not staged.is_dir():
             os.link(staged, out)
+            return
+        os.mkdir(out)
     except FileExistsError:
         raise FxpassError(f"{out}: already exists (pass --force to overwrite)") from None
+    try:
+        os.replace(staged, out)
+    except BaseException:  # the empty directory claimed for it is not left behind
+        os.rmdir(out)
+        raise
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -235,6 +235,47 @@ def schedule_matches_config(meta: ModelMeta) -> bool:
     return list(meta.timesteps) == respaced(cfg.diffusion_steps, cfg.timestep_respacing)
 
 
+#: config keys that decide the schedule sampling uses (a file whose metadata changed one of them samples wrongly);
+#: not learn_sigma or prediction_type, which lowering may derive from a user's model after the request is made
+SCHEDULE_KEYS = ("diffusion_steps", "timestep_respacing", "noise_schedule", "beta_start", "beta_end")
+
+
+def check_schedule(meta, path) -> None:
+    """FxpassError (exit 1) where the file's schedule metadata is not what its lowering made: the timesteps of a
+    lowering of the config's respaced schedule must be that schedule, and the config's schedule keys must be
+    the ones the lowering request recorded (metadata edited after lowering: ``sample`` would use it as is)."""
+    request = meta.request or {}
+    if meta.mode in ("table", "step") and meta.config is not None \
+            and (request.get("rewrite") or {}).get("timesteps") == "respaced" and not schedule_matches_config(meta):
+        raise FxpassError(f"{path}: metadata {TIMESTEPS} ({meta.steps} steps) is not the respaced schedule of "
+                          f"its {CONFIG}, which the lowering used: the metadata was changed after lowering",
+                          exit_code=1)
+    recorded = (request.get("source") or {}).get("config")
+    if isinstance(recorded, dict) and meta.config is not None:
+        changed = [k for k in SCHEDULE_KEYS if recorded.get(k) is not None and recorded[k] != meta.config.get(k)]
+        if changed:
+            key = changed[0]
+            raise FxpassError(f"{path}: metadata {CONFIG} says {key} {meta.config.get(key)!r}, the lowering "
+                              f"request it records says {recorded[key]!r}: the metadata was changed after lowering",
+                              exit_code=1)
+
+
+#: a step graph's outputs (every other mode's: ``out``)
+STEP_OUTPUTS = ["x_prev", "pred_xstart"]
+
+
+def check_read(path, meta: ModelMeta, inputs: Mapping, outputs: Sequence[str] | None = None) -> None:
+    """What every reader of an fxpass file (ONNX, ``.ort``, ``.tflite``) holds it to: the inputs and outputs fxpass
+    writes (``outputs``: None where the format renames them) and schedule metadata as its lowering made it."""
+    if "x" not in inputs:
+        raise FxpassError(f"{path}: has no input named x (inputs: {', '.join(inputs)})")
+    if meta.mode in ("table", "step") and "t_index" not in inputs:
+        raise FxpassError(f"{path}: {meta.mode}-mode model without a t_index input")
+    for name in (STEP_OUTPUTS if meta.mode == "step" else ["out"]) if outputs is not None else ():
+        if name not in outputs:
+            raise FxpassError(f"{path}: has no output named {name} (outputs: {', '.join(outputs)[:200]})")
+    check_schedule(meta, path)
+
 # ---- on an ONNX ModelProto (onnx imported by the caller) ------------------------------------------
 def read_props(model) -> dict[str, str]:
     """``metadata_props`` of an ``onnx.ModelProto`` as a dict."""
@@ -391,16 +432,9 @@ def read_file(path, *, require: tuple[str, ...] = ()) -> OnnxInfo:
     check_external_data(model, path)
     check_table_rows(model, meta, str(path))
     inputs = graph_inputs(model)
-    if "x" not in inputs:
-        raise FxpassError(f"{path}: has no input named x (inputs: {', '.join(inputs)})")
-    outputs = [o.name for o in model.graph.output]
-    for name in ("x_prev", "pred_xstart") if meta.mode == "step" else ("out",):  # what fxpass writes
-        if name not in outputs:
-            raise FxpassError(f"{path}: has no output named {name} (outputs: {', '.join(outputs)[:200]})")
+    check_read(path, meta, inputs, [o.name for o in model.graph.output])
     from .limits import check_input_fits
 
     for name, (_, shape) in inputs.items():
         check_input_fits(shape, f"input {name}", str(path))
-    if meta.mode in ("table", "step") and "t_index" not in inputs:
-        raise FxpassError(f"{path}: {meta.mode}-mode model without a t_index input")
     return OnnxInfo(path, meta, inputs, *graph_facts(model))

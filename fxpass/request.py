@@ -159,7 +159,8 @@ class LowerRequest:
         from .signature import parse_input
 
         for item in self.source.inputs:  # an --input shape that is wrong or too large: refused before any work
-            parse_input(item) if isinstance(item, str) else None
+            if isinstance(item, str):
+                parse_input(item)
         if self.source.capture == "export" and rw.dynamic_batch:
             raise FxpassError("--capture export: torch.export's graph has static shapes here; --dynamic-batch needs "
                               "--capture trace")

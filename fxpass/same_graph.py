@@ -17,6 +17,7 @@ def float32_graph(info, model, config, example_inputs=None) -> onnx.ModelProto:
     reduced-precision file of the same model must be.  ``example_inputs``: a user's model (wrapped as it was
     lowered) called on inputs of the file's shapes.  Unverified: it is only compared with."""
     from .pipeline import lower
+    from .request import FORMATS
 
     request = info.meta.request or {}
     rewrite = dict(request.get("rewrite") or {})
@@ -28,7 +29,7 @@ def float32_graph(info, model, config, example_inputs=None) -> onnx.ModelProto:
     if capture in ("trace", "export", "auto"):
         options["capture"] = capture  # route 2's graph is not route 1's
     fmt = (request.get("output") or {}).get("format")
-    if fmt in ("onnx", "ort", "pte", "mlpackage", "tflite"):
+    if fmt in FORMATS:
         options["format"] = fmt  # the format picks the GroupNorm form (ORT's mobile format expands every one)
     return lower(model, example_inputs, config=config, precision="fp32", verify=False, **options)
 

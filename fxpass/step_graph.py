@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 
 from .config import ModelConfig
+from .metadata import STEP_OUTPUTS  # noqa: F401  (fxpass.step_graph.STEP_OUTPUTS: its outputs)
 
 STEP_INPUTS = ("x", "t_index", "noise")
-STEP_OUTPUTS = ["x_prev", "pred_xstart"]
 
 
 class DenoisingStep(nn.Module):

@@ -86,7 +86,7 @@ def _targets(args) -> list[str]:
 
 def run(args) -> int:
     from ..config import resolve_config
-    from ..expected import asked_precision, check_schedule, check_structure
+    from ..expected import asked_precision, check_structure
     from ..fileio import plan_outputs
     from ..golden import load_golden
     from ..metadata import read_file
@@ -99,7 +99,6 @@ def run(args) -> int:
     if suffix in MOBILE_FILES:
         return _check_mobile(args, user, t0, suffix)
     info = read_file(args.onnx, require=("table", "fixed", "step", "plain"))
-    check_schedule(info.meta, info.path)
     precision = asked_precision(info, args.precision, args.lowering_report)
     targets = _targets(args)
     if user:  # the schedule flags of the lower command, where given, say what the metadata says
@@ -224,7 +223,7 @@ def _check_mobile(args, user, t0: float, suffix: str) -> int:
     after the structure its precision makes (the fxpass metadata stored in the file says its schedule and
     config)."""
     from ..config import resolve_config
-    from ..expected import asked_precision, check_schedule
+    from ..expected import asked_precision
     from ..fileio import plan_outputs
     from ..load import load
     from ..verify import check_targets, parse_targets, parse_tolerance
@@ -235,7 +234,6 @@ def _check_mobile(args, user, t0: float, suffix: str) -> int:
     else:
         from ..formats.ort_file import read_ort as read
     info = read(args.onnx, require_modes=("table", "fixed", "step"))
-    check_schedule(info.meta, info.path)
     precision = asked_precision(info, args.precision, args.lowering_report)
     targets = parse_targets(args.targets) if args.targets else ["torch", runtime]
     if sorted(targets) != sorted(["torch", runtime]) or not args.model or args.golden or args.data or args.plot \
@@ -289,7 +287,9 @@ def _step_runner(path, runtime: str):
     if runtime == "litert":
         from targets.litert import litert_runner
 
-        return litert_runner(path, output_names=("x_prev", "pred_xstart"))
+        from ..metadata import STEP_OUTPUTS
+
+        return litert_runner(path, output_names=STEP_OUTPUTS)
     from targets.ort import ort_runner
 
     return ort_runner(str(path), cuda=False, name="onnxrt-cpu")

@@ -62,10 +62,6 @@ def run(args) -> int:
                        force=args.force)["-o"]
     refuse_replacing_other(out)  # before any work
     info = read_file(args.onnx) if args.onnx else None
-    if info is not None:
-        from ..expected import check_schedule
-
-        check_schedule(info.meta, info.path)
     if info is not None:  # the precision the user asks for, the graph that precision makes
         from ..expected import asked_precision, check_structure
 

@@ -56,12 +56,5 @@ def read_ort(path, *, require_modes: tuple[str, ...] = ()):
     meta = metadata.parse(props, str(path), require=require_modes)
     inputs = {i.name: (_TYPES.get(i.type, i.type), [d if isinstance(d, int) else -1 for d in i.shape])
               for i in session.get_inputs()}
-    if "x" not in inputs:
-        raise FxpassError(f"{path}: has no input named x (inputs: {', '.join(inputs)})")
-    if meta.mode in ("table", "step") and "t_index" not in inputs:
-        raise FxpassError(f"{path}: {meta.mode}-mode model without a t_index input")
-    outputs = [o.name for o in session.get_outputs()]
-    for name in ("x_prev", "pred_xstart") if meta.mode == "step" else ("out",):
-        if name not in outputs:
-            raise FxpassError(f"{path}: has no output named {name} (outputs: {', '.join(outputs)[:200]})")
+    metadata.check_read(path, meta, inputs, [o.name for o in session.get_outputs()])
     return metadata.OnnxInfo(path, meta, inputs, ops, half)

@@ -151,10 +151,7 @@ def read_tflite(path, *, require_modes: tuple[str, ...] = ()) -> Any:
         raise FxpassError(f"{path}: a LiteRT model without fxpass metadata (not written by fxpass lower "
                           "--format tflite)")
     meta = metadata.parse(props, str(path), require=require_modes)
-    if "x" not in facts.inputs:
-        raise FxpassError(f"{path}: has no input named x (inputs: {', '.join(facts.inputs)})")
-    if meta.mode in ("table", "step") and "t_index" not in facts.inputs:
-        raise FxpassError(f"{path}: {meta.mode}-mode model without a t_index input")
+    metadata.check_read(path, meta, facts.inputs)  # LiteRT names its outputs itself
     info = metadata.OnnxInfo(Path(path), meta, facts.inputs, facts.op_types, facts.float16)
     info.tflite = facts  # the LiteRT facts beside the fields every check reads
     return info

@@ -464,3 +464,20 @@ def test_a_temporary_directory_that_cannot_be_written_leaves_tempfile_as_it_was(
     monkeypatch.setattr(tempfile, "mkdtemp", refuse)
     with scratch_folder() as folder:
         assert folder is None and tempfile.tempdir == before
+
+
+def test_an_exclusive_directory_output_that_cannot_be_moved_in_leaves_nothing(tmp_path, monkeypatch):
+    """The empty directory claimed for a new .mlpackage is taken back when the rename onto it fails."""
+    from fxpass.errors import FxpassError
+    from fxpass.fileio import exclusive_outputs, staged_path
+
+    def refuse(src, dst):
+        raise OSError(28, "No space left on device")
+
+    out = tmp_path / "m.mlpackage"
+    with pytest.raises(FxpassError, match="cannot write"):
+        with exclusive_outputs(), staged_path(out) as staged:
+            staged.mkdir()
+            monkeypatch.setattr(os, "replace", refuse)
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
